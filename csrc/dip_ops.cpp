@@ -1,0 +1,33 @@
+// Operator schemas of the dip library (one TORCH_LIBRARY block) and the
+// pybind11 module dip._C, whose import loads the kernels registered in the
+// other translation units of this extension.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <ATen/Parallel.h>
+
+TORCH_LIBRARY(dip, m) {
+  // Schemas are added here by each operator (see csrc/cpu and csrc/cuda for kernels).
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = TORCH_VERSION;
+#ifdef DIP_WITH_CUDA
+  info["with_cuda"] = true;
+#else
+  info["with_cuda"] = false;
+#endif
+  info["openmp_threads"] = at::get_num_threads();
+  info["parallel_info"] = at::get_parallel_info();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dip compiled operators (registered under torch.ops.dip)";
+  m.def("build_info", &build_info, "How this extension was built: torch version, CUDA kernels, threads");
+}

@@ -1,0 +1,155 @@
+"""The skip-hourglass generator of Deep Image Prior and its presets.
+
+At each scale ``i`` the input goes down a branch (stride-2 block, block),
+through the deeper scales, and is upsampled ×2; a skip branch (a 1×1 block
+by default) of the same input is concatenated in front of it; the result
+passes a BatchNorm, a block and (optionally) a 1×1 block. A 1×1 convolution
+maps the top scale to the output channels, followed by a sigmoid.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from dip.errors import DipError
+from dip.nn.blocks import ACTIVATIONS, DOWNSAMPLERS, PADDINGS, UPSAMPLERS, ConvBlock
+
+
+@dataclass
+class HourglassConfig:
+    """Every knob of the skip-hourglass; lists hold one value per scale."""
+
+    in_channels: int = 32
+    out_channels: int = 3
+    channels_down: Sequence[int] = (128, 128, 128, 128, 128)
+    channels_up: Sequence[int] = (128, 128, 128, 128, 128)
+    channels_skip: Sequence[int] = (4, 4, 4, 4, 4)
+    filter_size_down: int = 3
+    filter_size_up: int = 3
+    filter_size_skip: int = 1
+    downsample: str = "stride"
+    upsample: str = "bilinear"
+    pad: str = "reflection"
+    act: str = "LeakyReLU"
+    bias: bool = True
+    batch_norm: bool = True
+    sigmoid: bool = True
+    up_1x1: bool = True
+
+    @property
+    def scales(self) -> int:
+        return len(self.channels_down)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("channels_down", "channels_up", "channels_skip"):
+            d[key] = list(d[key])
+        return d
+
+    def validate(self) -> None:
+        n = len(self.channels_down)
+        if n < 1 or len(self.channels_up) != n or len(self.channels_skip) != n:
+            raise DipError(
+                "channels_down, channels_up and channels_skip need one entry per scale and the same length, got "
+                f"{len(self.channels_down)}, {len(self.channels_up)}, {len(self.channels_skip)}"
+            )
+        if self.pad not in PADDINGS:
+            raise DipError(f"unknown padding {self.pad!r}; choose one of {', '.join(PADDINGS)}")
+        if self.upsample not in UPSAMPLERS:
+            raise DipError(f"unknown upsampling {self.upsample!r}; choose one of {', '.join(UPSAMPLERS)}")
+        if self.downsample not in DOWNSAMPLERS:
+            raise DipError(f"unknown downsampling {self.downsample!r}; choose one of {', '.join(DOWNSAMPLERS)}")
+        if self.act not in ACTIVATIONS:
+            raise DipError(f"unknown activation {self.act!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+    def min_size(self) -> int:
+        """Smallest input side the network takes (reflection padding needs 2 pixels at the deepest scale)."""
+        return 2 ** (self.scales + 1)
+
+    def multiple(self) -> int:
+        """Input sides are padded to a multiple of this, so every scale halves exactly."""
+        return 2 ** self.scales
+
+
+PRESETS = {
+    # The original work's denoising / JPEG / SR net: 5 scales, 128 down, 128 up, 4 skip.
+    "denoise": dict(),
+    "sr": dict(),
+    # Inpainting in the original uses nearest upsampling and no skip connections.
+    "inpaint": dict(channels_skip=(0, 0, 0, 0, 0), upsample="nearest"),
+    # A small net for tests, demos on CPU and quick experiments.
+    "small": dict(
+        in_channels=8, channels_down=(16, 32, 64), channels_up=(16, 32, 64), channels_skip=(4, 4, 4)
+    ),
+}
+
+
+def preset(name: str, **overrides) -> HourglassConfig:
+    """The configuration of a named preset (``denoise``, ``sr``, ``inpaint``, ``small``), with overrides."""
+    if name not in PRESETS:
+        raise DipError(f"unknown network preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = HourglassConfig(**{**PRESETS[name], **overrides})
+    cfg.validate()
+    return cfg
+
+
+class _Scale(nn.Module):
+    """One scale of the hourglass, holding the deeper scales inside it."""
+
+    def __init__(self, cfg: HourglassConfig, i: int, in_channels: int, deeper: Optional[nn.Module]):
+        super().__init__()
+        down, up, skip = cfg.channels_down[i], cfg.channels_up[i], cfg.channels_skip[i]
+        opts = dict(bias=cfg.bias, pad=cfg.pad, batch_norm=cfg.batch_norm, act=cfg.act)
+        self.has_skip = skip > 0
+        self.skip = ConvBlock(in_channels, skip, cfg.filter_size_skip, **opts) if skip > 0 else nn.Identity()
+        self.down = nn.Sequential(
+            ConvBlock(in_channels, down, cfg.filter_size_down, 2, downsample=cfg.downsample, **opts),
+            ConvBlock(down, down, cfg.filter_size_down, **opts),
+        )
+        self.deeper = deeper if deeper is not None else nn.Identity()
+        deep_out = cfg.channels_up[i + 1] if i + 1 < cfg.scales else down
+        align = None if cfg.upsample == "nearest" else False
+        self.upsample = nn.Upsample(scale_factor=2, mode=cfg.upsample, align_corners=align)
+        merged = skip + deep_out
+        self.merge_bn = nn.BatchNorm2d(merged) if cfg.batch_norm else nn.Identity()
+        self.up = ConvBlock(merged, up, cfg.filter_size_up, **opts)
+        self.up_1x1 = ConvBlock(up, up, 1, **opts) if cfg.up_1x1 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.upsample(self.deeper(self.down(x)))
+        # Odd sizes: stride-2 rounds up, so the upsampled map can be one pixel larger.
+        y = y[:, :, : x.shape[2], : x.shape[3]]
+        if self.has_skip:
+            y = torch.cat([self.skip(x), y], dim=1)
+        return self.up_1x1(self.up(self.merge_bn(y)))
+
+
+class Hourglass(nn.Module):
+    """The skip-hourglass generator ``x = f_θ(z)``."""
+
+    def __init__(self, cfg: HourglassConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        body: Optional[nn.Module] = None
+        for i in reversed(range(cfg.scales)):
+            in_ch = cfg.in_channels if i == 0 else cfg.channels_down[i - 1]
+            body = _Scale(cfg, i, in_ch, body)
+        self.body = body
+        self.head = nn.Conv2d(cfg.channels_up[0], cfg.out_channels, 1, bias=cfg.bias)
+        self.sigmoid = nn.Sigmoid() if cfg.sigmoid else nn.Identity()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.sigmoid(self.head(self.body(z)))
+
+
+def build_network(cfg: HourglassConfig | str = "denoise", **overrides) -> Hourglass:
+    """Build the hourglass from a config or a preset name (with keyword overrides)."""
+    if isinstance(cfg, str):
+        cfg = preset(cfg, **overrides)
+    elif overrides:
+        cfg = HourglassConfig(**{**cfg.to_dict(), **overrides})
+    return Hourglass(cfg)
