@@ -1,2 +1,19 @@
-"""dip: Deep Image Prior image restoration with no training data."""
+"""dip: Deep Image Prior image restoration with no training data.
+
+``dip.restore(image, task=...)`` fits a randomly initialised hourglass network
+to one degraded image and returns the restored image.
+"""
+from dip.errors import DipError, ImageTooLargeError
+from dip.fit import fit
+from dip.io import load_image, save_image
+from dip.metrics import psnr
+from dip.nn import Hourglass, HourglassConfig, build_network, preset
+from dip.restore import restore
+from dip.result import Restoration
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "DipError", "Hourglass", "HourglassConfig", "ImageTooLargeError", "Restoration",
+    "build_network", "fit", "load_image", "preset", "psnr", "restore", "save_image",
+]

@@ -1,0 +1,158 @@
+"""The ``dip`` command line: restore an image, report the installation, run the demo."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dip.errors import DipError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
+    if output:
+        p.add_argument("-o", "--output", required=True, help="where to write the restored image (.png, .jpg, .tif …)")
+    p.add_argument("--iterations", type=int, default=None, help="number of fitting steps (default: the task's)")
+    p.add_argument("--network", default=None, help="network preset: denoise, sr, inpaint or small (default: the task's)")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
+    p.add_argument("--reg-noise-std", type=float, default=None, help="std of the input perturbation (default: the task's)")
+    p.add_argument("--reference", default=None, help="clean image, if known: PSNR is reported")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when available)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dip", description="Deep Image Prior: restore an image with no training data.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("denoise", help="remove noise from an image")
+    p.add_argument("input", help="the noisy image")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="noise std in 0–255 units, if known: the fit stops once it fits the image to that level")
+    _common(p)
+
+    p = sub.add_parser("super-resolve", help="upscale an image by an integer factor")
+    p.add_argument("input", help="the low-resolution image")
+    p.add_argument("--factor", type=int, required=True, help="upscaling factor (2–32)")
+    _common(p)
+
+    p = sub.add_parser("inpaint", help="fill in missing pixels")
+    p.add_argument("input", help="the image with missing pixels")
+    p.add_argument("--mask", required=True, help="mask image of the same size: white = known pixel, black = missing")
+    _common(p)
+
+    sub.add_parser("info", help="versions, compiled extension, devices")
+
+    p = sub.add_parser("demo", help="restore a built-in noisy example and write a before/after picture")
+    p.add_argument("-o", "--output", default="dip-demo.png", help="before/after picture (default dip-demo.png)")
+    p.add_argument("--size", type=int, default=None, help="side of the example image in pixels")
+    p.add_argument("--iterations", type=int, default=None, help="fitting steps")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``dip`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            return _info()
+        if args.command == "demo":
+            from dip.demo import run_demo
+
+            return run_demo(output=args.output, size=args.size, iterations=args.iterations,
+                            device=args.device, progress=not args.quiet)
+        return _restore(args)
+    except DipError as exc:
+        print(f"dip: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("dip: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (OSError, RuntimeError) as exc:
+        print(f"dip: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _restore(args) -> int:
+    import dip
+    from dip.io import check_output_path
+
+    output = check_output_path(args.output)
+    task = {"denoise": "denoise", "super-resolve": "super_resolution", "inpaint": "inpaint"}[args.command]
+    options = dict(
+        iterations=args.iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
+        reference=args.reference, device=args.device, seed=args.seed, progress=not args.quiet,
+    )
+    if args.max_pixels is not None:
+        options["max_pixels"] = args.max_pixels
+    if task == "denoise" and args.sigma is not None:
+        if args.sigma <= 0:
+            raise DipError(f"--sigma must be positive (noise std in 0–255 units), got {args.sigma}")
+        options["noise_sigma"] = args.sigma / 255.0
+    if task == "super_resolution":
+        options["factor"] = args.factor
+    if task == "inpaint":
+        options["mask"] = args.mask
+    result = dip.restore(args.input, task, **options)
+    result.save(output)
+    summary = f"wrote {output} ({result.iterations} iterations, {result.seconds:.1f} s"
+    if result.history.psnr_ema:
+        summary += f", PSNR {result.history.psnr_ema[-1]:.2f} dB"
+    print(summary + ")")
+    if result.interrupted:
+        print(f"dip: interrupted after {result.iterations} iterations; {output} holds the image so far", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if result.stop_reason == "non-finite loss":
+        print(f"dip: warning: the fit diverged after {result.iterations} iterations; {output} holds the last good image",
+              file=sys.stderr)
+    return 0
+
+
+def _info() -> int:
+    import platform
+
+    import numpy
+    import torch
+
+    import dip
+    from dip._extension import build_info
+
+    info = build_info()
+    print(f"dip {dip.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}")
+    if info.get("loaded"):
+        cuda = "with CUDA kernels" if info.get("with_cuda") else "CPU kernels only"
+        print(f"C++ extension: loaded (built against torch {info['torch_version']}, {cuda}, "
+              f"{info['openmp_threads']} threads)")
+    else:
+        print(f"C++ extension: not loaded ({info.get('reason')}); using the pure-PyTorch path")
+    print(f"compute path: {_active_path()}")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        print(f"CUDA: {torch.version.cuda}, devices: {names}")
+    else:
+        print("CUDA: no GPU available")
+    print(f"CPU threads: {torch.get_num_threads()}")
+    return 0
+
+
+def _active_path() -> str:
+    from dip._extension import has_ops
+
+    import dip.nn as dnn
+
+    if hasattr(dnn, "active_path"):
+        return dnn.active_path()
+    return "fused operators available" if has_ops() else "pure PyTorch"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

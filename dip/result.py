@@ -1,0 +1,64 @@
+"""The outcome of a restoration: the image, how it was obtained, and the fitted network."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+from PIL import Image
+
+from dip.fit import History
+from dip.io import save_image, to_pil
+
+
+@dataclass
+class Restoration:
+    """A restored image and the fit that produced it.
+
+    ``image`` is the exponential moving average of the network outputs (what
+    the original work reports), cropped to the image and with the alpha
+    channel, if the input had one, put back. ``output`` is the last raw
+    network output; ``network`` and ``net_input`` regenerate it:
+    ``network(net_input)`` cropped by ``crop``.
+    """
+
+    image: np.ndarray  # H×W×C float32 in [0, 1]
+    history: History
+    network: nn.Module
+    net_input: torch.Tensor
+    iterations: int
+    task: str
+    crop: tuple  # (top, left, height, width) of the image inside the network output
+    output: Optional[np.ndarray] = None  # H×W×C last raw network output
+    stop_reason: str = "completed"
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the fit was stopped by Ctrl-C before it finished."""
+        return self.stop_reason == "interrupted"
+
+    def to_pil(self) -> Image.Image:
+        """The restored image as a PIL image (8 bits per channel)."""
+        return to_pil(self.image)
+
+    def save(self, path: Union[str, os.PathLike]):
+        """Write the restored image to ``path`` (format from the extension), atomically."""
+        return save_image(self.image, path)
+
+    def render(self) -> torch.Tensor:
+        """Run the fitted network on its input again: the cropped 1×C×H×W output (no averaging)."""
+        self.network.train()  # DIP's BatchNorm uses the statistics of the single image, as in the fit
+        with torch.no_grad():
+            out = self.network(self.net_input)
+        top, left, h, w = self.crop
+        return out[:, :, top : top + h, left : left + w]
+
+    def __repr__(self) -> str:
+        h, w, c = self.image.shape
+        return (f"Restoration(task={self.task!r}, image={h}×{w}×{c}, iterations={self.iterations}, "
+                f"stop_reason={self.stop_reason!r}, seconds={self.seconds:.1f})")

@@ -1,0 +1,253 @@
+"""End-to-end restoration on small images with a small network (CPU)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dip
+from dip.errors import DipError, ImageTooLargeError
+from dip.ops.lanczos import lanczos_downsample_reference
+
+
+def test_denoising_raises_psnr_clearly(clean64, noisy):
+    observed = noisy(clean64)
+    result = dip.restore(observed, "denoise", iterations=400, network="small", reference=clean64, progress=False)
+    before, after = dip.psnr(observed, clean64), dip.psnr(result.image, clean64)
+    assert result.image.shape == (64, 64, 3) and result.image.dtype == np.float32
+    assert after > before + 2.0, (before, after)
+    assert len(result.history.loss) == 400 and len(result.history.psnr_ema) == 400
+    assert result.history.psnr_ema[-1] == pytest.approx(after, abs=0.05)
+    assert result.iterations == 400 and result.stop_reason == "completed"
+
+
+def _downsample(img, factor):
+    t = torch.from_numpy(img).permute(2, 0, 1)[None].double()
+    return lanczos_downsample_reference(t, factor)[0].permute(1, 2, 0).clamp(0, 1).float().numpy()
+
+
+def test_super_resolution_beats_bicubic(make_image):
+    hr = make_image(64)
+    lr = _downsample(hr, 2)
+    bicubic = np.asarray(Image.fromarray(dip.io.to_uint8(lr)).resize((64, 64), Image.BICUBIC), np.float32) / 255
+    result = dip.restore(lr, "super_resolution", factor=2, iterations=800, network="small", progress=False)
+    assert result.image.shape == (64, 64, 3)
+    assert dip.psnr(result.image, hr) > dip.psnr(bicubic, hr)
+
+
+def test_inpainting_beats_the_masked_image(clean64):
+    mask = (np.random.default_rng(1).random((64, 64)) > 0.5).astype(np.float32)
+    masked = clean64 * mask[:, :, None]
+    result = dip.restore(masked, "inpaint", mask=mask, iterations=200, network="small", progress=False)
+    assert result.image.shape == (64, 64, 3)
+    missing = mask == 0
+    err_restored = np.abs(result.image - clean64)[missing].mean()
+    err_masked = np.abs(masked - clean64)[missing].mean()
+    assert err_restored < 0.5 * err_masked
+    assert dip.psnr(result.image, clean64) > dip.psnr(masked, clean64) + 6
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (37, 53, 3), (23, 61, 4)])
+def test_odd_sizes_round_trip(make_image, shape):
+    img = make_image(shape[:2])
+    if len(shape) == 2:
+        img = img.mean(axis=2)
+    elif shape[2] == 4:
+        alpha = np.linspace(0, 1, shape[0] * shape[1], dtype=np.float32).reshape(shape[:2])
+        img = np.concatenate([img, alpha[:, :, None]], axis=2)
+    result = dip.restore(img, iterations=3, network="small", progress=False)
+    channels = 1 if len(shape) == 2 else shape[2]
+    assert result.image.shape == (shape[0], shape[1], channels)
+    if channels == 4:
+        np.testing.assert_array_equal(result.image[:, :, 3], img[:, :, 3])  # alpha passes through
+
+
+def test_super_resolution_of_odd_sizes_and_alpha():
+    img = np.random.default_rng(0).random((13, 9, 4)).astype(np.float32)
+    result = dip.restore(img, "sr", factor=3, iterations=2, network="small", progress=False)
+    assert result.image.shape == (39, 27, 4)
+
+
+def test_custom_operator_blur(clean64):
+    kernel = torch.ones(3, 1, 5, 5) / 25
+
+    def blur(x):
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (2,) * 4, mode="replicate"), kernel, groups=3)
+
+    observed = blur(torch.from_numpy(clean64).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    result = dip.restore(observed, "custom", operator=blur, iterations=300, network="small", progress=False)
+    assert result.image.shape == (64, 64, 3)
+    # the fit explains the observation through the operator
+    assert result.history.loss[-1] < 0.1 * result.history.loss[0]
+
+
+def test_custom_operator_with_scale(make_image):
+    hr = make_image(32)
+
+    def pool(x):
+        return torch.nn.functional.avg_pool2d(x, 2)
+
+    lr = pool(torch.from_numpy(hr).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    op = dip.physics.Custom(pool, linear=True, scale=2)
+    result = dip.restore(lr, operator=op, task="custom", iterations=5, network="small", progress=False)
+    assert result.image.shape == (32, 32, 3)
+
+
+def test_operator_of_the_wrong_size_is_explained(clean64):
+    with pytest.raises(DipError, match="operator maps"):
+        dip.restore(clean64, "custom", operator=lambda x: x[..., ::2, ::2], iterations=1, network="small",
+                    progress=False)
+
+
+def test_seed_makes_runs_reproducible(clean64):
+    a = dip.restore(clean64, iterations=5, network="small", seed=3, progress=False)
+    b = dip.restore(clean64, iterations=5, network="small", seed=3, progress=False)
+    c = dip.restore(clean64, iterations=5, network="small", seed=4, progress=False)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_inputs_in_every_form_agree(clean64, tmp_path):
+    u8 = dip.io.to_uint8(clean64)
+    path = tmp_path / "img.png"
+    Image.fromarray(u8).save(path)
+    forms = [str(path), Image.fromarray(u8), u8, u8.astype(np.float32) / 255,
+             torch.from_numpy(u8).permute(2, 0, 1).float() / 255,
+             (torch.from_numpy(u8).permute(2, 0, 1).float() / 255)[None],
+             (u8.astype(np.uint16) * 257)]
+    images = [dip.restore(f, iterations=2, network="small", progress=False).image for f in forms]
+    for img in images[1:]:
+        np.testing.assert_allclose(img, images[0], atol=1e-5)
+
+
+def test_result_save_and_pil(clean64, tmp_path):
+    result = dip.restore(clean64, iterations=2, network="small", progress=False)
+    out = result.save(tmp_path / "out.png")
+    assert Image.open(out).size == (64, 64)
+    assert result.to_pil().mode == "RGB"
+    assert result.render().shape == (1, 3, 64, 64)
+    assert result.net_input.shape[1] == 8
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left
+
+
+def test_noise_sigma_stops_at_the_noise_level(clean64, noisy):
+    result = dip.restore(noisy(clean64), iterations=2000, network="small", noise_sigma=25 / 255, progress=False)
+    assert result.stop_reason == "noise level reached"
+    assert result.iterations < 2000
+    assert result.history.loss[-1] <= (25 / 255) ** 2
+
+
+def test_callback_can_stop(clean64):
+    seen = []
+    result = dip.restore(clean64, iterations=50, network="small", progress=False,
+                         callbacks=[lambda step: seen.append(step.iteration) or step.iteration >= 4])
+    assert result.iterations == 4 and seen == [1, 2, 3, 4] and result.stop_reason == "callback"
+
+
+def test_interrupt_hands_back_the_image_so_far(clean64):
+    def interrupt(step):
+        if step.iteration == 3:
+            raise KeyboardInterrupt
+
+    result = dip.restore(clean64, iterations=50, network="small", progress=False, callbacks=[interrupt])
+    assert result.interrupted and result.iterations == 2
+    assert result.image.shape == (64, 64, 3) and np.isfinite(result.image).all()
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DipError, match="not found"):
+        dip.restore(tmp_path / "nope.png", progress=False)
+
+
+def test_not_an_image_file(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("this is not a png")
+    with pytest.raises(DipError, match="not an image file"):
+        dip.restore(bad, progress=False)
+
+
+@pytest.mark.parametrize("arr,msg", [
+    (np.zeros((0, 5, 3), np.float32), "empty"),
+    (np.zeros((1, 1), np.float32), "at least"),
+    (np.zeros((3, 40), np.float32), "at least"),
+    (np.zeros((8, 8, 5), np.float32), "channels"),
+    (np.zeros((8, 8), np.int64), "dtype"),
+    (np.full((8, 8), 3.0, np.float32), r"\[0, 1\]"),
+])
+def test_bad_arrays(arr, msg):
+    with pytest.raises(DipError, match=msg):
+        dip.restore(arr, progress=False)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_values(clean64, value):
+    img = clean64.copy()
+    img[3, 4, 1] = value
+    with pytest.raises(DipError, match="NaN or infinite"):
+        dip.restore(img, progress=False)
+
+
+def test_bad_tensor_shapes():
+    with pytest.raises(DipError, match="one image"):
+        dip.restore(torch.rand(2, 3, 16, 16), progress=False)
+    with pytest.raises(DipError, match="channels"):
+        dip.restore(torch.rand(16, 16, 3), progress=False)  # H×W×C given as a tensor
+
+
+def test_mask_of_the_wrong_size(clean64):
+    with pytest.raises(DipError, match="mask is 32×64 but the image is 64×64"):
+        dip.restore(clean64, "inpaint", mask=np.ones((32, 64), np.float32), progress=False)
+
+
+def test_missing_mask_and_factor(clean64):
+    with pytest.raises(DipError, match="mask="):
+        dip.restore(clean64, "inpaint", progress=False)
+    with pytest.raises(DipError, match="factor="):
+        dip.restore(clean64, "super_resolution", progress=False)
+
+
+@pytest.mark.parametrize("factor", [1, 0, -2, 33, 2.0])
+def test_bad_factor(clean64, factor):
+    with pytest.raises(DipError, match="factor"):
+        dip.restore(clean64, "super_resolution", factor=factor, progress=False)
+
+
+def test_unknown_task(clean64):
+    with pytest.raises(DipError, match="unknown task"):
+        dip.restore(clean64, "deblur", progress=False)
+
+
+def test_bad_settings(clean64):
+    with pytest.raises(DipError, match="iterations"):
+        dip.restore(clean64, iterations=0, progress=False)
+    with pytest.raises(DipError, match="learning rate"):
+        dip.restore(clean64, lr=-1.0, progress=False)
+
+
+def test_too_large_for_memory_is_refused_with_an_estimate(clean64):
+    with pytest.raises(ImageTooLargeError, match=r"needs about .* GiB .* only .* GiB is available"):
+        dip.restore(clean64, max_memory=1024, progress=False)
+
+
+def test_estimate_scales_with_pixels():
+    from dip.memory import estimate_fit_bytes
+
+    cfg = dip.preset("denoise")
+    small, large = estimate_fit_bytes(cfg, 256, 256), estimate_fit_bytes(cfg, 512, 512)
+    assert 3.5 < large / small < 4.1
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("L", (3000, 3000)).save(path)
+    with pytest.raises(DipError, match="more than the limit"):
+        dip.load_image(path, max_pixels=1_000_000)
+
+
+def test_cuda_asked_without_gpu(clean64):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(DipError, match="no CUDA GPU"):
+        dip.restore(clean64, device="cuda", progress=False)
