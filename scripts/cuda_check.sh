@@ -77,8 +77,14 @@ if ! "$PY" setup.py --quiet build_ext --build-temp "$BUILD/temp" --build-lib "$B
 fi
 so="$(find "$BUILD/lib" -name '_C*.so' | head -n 1)"
 [ -n "$so" ] || { cat "$BUILD/log" >&2; die "no _C*.so was produced"; }
-cus=$(find "$BUILD/temp" -name '*.cuda.o' -o -name '*.cu.o' | wc -l)
-[ "$cus" -gt 0 ] || { cat "$BUILD/log" >&2; die "no CUDA object was compiled"; }
+# Each csrc/cuda/*.cu must have produced its object (csrc/cuda/x.cu -> temp/csrc/cuda/x.o).
+cus=0
+for cu in csrc/cuda/*.cu; do
+  [ -e "$cu" ] || continue
+  [ -s "$BUILD/temp/${cu%.cu}.o" ] || { cat "$BUILD/log" >&2; die "$cu was not compiled"; }
+  cus=$((cus + 1))
+done
+[ "$cus" -gt 0 ] || die "no CUDA sources under csrc/cuda"
 # Every requested architecture must be among the nvcc targets of the build.
 ninja_file="$(find "$BUILD/temp" -name build.ninja | head -n 1)"
 for sm in sm_80 sm_90; do
