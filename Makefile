@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo test bench cuda-check clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)"
@@ -22,6 +22,11 @@ test: install-test
 
 bench: install-test
 	$(PYTHON) -m pytest benchmarks/ --benchmark-only
+
+# Compile the CUDA kernels (sm_80, sm_90) against torch==2.14.1 in .cuda-venv,
+# in a temporary build directory; nothing runs, no GPU needed. See the script.
+cuda-check:
+	bash scripts/cuda_check.sh
 
 clean:
 	rm -rf build dip/_C*.so *.egg-info .pytest_cache .benchmarks

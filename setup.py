@@ -34,14 +34,14 @@ def _sources(pattern):
 def extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.14 headers require C++20
     macros = []
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")
         macros.append(("DIP_WITH_CUDA", None))
     extra = {"cxx": cxx}
     if with_cuda:
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++20"]
     kind = CUDAExtension if with_cuda else CppExtension
     return kind(
         name="dip._C",

@@ -8,6 +8,15 @@
 
 TORCH_LIBRARY(dip, m) {
   // Schemas are added here by each operator (see csrc/cpu and csrc/cuda for kernels).
+
+  // Lanczos downsampling by an integer factor (2..32), support 2 or 3, replicate
+  // padding folded in: N×C×H×W -> N×C×(H/factor)×(W/factor). See dip/lanczos.h.
+  m.def("lanczos_downsample(Tensor x, int factor, int support=2) -> Tensor");
+  // Its adjoint applied to grad_output, giving the gradient of an input of
+  // input_height × input_width (not recoverable from the output size alone).
+  m.def(
+      "_lanczos_downsample_backward(Tensor grad_output, int factor, int support, SymInt input_height, "
+      "SymInt input_width) -> Tensor");
 }
 
 namespace {

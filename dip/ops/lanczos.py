@@ -9,6 +9,13 @@ The taps follow the original Deep Image Prior code (phase 0.5): for a factor
 replicate-padded by ``K − f`` pixels per axis, ``(K − f) // 2`` before and the
 rest after (the two differ by one when ``f`` is odd), so that the output of a
 stride-``f`` filter is exactly ``⌊H/f⌋ × ⌊W/f⌋``.
+
+``lanczos_downsample`` runs the fused operator ``torch.ops.dip.lanczos_downsample``
+(csrc/cpu, csrc/cuda) when it is built for the input's device and dtype, and
+the pure-PyTorch ``lanczos_downsample_reference`` otherwise. The operator's
+fake (meta) implementation and autograd formula are registered here, so it
+works under ``torch.compile``/``torch.export`` and ``torch.autograd``; its
+backward is the operator ``torch.ops.dip._lanczos_downsample_backward``.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dip import _extension
 from dip.errors import DipError
 
 MAX_FACTOR = 32
@@ -81,10 +89,88 @@ def lanczos_downsample_reference(x: torch.Tensor, factor: int, support: int = 2)
     return y.reshape(n, c, h // factor, w // factor)
 
 
+def _fused_available(x: torch.Tensor) -> bool:
+    """True when the fused operator has a kernel for ``x``'s device and dtype."""
+    if not _extension.has_op("lanczos_downsample"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.float64)
+    if x.device.type == "cuda":
+        return _CUDA_KERNELS and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return False
+
+
 def lanczos_downsample(x: torch.Tensor, factor: int, support: int = 2) -> torch.Tensor:
     """Downsample ``x`` (N×C×H×W) by an integer ``factor`` with a Lanczos kernel.
 
     Output is ``⌊H/factor⌋ × ⌊W/factor⌋``. Uses the fused operator when it is
-    built for the input's device, else the pure-PyTorch reference.
+    built for the input's device and dtype, else the pure-PyTorch reference;
+    both raise :class:`DipError` for inputs they cannot take. Scripted with
+    TorchScript, it always calls the fused operator.
     """
-    return lanczos_downsample_reference(x, factor, support)
+    if not torch.jit.is_scripting():
+        check_input(x, factor, support)
+        if not _fused_available(x):
+            return lanczos_downsample_reference(x, factor, support)
+    return torch.ops.dip.lanczos_downsample(x, factor, support)
+
+
+def lanczos_downsample_adjoint(y: torch.Tensor, factor: int, support: int, input_size: tuple[int, int]) -> torch.Tensor:
+    """The adjoint (transpose) of :func:`lanczos_downsample` for an input of ``input_size`` = (H, W).
+
+    Uses the fused backward operator when available, else autograd of the reference.
+    """
+    h, w = input_size
+    if y.dim() != 4 or (y.shape[-2], y.shape[-1]) != (h // factor, w // factor):
+        raise DipError(f"expected an N×C×{h // factor}×{w // factor} tensor for an input of {h}×{w}, "
+                       f"got shape {tuple(y.shape)}")
+    if _fused_available(y):
+        return torch.ops.dip._lanczos_downsample_backward(y, factor, support, h, w)
+    x = torch.zeros(*y.shape[:2], h, w, dtype=y.dtype, device=y.device, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(lanczos_downsample_reference(x, factor, support), x, y)
+    return grad
+
+
+def _register_op_python_parts() -> None:
+    """Fake implementations and autograd formulas of the compiled operators."""
+
+    @torch.library.register_fake("dip::lanczos_downsample")
+    def _(x, factor, support=2):
+        torch._check(x.dim() == 4, lambda: "lanczos_downsample: expected an N×C×H×W tensor")
+        torch._check(x.is_floating_point(), lambda: "lanczos_downsample: expected a floating-point tensor")
+        return x.new_empty((x.shape[0], x.shape[1], x.shape[2] // factor, x.shape[3] // factor))
+
+    @torch.library.register_fake("dip::_lanczos_downsample_backward")
+    def _(grad_output, factor, support, input_height, input_width):
+        torch._check(grad_output.dim() == 4, lambda: "_lanczos_downsample_backward: expected an N×C×H×W gradient")
+        return grad_output.new_empty((grad_output.shape[0], grad_output.shape[1], input_height, input_width))
+
+    def setup_context(ctx, inputs, output):
+        x, factor, support = inputs
+        ctx.factor, ctx.support = factor, support
+        ctx.input_size = (x.shape[2], x.shape[3])
+
+    def backward(ctx, grad):
+        gx = torch.ops.dip._lanczos_downsample_backward(grad, ctx.factor, ctx.support, *ctx.input_size)
+        return gx, None, None
+
+    torch.library.register_autograd("dip::lanczos_downsample", backward, setup_context=setup_context)
+
+    # The backward is linear in grad_output with the forward as its adjoint,
+    # which gives double backward (e.g. gradient penalties) for free.
+    def setup_context_backward(ctx, inputs, output):
+        _, factor, support, _, _ = inputs
+        ctx.factor, ctx.support = factor, support
+
+    def backward_backward(ctx, grad):
+        return torch.ops.dip.lanczos_downsample(grad, ctx.factor, ctx.support), None, None, None, None
+
+    torch.library.register_autograd(
+        "dip::_lanczos_downsample_backward", backward_backward, setup_context=setup_context_backward
+    )
+
+
+_CUDA_KERNELS = bool(_extension.build_info().get("with_cuda", False))
+if _extension.has_op("lanczos_downsample"):
+    _register_op_python_parts()
