@@ -145,7 +145,9 @@ def restore(
         raise DipError(f"ema_weight must be in [0, 1), got {ema_weight}")
 
     ref = _load_reference(reference, channels, out_h, out_w, max_pixels)
-    net, cfg = _make_network(network, defaults.network, channels)
+    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        net, cfg = _make_network(network, defaults.network, channels)
     multiple, minimum = (cfg.multiple(), cfg.min_size()) if cfg is not None else (1, 1)
     pad_h, pad_w = _padded(out_h, multiple, minimum), _padded(out_w, multiple, minimum)
     if cfg is not None:
