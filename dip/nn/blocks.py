@@ -146,6 +146,10 @@ class FusedConvBlock(ConvBlock):
                          batch_norm=batch_norm, act=act)
         self.reflect = pad == "reflection"
         self.slope = self.act.negative_slope if isinstance(self.act, nn.LeakyReLU) else _FUSED_SLOPES[act]
+        # The operator computes in channels_last; a weight stored that way is used
+        # without a layout copy in every forward and backward (values and
+        # state_dict are unchanged).
+        self.conv.weight.data = self.conv.weight.data.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn

@@ -122,7 +122,9 @@ class _Scale(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.upsample(self.deeper(self.down(x)))
         # Odd sizes: stride-2 rounds up, so the upsampled map can be one pixel larger.
-        y = y[:, :, : x.shape[2], : x.shape[3]]
+        # Crop only when needed: a no-op slice still costs a zero-fill and a copy in backward.
+        if y.shape[2] != x.shape[2] or y.shape[3] != x.shape[3]:
+            y = y[:, :, : x.shape[2], : x.shape[3]]
         if self.has_skip:
             y = torch.cat([self.skip(x), y], dim=1)
         return self.up_1x1(self.up(self.merge_bn(y)))

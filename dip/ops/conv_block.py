@@ -145,7 +145,7 @@ def _register() -> None:
             grad_x = x.new_empty(x.shape).contiguous(memory_format=torch.channels_last)
         else:
             grad_x = x.new_empty(0)
-        grad_w = weight.new_empty(weight.shape).contiguous()
+        grad_w = weight.new_empty_strided(weight.shape, weight.stride())
         return grad_x, grad_w, y.new_empty(c), y.new_empty(c), y.new_empty(c)
 
     def setup_context(ctx, inputs, output):

@@ -48,6 +48,15 @@ inline at::Tensor canonical_cl(const at::Tensor& t) {
   return ref;
 }
 
+// t itself when it has ref's strides, else a copy of t with ref's strides
+// (gradients come back in their parameter's layout).
+inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
+  if (t.strides() == ref.strides()) return t;
+  auto out = at::empty_strided(ref.sizes(), ref.strides(), t.options());
+  out.copy_(t);
+  return out;
+}
+
 struct ConvBlockArgs {
   int64_t stride;
   int64_t padding;
@@ -125,13 +134,17 @@ inline std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y
     if (need_input) {
       gx = at::mm(g2, w2).view({xin.size(0), xin.size(2), xin.size(3), xin.size(1)}).permute({0, 3, 1, 2});
     }
-    auto gw = at::mm(g2.t(), rows(xin)).view(weight.sizes());
+    // A 1x1 weight's strides differ between layouts only on its size-1
+    // dimensions, so the GEMM result can take the weight's strides as is.
+    auto gw = at::mm(g2.t(), rows(xin));
+    const bool dense = weight.is_contiguous() || weight.is_contiguous(at::MemoryFormat::ChannelsLast);
+    gw = dense ? gw.as_strided(weight.sizes(), weight.strides()) : like(gw.view(weight.sizes()), weight);
     return {gx, gw};
   }
   auto res = at::convolution_backward(grad_y, xin, weight, c10::nullopt, {stride, stride}, {zero_pad, zero_pad},
                                       {1, 1}, false, {0, 0}, 1, {need_input, true, false});
   auto gx = need_input ? canonical_cl(std::get<0>(res)) : at::Tensor();
-  return {gx, std::get<1>(res).contiguous()};
+  return {gx, like(std::get<1>(res), weight)};
 }
 
 }  // namespace dip
