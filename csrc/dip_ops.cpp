@@ -7,7 +7,6 @@
 #include <ATen/Parallel.h>
 
 TORCH_LIBRARY(dip, m) {
-  // Schemas are added here by each operator (see csrc/cpu and csrc/cuda for kernels).
 
   // Lanczos downsampling by an integer factor (2..32), support 2 or 3, replicate
   // padding folded in: N×C×H×W -> N×C×(H/factor)×(W/factor). See dip/lanczos.h.
@@ -17,6 +16,19 @@ TORCH_LIBRARY(dip, m) {
   m.def(
       "_lanczos_downsample_backward(Tensor grad_output, int factor, int support, SymInt input_height, "
       "SymInt input_width) -> Tensor");
+
+  // Fused conv block: reflection (or zero) pad -> k x k conv -> BatchNorm -> LeakyReLU.
+  // Returns the block output, the conv output y and the statistics used
+  // (batch mean / biased variance in training mode, the running ones in eval).
+  m.def(
+      "conv_block(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, bool training, int stride, int padding, bool reflect, "
+      "float eps, float slope) -> (Tensor out, Tensor y, Tensor mean, Tensor var)");
+  m.def(
+      "conv_block_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor y, Tensor mean, Tensor var, "
+      "Tensor bn_weight, Tensor bn_bias, bool training, int stride, int padding, bool reflect, float eps, "
+      "float slope, bool need_grad_input) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_bn_weight, Tensor grad_bn_bias)");
 }
 
 namespace {

@@ -1,5 +1,17 @@
 """Networks: the skip-hourglass generator and its blocks."""
-from dip.nn.blocks import ConvBlock, make_activation
+from dip.nn.blocks import ConvBlock, FusedConvBlock, active_path, fusable, make_activation, make_conv_block
 from dip.nn.hourglass import PRESETS, Hourglass, HourglassConfig, build_network, preset
 
-__all__ = ["ConvBlock", "Hourglass", "HourglassConfig", "PRESETS", "build_network", "make_activation", "preset"]
+__all__ = [
+    "ConvBlock",
+    "FusedConvBlock",
+    "active_path",
+    "fusable",
+    "make_conv_block",
+    "Hourglass",
+    "HourglassConfig",
+    "PRESETS",
+    "build_network",
+    "make_activation",
+    "preset",
+]

@@ -1,9 +1,12 @@
-"""Building blocks of the skip-hourglass network (pure PyTorch).
+"""Building blocks of the skip-hourglass network.
 
 ``ConvBlock`` is the unit the network repeats: padding → convolution →
-(optional downsampler) → BatchNorm → activation. Its parameter names
-(``conv.weight``, ``conv.bias``, ``bn.*``) are the same whichever path
-(pure or fused) runs it, so a fitted state loads into either.
+(optional downsampler) → BatchNorm → activation, in plain PyTorch.
+``FusedConvBlock`` is the same module run by the fused operator
+(``dip.ops.conv_block``); ``make_conv_block`` picks it whenever the compiled
+operator is loaded and the options are ones it covers. Parameter and buffer
+names (``conv.weight``, ``conv.bias``, ``bn.*``) are the same on both, so a
+fitted state loads into either.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from dip._extension import build_info, has_op
 from dip.errors import DipError
+from dip.ops.conv_block import conv_block
 
 ACTIVATIONS = ("LeakyReLU", "ReLU", "Swish", "ELU", "none")
 PADDINGS = ("reflection", "zero")
@@ -96,3 +101,69 @@ class ConvBlock(nn.Module):
         if self.pad_mode == "reflection" and self.padding > 0:
             x = F.pad(x, (self.padding,) * 4, mode="reflect")
         return self.act(self.bn(self.downsampler(self.conv(x))))
+
+
+# LeakyReLU slope that reproduces each activation the fused block covers
+# (LeakyReLU itself takes the slope of its module).
+_FUSED_SLOPES = {"LeakyReLU": 0.2, "ReLU": 0.0, "none": 1.0}
+
+
+def fusable(stride: int = 1, *, pad: str = "reflection", downsample: str = "stride", batch_norm: bool = True,
+            act: str = "LeakyReLU", bias: bool = True) -> bool:
+    """True when the fused operator covers these ConvBlock options (any padding, with or without bias)."""
+    return batch_norm and act in _FUSED_SLOPES and (stride == 1 or downsample == "stride") and stride in (1, 2)
+
+
+def fused_default() -> bool:
+    """Whether networks are built with fused blocks by default (the compiled operator is loaded)."""
+    return has_op("conv_block")
+
+
+def active_path() -> str:
+    """Which implementation runs the conv blocks by default, e.g. ``"fused C++ (CPU)"`` or ``"pure PyTorch"``."""
+    if not fused_default():
+        return "pure PyTorch"
+    return "fused C++/CUDA (CPU, CUDA)" if build_info().get("with_cuda") else "fused C++ (CPU)"
+
+
+class FusedConvBlock(ConvBlock):
+    """``ConvBlock`` computed by the fused pad → conv → BatchNorm → activation operator.
+
+    Same constructor, parameters, buffers and results as ``ConvBlock``; only
+    the options ``fusable`` accepts are allowed. Inputs on a device or dtype
+    without a compiled kernel run the pure-PyTorch reference.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *,
+                 bias: bool = True, pad: str = "reflection", downsample: str = "stride", batch_norm: bool = True,
+                 act: str = "LeakyReLU"):
+        if not fusable(stride, pad=pad, downsample=downsample, batch_norm=batch_norm, act=act):
+            raise DipError(
+                f"the fused conv block does not cover stride={stride}, downsample={downsample!r}, "
+                f"batch_norm={batch_norm}, act={act!r}; use ConvBlock"
+            )
+        super().__init__(in_channels, out_channels, kernel_size, stride, bias=bias, pad=pad, downsample=downsample,
+                         batch_norm=batch_norm, act=act)
+        self.reflect = pad == "reflection"
+        self.slope = self.act.negative_slope if isinstance(self.act, nn.LeakyReLU) else _FUSED_SLOPES[act]
+        # The operator computes in channels_last; a weight stored that way is used
+        # without a layout copy in every forward and backward (values and
+        # state_dict are unchanged).
+        self.conv.weight.data = self.conv.weight.data.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        return conv_block(
+            x, self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked, self.training, bn.momentum, bn.eps, self.stride, self.padding, self.reflect,
+            self.slope,
+        )
+
+
+def make_conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *,
+                    fused: bool | None = None, **options) -> ConvBlock:
+    """A ``FusedConvBlock`` when ``fused`` (default: the operator is loaded) and the options allow, else a ``ConvBlock``."""
+    use_fused = fused_default() if fused is None else fused
+    if use_fused and fusable(stride, **options):
+        return FusedConvBlock(in_channels, out_channels, kernel_size, stride, **options)
+    return ConvBlock(in_channels, out_channels, kernel_size, stride, **options)

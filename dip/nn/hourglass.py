@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dip.errors import DipError
-from dip.nn.blocks import ACTIVATIONS, DOWNSAMPLERS, PADDINGS, UPSAMPLERS, ConvBlock
+from dip.nn.blocks import ACTIVATIONS, DOWNSAMPLERS, PADDINGS, UPSAMPLERS, make_conv_block
 
 
 @dataclass
@@ -99,15 +99,16 @@ def preset(name: str, **overrides) -> HourglassConfig:
 class _Scale(nn.Module):
     """One scale of the hourglass, holding the deeper scales inside it."""
 
-    def __init__(self, cfg: HourglassConfig, i: int, in_channels: int, deeper: Optional[nn.Module]):
+    def __init__(self, cfg: HourglassConfig, i: int, in_channels: int, deeper: Optional[nn.Module],
+                 fused: Optional[bool] = None):
         super().__init__()
         down, up, skip = cfg.channels_down[i], cfg.channels_up[i], cfg.channels_skip[i]
-        opts = dict(bias=cfg.bias, pad=cfg.pad, batch_norm=cfg.batch_norm, act=cfg.act)
+        opts = dict(bias=cfg.bias, pad=cfg.pad, batch_norm=cfg.batch_norm, act=cfg.act, fused=fused)
         self.has_skip = skip > 0
-        self.skip = ConvBlock(in_channels, skip, cfg.filter_size_skip, **opts) if skip > 0 else nn.Identity()
+        self.skip = make_conv_block(in_channels, skip, cfg.filter_size_skip, **opts) if skip > 0 else nn.Identity()
         self.down = nn.Sequential(
-            ConvBlock(in_channels, down, cfg.filter_size_down, 2, downsample=cfg.downsample, **opts),
-            ConvBlock(down, down, cfg.filter_size_down, **opts),
+            make_conv_block(in_channels, down, cfg.filter_size_down, 2, downsample=cfg.downsample, **opts),
+            make_conv_block(down, down, cfg.filter_size_down, **opts),
         )
         self.deeper = deeper if deeper is not None else nn.Identity()
         deep_out = cfg.channels_up[i + 1] if i + 1 < cfg.scales else down
@@ -115,29 +116,36 @@ class _Scale(nn.Module):
         self.upsample = nn.Upsample(scale_factor=2, mode=cfg.upsample, align_corners=align)
         merged = skip + deep_out
         self.merge_bn = nn.BatchNorm2d(merged) if cfg.batch_norm else nn.Identity()
-        self.up = ConvBlock(merged, up, cfg.filter_size_up, **opts)
-        self.up_1x1 = ConvBlock(up, up, 1, **opts) if cfg.up_1x1 else nn.Identity()
+        self.up = make_conv_block(merged, up, cfg.filter_size_up, **opts)
+        self.up_1x1 = make_conv_block(up, up, 1, **opts) if cfg.up_1x1 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.upsample(self.deeper(self.down(x)))
         # Odd sizes: stride-2 rounds up, so the upsampled map can be one pixel larger.
-        y = y[:, :, : x.shape[2], : x.shape[3]]
+        # Crop only when needed: a no-op slice still costs a zero-fill and a copy in backward.
+        if y.shape[2] != x.shape[2] or y.shape[3] != x.shape[3]:
+            y = y[:, :, : x.shape[2], : x.shape[3]]
         if self.has_skip:
             y = torch.cat([self.skip(x), y], dim=1)
         return self.up_1x1(self.up(self.merge_bn(y)))
 
 
 class Hourglass(nn.Module):
-    """The skip-hourglass generator ``x = f_θ(z)``."""
+    """The skip-hourglass generator ``x = f_θ(z)``.
 
-    def __init__(self, cfg: HourglassConfig):
+    ``fused`` selects the conv-block implementation: None (default) uses the
+    fused operator when it is loaded, False forces the pure-PyTorch blocks.
+    Both build the same parameters in the same order.
+    """
+
+    def __init__(self, cfg: HourglassConfig, fused: Optional[bool] = None):
         super().__init__()
         cfg.validate()
         self.config = cfg
         body: Optional[nn.Module] = None
         for i in reversed(range(cfg.scales)):
             in_ch = cfg.in_channels if i == 0 else cfg.channels_down[i - 1]
-            body = _Scale(cfg, i, in_ch, body)
+            body = _Scale(cfg, i, in_ch, body, fused)
         self.body = body
         self.head = nn.Conv2d(cfg.channels_up[0], cfg.out_channels, 1, bias=cfg.bias)
         self.sigmoid = nn.Sigmoid() if cfg.sigmoid else nn.Identity()
@@ -146,10 +154,14 @@ class Hourglass(nn.Module):
         return self.sigmoid(self.head(self.body(z)))
 
 
-def build_network(cfg: HourglassConfig | str = "denoise", **overrides) -> Hourglass:
-    """Build the hourglass from a config or a preset name (with keyword overrides)."""
+def build_network(cfg: HourglassConfig | str = "denoise", *, fused: Optional[bool] = None, **overrides) -> Hourglass:
+    """Build the hourglass from a config or a preset name (with keyword overrides).
+
+    ``fused=False`` forces the pure-PyTorch blocks; the default uses the fused
+    operator whenever it is loaded (see ``dip.nn.active_path``).
+    """
     if isinstance(cfg, str):
         cfg = preset(cfg, **overrides)
     elif overrides:
         cfg = HourglassConfig(**{**cfg.to_dict(), **overrides})
-    return Hourglass(cfg)
+    return Hourglass(cfg, fused)

@@ -1,0 +1,108 @@
+"""One DIP fitting iteration of the ``denoise`` net: fused vs pure eager vs torch.compile(pure).
+
+An iteration is forward, MSE against a fixed target, backward and an Adam
+step, on a 32-channel noise input with 3 outputs, 2 threads, float32.
+
+    pytest benchmarks/ --benchmark-only                       # 64², 128², 256²; fused and eager
+    DIP_BENCH_LARGE=1 pytest benchmarks/ --benchmark-only     # adds 512²
+    DIP_BENCH_COMPILE=1 pytest benchmarks/ --benchmark-only   # adds torch.compile of the pure net (~100 s compile each)
+    DIP_BENCH_MEMORY=1 pytest benchmarks/ --benchmark-only    # adds peak-memory runs
+
+Peak memory is measured in a fresh subprocess per path and size: the
+process's peak RSS (``resource.getrusage(...).ru_maxrss``) after two
+iterations, minus its RSS once the net, input and optimiser exist, i.e.
+what one iteration adds (activations saved for backward, gradients, Adam
+state, workspace). The figure is attached to the benchmark's ``extra_info``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dip._extension import has_op
+from dip.nn import build_network
+
+THREADS = 2
+SIZES = [64, 128, 256] + ([512] if os.environ.get("DIP_BENCH_LARGE") else [])
+PATHS = ["fused", "eager"] + (["compile"] if os.environ.get("DIP_BENCH_COMPILE") else [])
+
+
+def make_step(path: str, size: int, seed: int = 0):
+    """A closure running one fitting iteration of the denoise net on the given path."""
+    torch.manual_seed(seed)
+    net = build_network("denoise", fused=None if path == "fused" else False)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.rand(1, 32, size, size, generator=g)
+    target = torch.rand(1, 3, size, size, generator=g)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    model = torch.compile(net, fullgraph=True) if path == "compile" else net
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(z), target)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_memory_child(path: str, size: int) -> dict:
+    """Run in a subprocess: one warm-up and one timed iteration; report peak RSS growth in MiB."""
+    import resource
+
+    torch.set_num_threads(THREADS)
+    step = make_step(path, size)
+    base = _rss_mib()
+    step()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"path": path, "size": size, "base_mib": base, "peak_mib": peak, "iteration_mib": peak - base}
+
+
+def measure_peak_memory(path: str, size: int) -> dict:
+    """Peak-memory figures of one path and size, from a fresh Python process."""
+    code = (
+        "import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+        "from test_iteration_bench import peak_memory_child\n"
+        "print(json.dumps(peak_memory_child(%r, %d)))" % (os.getcwd(), os.path.dirname(__file__), path, size)
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("path", PATHS)
+def test_fit_iteration(benchmark, path, size):
+    if path == "fused" and not has_op("conv_block"):
+        pytest.skip("compiled dip ops not loaded (python setup.py build_ext --inplace)")
+    benchmark.group = f"denoise iteration {size}x{size}"
+    step = make_step(path, size)
+    step()  # warm-up (and compilation for torch.compile)
+    rounds = 3 if size >= 256 else 10
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(threads=THREADS, torch=torch.__version__, path=path, size=size)
+    if os.environ.get("DIP_BENCH_MEMORY"):
+        benchmark.extra_info.update(measure_peak_memory(path, size))

@@ -1,0 +1,257 @@
+// CUDA kernels of the fused conv block, on the current stream. The
+// convolution is cuDNN's (or a cuBLAS GEMM for 1x1) through at::convolution;
+// around it, on channels_last tensors seen as rows (N*H*W) x channels:
+//   forward:  reflection pad | conv | per-channel sums | normalise + affine + LeakyReLU
+//   backward: LeakyReLU-grad + BN-backward sums | conv-output grad | conv backward | un-pad gather
+#include <torch/library.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "dip/conv_block.h"
+
+namespace dip {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8));
+}
+
+template <typename scalar_t>
+__global__ void reflect_pad_kernel(const scalar_t* __restrict__ x, int64_t n, int64_t c, int64_t h, int64_t w,
+                                   int64_t sn, int64_t sc, int64_t sh, int64_t sw, int64_t pad,
+                                   scalar_t* __restrict__ out) {
+  const int64_t hp = h + 2 * pad, wp = w + 2 * pad, total = n * hp * wp * c;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = i % c, j = (i / c) % wp, r = (i / (c * wp)) % hp, b = i / (c * wp * hp);
+    out[i] = x[b * sn + k * sc + reflect_index(r - pad, h) * sh + reflect_index(j - pad, w) * sw];
+  }
+}
+
+template <typename scalar_t>
+__global__ void reflect_unpad_kernel(const scalar_t* __restrict__ gp, int64_t n, int64_t c, int64_t h, int64_t w,
+                                     int64_t pad, scalar_t* __restrict__ out) {
+  const int64_t hp = h + 2 * pad, wp = w + 2 * pad, total = n * h * w * c;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = i % c, j = (i / c) % w, r = (i / (c * w)) % h, b = i / (c * w * h);
+    int64_t rs[3], cs[3];
+    const int nr = reflect_sources(r, h, pad, rs), nc = reflect_sources(j, w, pad, cs);
+    scalar_t acc = 0;
+    for (int a = 0; a < nr; ++a)
+      for (int e = 0; e < nc; ++e) acc += gp[((b * hp + rs[a]) * wp + cs[e]) * c + k];
+    out[i] = acc;
+  }
+}
+
+// Per-channel sums over rows: a block covers 32 channels x 8 row lanes,
+// accumulates in double, reduces its lanes in shared memory and adds the
+// result to the global sums with one atomic per channel.
+//   mode 0 (stats):     s += y - y[0],  q += (y - y[0])^2
+//   mode 1 (gradients): s += g,         q += g * xhat
+template <typename scalar_t, int kMode>
+__global__ void channel_sums_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ go,
+                                    const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift,
+                                    const scalar_t* __restrict__ mean, const scalar_t* __restrict__ invstd,
+                                    scalar_t slope, int64_t m, int64_t c, double* __restrict__ s,
+                                    double* __restrict__ q) {
+  __shared__ double ss[8][32], sq[8][32];
+  const int64_t k = blockIdx.x * 32 + threadIdx.x;
+  double as = 0, aq = 0;
+  if (k < c) {
+    for (int64_t r = blockIdx.y * 8 + threadIdx.y; r < m; r += int64_t(gridDim.y) * 8) {
+      const scalar_t v = y[r * c + k];
+      if (kMode == 0) {
+        const double d = double(v) - double(y[k]);
+        as += d;
+        aq += d * d;
+      } else {
+        const scalar_t z = v * scale[k] + shift[k];
+        const scalar_t g = z > scalar_t(0) ? go[r * c + k] : go[r * c + k] * slope;
+        as += g;
+        aq += double(g) * double((v - mean[k]) * invstd[k]);
+      }
+    }
+  }
+  ss[threadIdx.y][threadIdx.x] = as;
+  sq[threadIdx.y][threadIdx.x] = aq;
+  __syncthreads();
+  if (threadIdx.y == 0 && k < c) {
+    for (int l = 1; l < 8; ++l) {
+      as += ss[l][threadIdx.x];
+      aq += sq[l][threadIdx.x];
+    }
+    atomicAdd(s + k, as);
+    atomicAdd(q + k, aq);
+  }
+}
+
+template <typename scalar_t>
+__global__ void bn_act_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ scale,
+                              const scalar_t* __restrict__ shift, scalar_t slope, int64_t total, int64_t c,
+                              scalar_t* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = i % c;
+    const scalar_t z = y[i] * scale[k] + shift[k];
+    out[i] = z > scalar_t(0) ? z : z * slope;
+  }
+}
+
+// grad_y = g * scale + xhat * a + b (a = b = 0 in eval mode).
+template <typename scalar_t>
+__global__ void bn_act_grad_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ go,
+                                   const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift,
+                                   const scalar_t* __restrict__ mean, const scalar_t* __restrict__ invstd,
+                                   const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, scalar_t slope,
+                                   int64_t total, int64_t c, scalar_t* __restrict__ grad_y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = i % c;
+    const scalar_t z = y[i] * scale[k] + shift[k];
+    const scalar_t g = z > scalar_t(0) ? go[i] : go[i] * slope;
+    grad_y[i] = g * scale[k] + (y[i] - mean[k]) * invstd[k] * a[k] + b[k];
+  }
+}
+
+at::Tensor reflect_pad_cuda(const at::Tensor& x, int64_t pad) {
+  auto out = empty_cl({x.size(0), x.size(1), x.size(2) + 2 * pad, x.size(3) + 2 * pad}, x.options());
+  if (out.numel() == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dip_reflect_pad_cuda", [&] {
+    reflect_pad_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1),
+        x.stride(2), x.stride(3), pad, out.mutable_data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor reflect_unpad_cuda(const at::Tensor& gp, int64_t pad, at::IntArrayRef sizes) {
+  auto out = empty_cl(sizes, gp.options());
+  if (out.numel() == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(gp.scalar_type(), "dip_reflect_unpad_cuda", [&] {
+    reflect_unpad_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+        gp.const_data_ptr<scalar_t>(), sizes[0], sizes[1], sizes[2], sizes[3], pad, out.mutable_data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Launches channel_sums_kernel; returns (s, q) as double tensors of c elements.
+template <typename scalar_t, int kMode>
+std::tuple<at::Tensor, at::Tensor> channel_sums(const at::Tensor& y, const at::Tensor& go, const at::Tensor& scale,
+                                                const at::Tensor& shift, const at::Tensor& mean,
+                                                const at::Tensor& invstd, double slope) {
+  const int64_t c = y.size(1), m = y.numel() / c;
+  auto opts = y.options().dtype(at::kDouble);
+  auto s = at::zeros({c}, opts), q = at::zeros({c}, opts);
+  const dim3 block(32, 8);
+  const dim3 grid(static_cast<unsigned>((c + 31) / 32), static_cast<unsigned>(std::min<int64_t>((m + 7) / 8, 1024)));
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+  channel_sums_kernel<scalar_t, kMode><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
+      y.const_data_ptr<scalar_t>(), ptr(go), ptr(scale), ptr(shift), ptr(mean), ptr(invstd), scalar_t(slope), m, c,
+      s.mutable_data_ptr<double>(), q.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {s, q};
+}
+
+// invstd, scale = gamma * invstd, shift = beta - mean * scale (device tensors, input dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_of(const at::Tensor& mean, const at::Tensor& var,
+                                                         const at::Tensor& gamma, const at::Tensor& beta, double eps) {
+  auto invstd = at::rsqrt(var.to(at::kDouble) + eps).to(mean.scalar_type());
+  auto scale = (gamma * invstd).contiguous();
+  auto shift = (beta - mean * scale).contiguous();
+  return {invstd.contiguous(), scale, shift};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool training, int64_t stride, int64_t padding, bool reflect,
+    double eps, double slope) {
+  const ConvBlockArgs args{stride, padding, reflect};
+  check_forward_args(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, args);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool pad_here = reflect && padding > 0;
+  const auto xin = pad_here ? reflect_pad_cuda(x, padding) : canonical_cl(x);
+  const auto y = conv_forward(xin, weight, bias, stride, reflect ? 0 : padding);
+  const int64_t c = y.size(1), m = y.numel() / c;
+  at::Tensor mean, var;
+  if (training) {
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dip_conv_block_stats_cuda", [&] {
+      auto [s, q] = channel_sums<scalar_t, 0>(y, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+                                              at::Tensor(), slope);
+      auto mu = s / double(m);
+      mean = (rows(y)[0].to(at::kDouble) + mu).to(y.scalar_type());
+      var = (q / double(m) - mu * mu).clamp_min(0).to(y.scalar_type());
+    });
+  } else {
+    mean = running_mean->clone();
+    var = running_var->clone();
+  }
+  auto [invstd, scale, shift] = affine_of(mean, var, bn_weight, bn_bias, eps);
+  auto out = empty_cl(y.sizes(), y.options());
+  if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dip_conv_block_cuda", [&] {
+      bn_act_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          y.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(), shift.const_data_ptr<scalar_t>(),
+          scalar_t(slope), out.numel(), c, out.mutable_data_ptr<scalar_t>());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out, y, mean.contiguous(), var.contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y,
+    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    bool training, int64_t stride, int64_t padding, bool reflect, double eps, double slope, bool need_grad_input) {
+  TORCH_CHECK(grad_out.sizes() == y.sizes(), "conv_block_backward: grad_out must have the output's shape ",
+              y.sizes(), ", got ", grad_out.sizes());
+  const c10::cuda::CUDAGuard guard(y.device());
+  const auto go = canonical_cl(grad_out);
+  const auto yc = canonical_cl(y);
+  const int64_t c = y.size(1), m = y.numel() / c;
+  auto [invstd, scale, shift] = affine_of(mean, var, bn_weight, bn_bias, eps);
+  const auto mu = mean.contiguous();
+  auto grad_y = empty_cl(y.sizes(), y.options());
+  at::Tensor grad_gamma, grad_beta, grad_bias;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dip_conv_block_backward_cuda", [&] {
+    auto [sg, sgx] = channel_sums<scalar_t, 1>(yc, go, scale, shift, mu, invstd, slope);
+    grad_beta = sg.to(y.scalar_type());
+    grad_gamma = sgx.to(y.scalar_type());
+    // Conv bias: exactly zero under batch statistics, scale * sum(g) in eval mode.
+    grad_bias = training ? at::zeros({c}, y.options()) : (scale * grad_beta).contiguous();
+    auto a = training ? (-scale.to(at::kDouble) * sgx / double(m)).to(y.scalar_type()) : at::zeros({c}, y.options());
+    auto b = training ? (-scale.to(at::kDouble) * sg / double(m)).to(y.scalar_type()) : at::zeros({c}, y.options());
+    if (grad_y.numel() > 0) {
+      bn_act_grad_kernel<scalar_t><<<blocks_for(grad_y.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          yc.const_data_ptr<scalar_t>(), go.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
+          shift.const_data_ptr<scalar_t>(), mu.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
+          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), scalar_t(slope), grad_y.numel(), c,
+          grad_y.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  const bool pad_here = reflect && padding > 0;
+  const auto xin = pad_here ? reflect_pad_cuda(x, padding) : canonical_cl(x);
+  auto [grad_xin, grad_weight] = conv_backward(grad_y, xin, weight, stride, reflect ? 0 : padding, need_grad_input);
+  at::Tensor grad_x;
+  if (!need_grad_input) {
+    grad_x = at::empty({0}, x.options());
+  } else if (pad_here) {
+    grad_x = reflect_unpad_cuda(grad_xin, padding, x.sizes());
+  } else {
+    grad_x = canonical_cl(grad_xin);
+  }
+  return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
+}
+
+}  // namespace
+}  // namespace dip
+
+TORCH_LIBRARY_IMPL(dip, CUDA, m) {
+  m.impl("conv_block", &dip::conv_block_cuda);
+  m.impl("conv_block_backward", &dip::conv_block_backward_cuda);
+}

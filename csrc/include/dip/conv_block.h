@@ -1,0 +1,150 @@
+// Shared pieces of the fused conv block (reflection pad -> conv -> BatchNorm
+// -> LeakyReLU): index math usable from CPU and CUDA code, and the
+// device-agnostic host steps (argument checks, the convolution itself).
+//
+// Layout: every activation the kernels write is channels_last (NHWC in
+// memory), which is both the fastest layout of the vendor convolutions and
+// the one where per-channel BatchNorm is a contiguous inner loop.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#ifdef __CUDACC__
+#define DIP_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DIP_HOST_DEVICE inline
+#endif
+
+namespace dip {
+
+// Source index of padded position i (already shifted by -pad) under
+// reflection padding of an axis of length n (requires pad < n).
+DIP_HOST_DEVICE int64_t reflect_index(int64_t i, int64_t n) {
+  if (i < 0) return -i;
+  if (i >= n) return 2 * (n - 1) - i;
+  return i;
+}
+
+// Padded positions (at most 3) whose reflection lands on source index s of
+// an axis of length n padded by pad on both sides; returns how many.
+DIP_HOST_DEVICE int reflect_sources(int64_t s, int64_t n, int64_t pad, int64_t* out) {
+  int k = 0;
+  out[k++] = s + pad;
+  if (s >= 1 && s <= pad) out[k++] = pad - s;
+  if (s >= n - 1 - pad && s <= n - 2) out[k++] = pad + 2 * (n - 1) - s;
+  return k;
+}
+
+// Canonical channels_last tensor with the shape of t (strides as at::empty gives).
+inline at::Tensor empty_cl(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return at::empty(sizes, opts.memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+// t itself when it already has canonical channels_last strides, else a copy that has.
+inline at::Tensor canonical_cl(const at::Tensor& t) {
+  auto ref = empty_cl(t.sizes(), t.options());
+  if (t.strides() == ref.strides()) return t;
+  ref.copy_(t);
+  return ref;
+}
+
+// t itself when it has ref's strides, else a copy of t with ref's strides
+// (gradients come back in their parameter's layout).
+inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
+  if (t.strides() == ref.strides()) return t;
+  auto out = at::empty_strided(ref.sizes(), ref.strides(), t.options());
+  out.copy_(t);
+  return out;
+}
+
+struct ConvBlockArgs {
+  int64_t stride;
+  int64_t padding;
+  bool reflect;
+};
+
+// User-facing checks shared by the CPU and CUDA forward kernels.
+inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                               const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var, bool training,
+                               const ConvBlockArgs& a) {
+  TORCH_CHECK(x.dim() == 4, "conv_block: input must be N x C x H x W, got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == weight.size(3),
+              "conv_block: weight must be Cout x Cin x k x k with Cin = ", x.size(1), ", got ", weight.sizes());
+  TORCH_CHECK(weight.size(2) % 2 == 1, "conv_block: kernel size must be odd, got ", weight.size(2));
+  TORCH_CHECK(a.stride == 1 || a.stride == 2, "conv_block: stride must be 1 or 2, got ", a.stride);
+  TORCH_CHECK(a.padding >= 0 && 2 * a.padding == weight.size(2) - 1,
+              "conv_block: padding must be (k - 1) / 2 = ", (weight.size(2) - 1) / 2, ", got ", a.padding);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "conv_block: only float32 and float64 are supported, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bn_weight.scalar_type() == x.scalar_type() &&
+                  bn_bias.scalar_type() == x.scalar_type(),
+              "conv_block: all tensors must have the input's dtype ", x.scalar_type());
+  const int64_t c = weight.size(0);
+  TORCH_CHECK(bn_weight.numel() == c && bn_bias.numel() == c, "conv_block: BatchNorm weight and bias need ", c,
+              " elements");
+  if (bias.has_value()) TORCH_CHECK(bias->numel() == c, "conv_block: conv bias needs ", c, " elements");
+  if (!training) {
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
+                "conv_block: eval mode needs running_mean and running_var");
+    TORCH_CHECK(running_mean->numel() == c && running_var->numel() == c, "conv_block: running stats need ", c,
+                " elements");
+  }
+  if (a.reflect) {
+    TORCH_CHECK(a.padding < x.size(2) && a.padding < x.size(3), "conv_block: reflection padding ", a.padding,
+                " must be smaller than the input's spatial size ", x.size(2), " x ", x.size(3));
+  }
+  TORCH_CHECK(x.size(2) + 2 * a.padding >= weight.size(2) && x.size(3) + 2 * a.padding >= weight.size(3),
+              "conv_block: input ", x.sizes(), " is smaller than the kernel");
+}
+
+inline bool is_pointwise(const at::Tensor& weight, int64_t stride, int64_t zero_pad) {
+  return weight.size(2) == 1 && stride == 1 && zero_pad == 0;
+}
+
+// Rows x channels view of a canonical channels_last tensor.
+inline at::Tensor rows(const at::Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+}
+
+// Convolution of xin (channels_last; already reflection-padded, or zero-padded
+// by the convolution itself through zero_pad). A 1x1 stride-1 convolution is
+// a plain GEMM on the rows x channels view, which beats the vendor kernel.
+inline at::Tensor conv_forward(const at::Tensor& xin, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               int64_t stride, int64_t zero_pad) {
+  if (is_pointwise(weight, stride, zero_pad)) {
+    auto w2 = weight.reshape({weight.size(0), weight.size(1)});
+    auto x2 = rows(xin);
+    auto y2 = bias.has_value() ? at::addmm(*bias, x2, w2.t()) : at::mm(x2, w2.t());
+    return y2.view({xin.size(0), xin.size(2), xin.size(3), weight.size(0)}).permute({0, 3, 1, 2});
+  }
+  return canonical_cl(at::convolution(xin, weight, bias, {stride, stride}, {zero_pad, zero_pad}, {1, 1}, false,
+                                      {0, 0}, 1));
+}
+
+// Gradients of conv_forward with respect to xin (when need_input) and weight.
+inline std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y, const at::Tensor& xin,
+                                                        const at::Tensor& weight, int64_t stride, int64_t zero_pad,
+                                                        bool need_input) {
+  if (is_pointwise(weight, stride, zero_pad)) {
+    auto w2 = weight.reshape({weight.size(0), weight.size(1)});
+    auto g2 = rows(grad_y);
+    at::Tensor gx;
+    if (need_input) {
+      gx = at::mm(g2, w2).view({xin.size(0), xin.size(2), xin.size(3), xin.size(1)}).permute({0, 3, 1, 2});
+    }
+    // A 1x1 weight's strides differ between layouts only on its size-1
+    // dimensions, so the GEMM result can take the weight's strides as is.
+    auto gw = at::mm(g2.t(), rows(xin));
+    const bool dense = weight.is_contiguous() || weight.is_contiguous(at::MemoryFormat::ChannelsLast);
+    gw = dense ? gw.as_strided(weight.sizes(), weight.strides()) : like(gw.view(weight.sizes()), weight);
+    return {gx, gw};
+  }
+  auto res = at::convolution_backward(grad_y, xin, weight, c10::nullopt, {stride, stride}, {zero_pad, zero_pad},
+                                      {1, 1}, false, {0, 0}, 1, {need_input, true, false});
+  auto gx = need_input ? canonical_cl(std::get<0>(res)) : at::Tensor();
+  return {gx, like(std::get<1>(res), weight)};
+}
+
+}  // namespace dip
