@@ -200,6 +200,8 @@ def atomic_write(path: Union[str, os.PathLike], write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private; give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -217,6 +219,12 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     if not folder.is_dir():
         raise DipError(f"cannot write {path}: folder {folder} does not exist")
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_image(image: np.ndarray, path: Union[str, os.PathLike]) -> Path:

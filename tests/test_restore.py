@@ -1,4 +1,6 @@
 """End-to-end restoration on small images with a small network (CPU)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -128,6 +130,9 @@ def test_result_save_and_pil(clean64, tmp_path):
     assert result.render().shape == (1, 3, 64, 64)
     assert result.net_input.shape[1] == 8
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as any file the user writes
 
 
 def test_noise_sigma_stops_at_the_noise_level(clean64, noisy):
