@@ -206,6 +206,10 @@ def restore_one(job: Job, task: str, options: dict, threads: Optional[int] = Non
         if job.reference is not None:
             kwargs["reference"] = job.reference
         kwargs.setdefault("device", _WORKER_DEVICE)
+        # restore() draws z and the perturbations from a generator seeded with
+        # `seed`, but the network's initial weights from torch's global RNG:
+        # seed that too, or the output depends on what the process ran before.
+        torch.manual_seed(job.seed)
         result = restore(job.input, task, seed=job.seed, progress=False, **kwargs)
         details = dict(iterations=result.iterations, stop_reason=result.stop_reason)
         if result.stop_reason == _DIVERGED:
@@ -442,8 +446,9 @@ def restore_many(
         masks: for inpainting: a folder of masks named like the images (any
             image extension), a pattern such as ``"masks/{stem}_mask.png"``, or
             one mask file for all images.
-        reference_dir: clean images named like the inputs; their PSNR goes in
-            the manifest.
+        reference_dir: clean images named like the inputs; the PSNR of each
+            output against its reference goes in the manifest (images without
+            one get none).
         retries: further attempts for an image that failed (unreadable, diverged,
             out of memory, its worker died) before it is recorded as failed.
         progress: show an overall progress bar (done, failed, ETA).
@@ -540,10 +545,15 @@ def _plan(files: Sequence[Path], out: Path, run_seed: int, masks, reference_dir)
         raise DipError(f"inputs would write the same output file: {names}; rename them or run them separately")
     jobs = []
     for f in files:
+        mask = reference = problem = None
         try:
-            mask, reference, problem = _find_companion(masks, f, "mask"), _find_companion(reference_dir, f, "reference"), None
+            mask = _find_companion(masks, f, "mask")
         except DipError as exc:
-            mask, reference, problem = None, None, str(exc)
+            problem = str(exc)
+        try:
+            reference = _find_companion(reference_dir, f, "reference")
+        except DipError:
+            pass  # a reference only adds a PSNR to the manifest; the image is restored without one
         jobs.append(Job(name=f.name, input=str(f), output=str(out / (f.stem + OUTPUT_SUFFIX)),
                         seed=image_seed(run_seed, f.name), mask=mask, reference=reference, problem=problem))
     return jobs
