@@ -250,25 +250,28 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def plan_workers(workers: Optional[int], n_jobs: int) -> tuple[int, Optional[int], list]:
+def plan_workers(workers: Optional[int], n_jobs: int, threads: Optional[int] = None) -> tuple[int, int, list]:
     """(processes, torch threads per process, devices) for a local pool.
 
     With GPUs: one process per GPU by default, each bound to one GPU. On CPU:
     one process per core by default (independent small fits parallelise better
     than the threads of one fit), each with ``cores // processes`` threads, so
-    the pool never runs more threads than there are cores.
+    the pool never runs more threads than there are cores. ``threads``
+    overrides the thread count.
     """
     import torch
 
     if workers is not None and workers < 1:
         raise DipError(f"workers must be at least 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise DipError(f"threads must be at least 1, got {threads}")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     cores = cpu_count()
     if gpus:
-        n = workers or gpus
-        return max(1, min(n, n_jobs)), max(1, cores // n), [f"cuda:{i % gpus}" for i in range(n)]
+        n = max(1, min(workers or gpus, n_jobs))
+        return n, threads or max(1, cores // n), [f"cuda:{i % gpus}" for i in range(n)]
     n = max(1, min(workers or cores, n_jobs))
-    return n, max(1, cores // n), []
+    return n, threads or max(1, cores // n), []
 
 
 _WORKER_DEVICE: Optional[str] = None
@@ -308,8 +311,8 @@ def _raise_interrupted(signum, frame):
 
 
 def _run_local(jobs: Sequence[Job], task: str, options: dict, run_seed: int, workers: Optional[int],
-               retries: int, report: Callable[[dict], None]) -> None:
-    n, threads, devices = plan_workers(workers, len(jobs))
+               threads: Optional[int], retries: int, report: Callable[[dict], None]) -> None:
+    n, threads, devices = plan_workers(workers, len(jobs), threads)
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's torch threads and CUDA state
     queue: deque = deque(jobs)
     while queue:
@@ -415,6 +418,7 @@ def restore_many(
     task: str = "denoise",
     *,
     workers: Optional[int] = None,
+    threads: Optional[int] = None,
     ray: Union[None, bool, str] = None,
     seed: int = 0,
     masks: Optional[PathLike] = None,
@@ -435,6 +439,9 @@ def restore_many(
             ``"inpaint"`` (give ``masks=``).
         workers: local processes (default: one per GPU, else one per CPU core,
             at most one per image); ignored with ``ray``.
+        threads: torch threads per local worker (default: cores // workers).
+            On a busy machine one thread per fit is much faster: threads that
+            wait for each other lose whenever one is descheduled.
         ray: ``None``/``False`` runs locally; ``True`` uses the Ray runtime this
             process is connected to, or starts a local one (listening on
             127.0.0.1 only); a string is the address of a Ray cluster to join.
@@ -522,7 +529,7 @@ def restore_many(
 
                 run_on_ray(todo, task, restore_options, seed, ray, retries, report)
             else:
-                _run_local(todo, task, restore_options, seed, workers, retries, report)
+                _run_local(todo, task, restore_options, seed, workers, threads, retries, report)
     except (_Interrupted, KeyboardInterrupt):
         summary.interrupted = True
     finally:

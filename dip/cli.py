@@ -133,6 +133,7 @@ def _batch_parser(sub) -> None:
     p.add_argument("--reference-dir", default=None, help="clean images named like the inputs: PSNR goes in the manifest")
     p.add_argument("--workers", type=int, default=None,
                    help="local worker processes (default: one per GPU, else one per CPU core)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per local worker (default: cores / workers)")
     p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
                    help="run each image as a Ray task: on the cluster at ADDRESS, or on a local Ray (needs dip[ray])")
     p.add_argument("--retries", type=int, default=1, help="further attempts for an image that failed (default 1)")
@@ -156,7 +157,7 @@ def _batch(args) -> int:
         options["max_pixels"] = args.max_pixels
     if task == "super_resolution":
         options["factor"] = args.factor
-    summary = dip.restore_many(args.inputs, args.output, task, workers=args.workers, ray=args.ray, seed=args.seed,
+    summary = dip.restore_many(args.inputs, args.output, task, workers=args.workers, threads=args.threads, ray=args.ray, seed=args.seed,
                                masks=args.masks, reference_dir=args.reference_dir, retries=args.retries,
                                progress=not args.quiet, **options)
     print(f"{summary}; manifest: {summary.manifest}")
