@@ -3,6 +3,7 @@
 ``dip.restore(image, task=...)`` fits a randomly initialised hourglass network
 to one degraded image and returns the restored image.
 """
+from dip.batch import BatchSummary, restore_many
 from dip.errors import DipError, ImageTooLargeError
 from dip.fit import fit
 from dip.io import load_image, save_image
@@ -14,6 +15,6 @@ from dip.result import Restoration
 __version__ = "0.1.0"
 
 __all__ = [
-    "DipError", "Hourglass", "HourglassConfig", "ImageTooLargeError", "Restoration",
-    "build_network", "fit", "load_image", "preset", "psnr", "restore", "save_image",
+    "BatchSummary", "DipError", "Hourglass", "HourglassConfig", "ImageTooLargeError", "Restoration",
+    "build_network", "fit", "load_image", "preset", "psnr", "restore", "restore_many", "save_image",
 ]

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", required=True, help="mask image of the same size: white = known pixel, black = missing")
     _common(p)
 
+    _batch_parser(sub)
+
     sub.add_parser("info", help="versions, compiled extension, devices")
 
     p = sub.add_parser("demo", help="restore a built-in noisy example and write a before/after picture")
@@ -64,6 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "info":
             return _info()
+        if args.command == "batch":
+            return _batch(args)
         if args.command == "demo":
             from dip.demo import run_demo
 
@@ -114,6 +118,56 @@ def _restore(args) -> int:
         print(f"dip: warning: the fit diverged after {result.iterations} iterations; {output} holds the last good image",
               file=sys.stderr)
     return 0
+
+
+def _batch_parser(sub) -> None:
+    p = sub.add_parser("batch", help="restore every image of a folder or glob, locally or on a Ray cluster")
+    p.add_argument("inputs", metavar="IN_DIR_OR_GLOB", help="a folder of images, or a quoted glob such as 'scans/*.tif'")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
+                   help="folder for <name>.png outputs and manifest.jsonl (images already there are skipped)")
+    p.add_argument("--task", required=True, choices=["denoise", "super-resolve", "inpaint"])
+    p.add_argument("--factor", type=int, default=None, help="upscaling factor for super-resolve (2–32)")
+    p.add_argument("--masks", "--mask-dir", "--mask", dest="masks", default=None, metavar="MASKS",
+                   help="for inpaint: a folder of masks named like the images, a pattern such as "
+                        "'masks/{stem}_mask.png', or one mask for all")
+    p.add_argument("--reference-dir", default=None, help="clean images named like the inputs: PSNR goes in the manifest")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local worker processes (default: one per GPU, else one per CPU core)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per local worker (default: cores / workers)")
+    p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                   help="run each image as a Ray task: on the cluster at ADDRESS, or on a local Ray (needs dip[ray])")
+    p.add_argument("--retries", type=int, default=1, help="further attempts for an image that failed (default 1)")
+    p.add_argument("--iterations", type=int, default=None, help="fitting steps per image (default: the task's)")
+    p.add_argument("--network", default=None, help="network preset: denoise, sr, inpaint or small (default: the task's)")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
+    p.add_argument("--reg-noise-std", type=float, default=None, help="std of the input perturbation (default: the task's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: each worker's GPU when there are GPUs)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it and its name")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _batch(args) -> int:
+    import dip
+
+    task = {"denoise": "denoise", "super-resolve": "super_resolution", "inpaint": "inpaint"}[args.task]
+    options = dict(iterations=args.iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
+                   device=args.device)
+    if args.max_pixels is not None:
+        options["max_pixels"] = args.max_pixels
+    if task == "super_resolution":
+        options["factor"] = args.factor
+    summary = dip.restore_many(args.inputs, args.output, task, workers=args.workers, threads=args.threads, ray=args.ray, seed=args.seed,
+                               masks=args.masks, reference_dir=args.reference_dir, retries=args.retries,
+                               progress=not args.quiet, **options)
+    print(f"{summary}; manifest: {summary.manifest}")
+    for record in summary.records:
+        if record["status"] == "failed":
+            print(f"dip: failed: {record['input']}: {record['error']}", file=sys.stderr)
+    if summary.interrupted:
+        print("dip: interrupted; run the same command again to restore the rest", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_ERROR if summary.failed else 0
 
 
 def _info() -> int:

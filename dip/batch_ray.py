@@ -1,0 +1,104 @@
+"""Run the fits of :func:`dip.restore_many` as Ray tasks.
+
+Each image is one task that reserves one CPU, or one GPU when the cluster has
+GPUs. The task writes its output into the output folder itself (storage that
+every node must see) and returns only its small manifest record, so no image
+goes through the object store. Ray retries a task whose worker process died
+(``max_retries``); a fit that failed inside a living worker comes back as a
+failed record and is resubmitted here, as in the local pool.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+from dip.batch import FAILED, Job, _record, cpu_count, restore_one, retry_job
+from dip.errors import DipError
+
+INSTALL_HINT = "running a batch on Ray needs Ray: pip install 'dip[ray]'"
+
+
+def import_ray(local: bool):
+    """Import Ray, or raise a :class:`DipError` that says how to install it.
+
+    For a local Ray the environment is set first (Ray reads it on import) so
+    that it listens on 127.0.0.1 only and sends no usage statistics.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if local and "ray" not in sys.modules:
+        # Off, Ray binds to the loopback address, as it does on laptops.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError:
+        raise DipError(INSTALL_HINT) from None
+    return ray
+
+
+def worker_runtime_env() -> dict:
+    """Let Ray workers import the same ``dip`` as this process (a source checkout as well as an install)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+def run_on_ray(jobs: Sequence[Job], task: str, options: dict, run_seed: int, ray_arg: Union[bool, str],
+               retries: int, report: Callable[[dict], None]) -> None:
+    """Run ``jobs`` as Ray tasks and ``report`` each final record.
+
+    ``ray_arg`` is ``True`` (the Ray runtime this process is connected to, or a
+    new local one) or the address of a cluster. A Ray started here is shut down
+    at the end.
+    """
+    address = ray_arg if isinstance(ray_arg, str) and ray_arg else None
+    ray = import_ray(local=address is None)
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(num_cpus=cpu_count(), include_dashboard=False)
+        else:
+            ray.init(address=address)
+        started = True
+    pending: dict = {}
+    try:
+        per_task = {"num_gpus": 1, "num_cpus": 1} if ray.cluster_resources().get("GPU", 0) else {"num_cpus": 1}
+        remote = ray.remote(restore_one).options(
+            max_retries=retries, retry_exceptions=False, runtime_env=worker_runtime_env(), **per_task)
+
+        def submit(job: Job) -> None:
+            # One thread per fit: the task holds one CPU, and the thread count
+            # must match the local pool's for byte-identical outputs.
+            pending[remote.remote(job, task, options, 1)] = job
+
+        for job in jobs:
+            submit(job)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    record = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # Ray's own retries are spent
+                    record = _record(job, FAILED, error=f"Ray task failed: {type(exc).__name__}: {_first_line(exc)}",
+                                     attempts=job.attempt + 1 + retries)
+                    report(record)
+                    continue
+                if record["status"] == FAILED and job.attempt < retries:
+                    submit(retry_job(job, record, run_seed))
+                else:
+                    report(record)
+    except BaseException:
+        for ref in pending:
+            # Not forced: the task gets a KeyboardInterrupt, its fit stops, and it writes nothing.
+            ray.cancel(ref)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
