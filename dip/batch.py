@@ -206,10 +206,6 @@ def restore_one(job: Job, task: str, options: dict, threads: Optional[int] = Non
         if job.reference is not None:
             kwargs["reference"] = job.reference
         kwargs.setdefault("device", _WORKER_DEVICE)
-        # restore() draws z and the perturbations from a generator seeded with
-        # `seed`, but the network's initial weights from torch's global RNG:
-        # seed that too, or the output depends on what the process ran before.
-        torch.manual_seed(job.seed)
         result = restore(job.input, task, seed=job.seed, progress=False, **kwargs)
         details = dict(iterations=result.iterations, stop_reason=result.stop_reason)
         if result.stop_reason == _DIVERGED:
