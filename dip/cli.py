@@ -26,6 +26,14 @@ def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export-torchscript", metavar="FILE", default=None,
+                   help="also write the fitted network, with its input baked in, as TorchScript (.pt)")
+    p.add_argument("--export-program", metavar="FILE", default=None,
+                   help="also write it as a torch.export program (.pt2)")
+    p.add_argument("--export-onnx", metavar="FILE", default=None, help="also write it as ONNX (.onnx)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dip", description="Deep Image Prior: restore an image with no training data.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -36,18 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=None,
                    help="noise std in 0–255 units, if known: the fit stops once it fits the image to that level")
     _common(p)
+    _export_options(p)
 
     p = sub.add_parser("super-resolve", help="upscale an image by an integer factor")
     p.add_argument("input", help="the low-resolution image")
     p.add_argument("--factor", type=int, required=True, help="upscaling factor (2–32)")
     _common(p)
+    _export_options(p)
 
     p = sub.add_parser("inpaint", help="fill in missing pixels")
     p.add_argument("input", help="the image with missing pixels")
     p.add_argument("--mask", required=True, help="mask image of the same size: white = known pixel, black = missing")
     _common(p)
+    _export_options(p)
 
     sub.add_parser("info", help="versions, compiled extension, devices")
+
+    p = sub.add_parser("render", help="run an exported network (.pt, .pt2 or .onnx) and write its image")
+    p.add_argument("model", help="a file written by --export-torchscript, --export-program or --export-onnx")
+    p.add_argument("-o", "--output", required=True, help="where to write the image (.png, .jpg, .tif …)")
 
     p = sub.add_parser("demo", help="restore a built-in noisy example and write a before/after picture")
     p.add_argument("-o", "--output", default="dip-demo.png", help="before/after picture (default dip-demo.png)")
@@ -64,6 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "info":
             return _info()
+        if args.command == "render":
+            return _render(args)
         if args.command == "demo":
             from dip.demo import run_demo
 
@@ -86,6 +103,7 @@ def _restore(args) -> int:
     from dip.io import check_output_path
 
     output = check_output_path(args.output)
+    exports = _export_targets(args)
     task = {"denoise": "denoise", "super-resolve": "super_resolution", "inpaint": "inpaint"}[args.command]
     options = dict(
         iterations=args.iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
@@ -107,12 +125,41 @@ def _restore(args) -> int:
     if result.history.psnr_ema:
         summary += f", PSNR {result.history.psnr_ema[-1]:.2f} dB"
     print(summary + ")")
+    for method, path in exports:
+        getattr(result, method)(path)
+        print(f"wrote {path}")
     if result.interrupted:
         print(f"dip: interrupted after {result.iterations} iterations; {output} holds the image so far", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result.stop_reason == "non-finite loss":
         print(f"dip: warning: the fit diverged after {result.iterations} iterations; {output} holds the last good image",
               file=sys.stderr)
+    return 0
+
+
+def _export_targets(args) -> list:
+    """(Restoration method, path) for each --export-* option, checked before the fit starts."""
+    targets = []
+    for option, method in (("export_torchscript", "export_torchscript"), ("export_program", "export_program"),
+                           ("export_onnx", "export_onnx")):
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        folder = Path(path).parent
+        if not folder.is_dir():
+            raise DipError(f"cannot write {path}: folder {folder} does not exist")
+        targets.append((method, Path(path)))
+    return targets
+
+
+def _render(args) -> int:
+    from dip.export import run_exported
+    from dip.io import check_output_path, save_image
+
+    output = check_output_path(args.output)
+    image = run_exported(args.model)[0].permute(1, 2, 0).float().clamp(0, 1).numpy()
+    save_image(image, output)
+    print(f"wrote {output} ({image.shape[0]}×{image.shape[1]} from {args.model})")
     return 0
 
 
