@@ -379,12 +379,12 @@ def to_torchscript(net: nn.Module, z: torch.Tensor, path: PathLike, *, crop: Opt
     """
     module = export_module(net, z, crop=crop, z_as_input=z_as_input)
     with warnings.catch_warnings():
-        # torch.jit.script warns that TorchScript is deprecated; exporting it is the point here.
+        # torch.jit.script/save warn that TorchScript is deprecated; exporting it is the point here.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         scripted = torch.jit.script(module)
-    extra = {METADATA_KEY: _metadata(net, z, crop, z_as_input, "torchscript")}
-    return atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files=extra))
+        extra = {METADATA_KEY: _metadata(net, z, crop, z_as_input, "torchscript")}
+        return atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files=extra))
 
 
 def to_program(net: nn.Module, z: torch.Tensor, path: PathLike, *, crop: Optional[Sequence[int]] = None,
@@ -447,6 +447,57 @@ def to_onnx(net: nn.Module, z: torch.Tensor, path: PathLike, *, crop: Optional[S
     return atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
 
 
+def _lanczos_downsample_onnx(x, factor: int, support: int = 2):
+    """ONNX translation of ``dip::lanczos_downsample``: edge ``Pad`` and two strided depthwise ``Conv``.
+
+    The image is reshaped to (N·C)×1×H×W so one single-channel filter serves
+    every channel, as in :func:`dip.ops.lanczos.lanczos_downsample_reference`.
+    """
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    taps = lanczos_taps(factor, support, dtype=torch.float32).numpy()
+    k = taps.size
+    before, after = lanczos_padding(factor, support)
+    y = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1, 1]), op.Shape(x, start=2), axis=0))
+    y = op.Pad(y, op.Constant(value_ints=[0, 0, before, before, 0, 0, after, after]), mode="edge")
+    y = op.Conv(y, op.Constant(value=ir.tensor(taps.reshape(1, 1, k, 1))), strides=[factor, 1])
+    y = op.Conv(y, op.Constant(value=ir.tensor(taps.reshape(1, 1, 1, k))), strides=[1, factor])
+    return op.Reshape(y, op.Concat(op.Shape(x, start=0, end=2), op.Shape(y, start=2), axis=0))
+
+
+def onnx_translations() -> dict:
+    """``custom_translation_table`` entries mapping the loaded ``dip::`` operators to standard ONNX."""
+    from dip import _extension
+
+    table = {}
+    if _extension.has_op("lanczos_downsample"):
+        table[torch.ops.dip.lanczos_downsample.default] = _lanczos_downsample_onnx
+    return table
+
+
+def operator_to_onnx(operator: nn.Module, example: torch.Tensor, path: PathLike) -> Path:
+    """Write a degradation operator (e.g. ``dip.physics.Downsample``) as an ONNX model, atomically.
+
+    Input ``image`` (the example's batch and channels, any height and width),
+    output ``observation``. The fused ``dip::`` operators export as standard
+    ONNX (Lanczos: edge padding and strided depthwise convolutions), so the
+    file runs in stock onnxruntime.
+    """
+    import onnx
+
+    dims = {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        program = torch.onnx.export(
+            operator.eval(), (example,), dynamo=True, input_names=["image"], output_names=["observation"],
+            dynamic_shapes={"x": dims}, custom_translation_table=onnx_translations(), external_data=False,
+            verbose=False,
+        )
+    onnx.checker.check_model(program.model_proto, full_check=True)
+    return atomic_write(path, lambda tmp: onnx.save_model(program.model_proto, tmp))
+
+
 def _load(path: Path):
     """(callable running the model with no input, the dip metadata or None, input count) for an exported file."""
     suffix = path.suffix.lower()
@@ -466,7 +517,9 @@ def _load(path: Path):
         module = torch.export.load(str(path), extra_files=extra).module()
         n_inputs = None
     else:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         n_inputs = len(module.forward.schema.arguments) - 1  # minus self
     meta = json.loads(extra[METADATA_KEY]) if extra[METADATA_KEY] else None
     return module, meta, n_inputs
