@@ -26,6 +26,14 @@ def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export-torchscript", metavar="FILE", default=None,
+                   help="also write the fitted network, with its input baked in, as TorchScript (.pt)")
+    p.add_argument("--export-program", metavar="FILE", default=None,
+                   help="also write it as a torch.export program (.pt2)")
+    p.add_argument("--export-onnx", metavar="FILE", default=None, help="also write it as ONNX (.onnx)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dip", description="Deep Image Prior: restore an image with no training data.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -36,20 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=None,
                    help="noise std in 0–255 units, if known: the fit stops once it fits the image to that level")
     _common(p)
+    _export_options(p)
 
     p = sub.add_parser("super-resolve", help="upscale an image by an integer factor")
     p.add_argument("input", help="the low-resolution image")
     p.add_argument("--factor", type=int, required=True, help="upscaling factor (2–32)")
     _common(p)
+    _export_options(p)
 
     p = sub.add_parser("inpaint", help="fill in missing pixels")
     p.add_argument("input", help="the image with missing pixels")
     p.add_argument("--mask", required=True, help="mask image of the same size: white = known pixel, black = missing")
     _common(p)
+    _export_options(p)
 
     _batch_parser(sub)
 
     sub.add_parser("info", help="versions, compiled extension, devices")
+
+    p = sub.add_parser("render", help="run an exported network (.pt, .pt2 or .onnx) and write its image")
+    p.add_argument("model", help="a file written by --export-torchscript, --export-program or --export-onnx")
+    p.add_argument("-o", "--output", required=True, help="where to write the image (.png, .jpg, .tif …)")
 
     p = sub.add_parser("demo", help="restore a built-in noisy example and write a before/after picture")
     p.add_argument("-o", "--output", default="dip-demo.png", help="before/after picture (default dip-demo.png)")
@@ -68,6 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _info()
         if args.command == "batch":
             return _batch(args)
+        if args.command == "render":
+            return _render(args)
         if args.command == "demo":
             from dip.demo import run_demo
 
@@ -90,6 +107,7 @@ def _restore(args) -> int:
     from dip.io import check_output_path
 
     output = check_output_path(args.output)
+    exports = _export_targets(args)
     task = {"denoise": "denoise", "super-resolve": "super_resolution", "inpaint": "inpaint"}[args.command]
     options = dict(
         iterations=args.iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
@@ -111,6 +129,9 @@ def _restore(args) -> int:
     if result.history.psnr_ema:
         summary += f", PSNR {result.history.psnr_ema[-1]:.2f} dB"
     print(summary + ")")
+    for method, path in exports:
+        getattr(result, method)(path)
+        print(f"wrote {path}")
     if result.interrupted:
         print(f"dip: interrupted after {result.iterations} iterations; {output} holds the image so far", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -170,6 +191,32 @@ def _batch(args) -> int:
     return EXIT_ERROR if summary.failed else 0
 
 
+def _export_targets(args) -> list:
+    """(Restoration method, path) for each --export-* option, checked before the fit starts."""
+    targets = []
+    for option, method in (("export_torchscript", "export_torchscript"), ("export_program", "export_program"),
+                           ("export_onnx", "export_onnx")):
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        folder = Path(path).parent
+        if not folder.is_dir():
+            raise DipError(f"cannot write {path}: folder {folder} does not exist")
+        targets.append((method, Path(path)))
+    return targets
+
+
+def _render(args) -> int:
+    from dip.export import run_exported
+    from dip.io import check_output_path, save_image
+
+    output = check_output_path(args.output)
+    image = run_exported(args.model)[0].permute(1, 2, 0).float().clamp(0, 1).numpy()
+    save_image(image, output)
+    print(f"wrote {output} ({image.shape[0]}×{image.shape[1]} from {args.model})")
+    return 0
+
+
 def _info() -> int:
     import platform
 
@@ -178,6 +225,7 @@ def _info() -> int:
 
     import dip
     from dip._extension import build_info
+    from dip.nn import active_path
 
     info = build_info()
     print(f"dip {dip.__version__}")
@@ -188,7 +236,7 @@ def _info() -> int:
               f"{info['openmp_threads']} threads)")
     else:
         print(f"C++ extension: not loaded ({info.get('reason')}); using the pure-PyTorch path")
-    print(f"compute path: {_active_path()}")
+    print(f"compute path: {active_path()}")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         print(f"CUDA: {torch.version.cuda}, devices: {names}")
@@ -196,16 +244,6 @@ def _info() -> int:
         print("CUDA: no GPU available")
     print(f"CPU threads: {torch.get_num_threads()}")
     return 0
-
-
-def _active_path() -> str:
-    from dip._extension import has_ops
-
-    import dip.nn as dnn
-
-    if hasattr(dnn, "active_path"):
-        return dnn.active_path()
-    return "fused operators available" if has_ops() else "pure PyTorch"
 
 
 if __name__ == "__main__":  # pragma: no cover

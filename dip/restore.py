@@ -18,6 +18,7 @@ from dip.memory import check_fits_in_memory
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
 from dip.physics import Custom, Denoise, Downsample, Inpaint, Operator
 from dip.result import Restoration
+from dip.warm_start import learning_rate_ramp, warm_start
 
 TASKS = ("denoise", "super_resolution", "inpaint", "custom")
 _ALIASES = {"sr": "super_resolution", "super-resolution": "super_resolution", "super-resolve": "super_resolution",
@@ -90,6 +91,7 @@ def restore(
     callbacks: Iterable[Callback] = (),
     max_pixels: int = MAX_PIXELS,
     max_memory: Optional[int] = None,
+    init=None,
 ) -> Restoration:
     """Restore a degraded image with Deep Image Prior.
 
@@ -124,6 +126,12 @@ def restore(
             iteration; returning True stops the fit.
         max_pixels: refuse larger images (protects against decompression bombs).
         max_memory: bytes the fit may use (default: the device's free memory).
+        init: warm start from a previous fit: a :class:`Restoration`, a fitted
+            network of the same architecture, or its ``state_dict()``. Its
+            weights are copied before fitting, a Restoration's input ``z`` is
+            reused when it has the same size, and the learning rate ramps up
+            over the first iterations so that Adam's first steps do not undo
+            the previous fit.
 
     Returns:
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
@@ -157,6 +165,13 @@ def restore(
     in_channels = cfg.in_channels if cfg is not None else _module_in_channels(net)
     gen = torch.Generator(device=dev).manual_seed(seed)
     z = make_noise_input(in_channels, pad_h, pad_w, scale=input_scale, generator=gen, device=dev)
+    fit_lr = lr
+    if init is not None:
+        init_z = warm_start(net, init)
+        if init_z is not None and init_z.shape == z.shape:
+            z = init_z.detach().to(dev, z.dtype).clone()
+        fit_lr, ramp = learning_rate_ramp(lr)
+        callbacks = [ramp, *callbacks]
     net = net.to(dev)
     op = op.to(dev)
     target = op(observed.tensor[None].to(dev)) if task == "inpaint" else observed.tensor[None].to(dev)
@@ -164,7 +179,7 @@ def restore(
 
     result = fit(
         net, z, op, target,
-        iterations=iterations, crop=crop, lr=lr, reg_noise_std=reg_noise_std, ema_weight=ema_weight,
+        iterations=iterations, crop=crop, lr=fit_lr, reg_noise_std=reg_noise_std, ema_weight=ema_weight,
         reference=None if ref is None else ref[None].to(dev), noise_sigma=noise_sigma,
         callbacks=callbacks, progress=progress, generator=gen, description=f"dip {task}",
     )

@@ -58,6 +58,35 @@ class Restoration:
         top, left, h, w = self.crop
         return out[:, :, top : top + h, left : left + w]
 
+    def export_torchscript(self, path: Union[str, os.PathLike], *, z_as_input: bool = False):
+        """Write the fitted network and its input to a TorchScript file; see :func:`dip.export.to_torchscript`.
+
+        The file reproduces :meth:`render` (the last network output, cropped),
+        not the averaged ``image``.
+        """
+        from dip.export import to_torchscript
+
+        return to_torchscript(self._fitted_network(), self.net_input, path, crop=self.crop, z_as_input=z_as_input)
+
+    def export_onnx(self, path: Union[str, os.PathLike], *, z_as_input: bool = False):
+        """Write the fitted network and its input to an ONNX file; see :func:`dip.export.to_onnx`."""
+        from dip.export import to_onnx
+
+        return to_onnx(self._fitted_network(), self.net_input, path, crop=self.crop, z_as_input=z_as_input)
+
+    def export_program(self, path: Union[str, os.PathLike], *, z_as_input: bool = False):
+        """Write the fitted network and its input to a ``torch.export`` .pt2 file; see :func:`dip.export.to_program`."""
+        from dip.export import to_program
+
+        return to_program(self._fitted_network(), self.net_input, path, crop=self.crop, z_as_input=z_as_input)
+
+    def _fitted_network(self) -> nn.Module:
+        from dip.errors import DipError
+
+        if self.iterations < 1:
+            raise DipError("this restoration finished no fitting step, so there is no fitted network to export")
+        return self.network
+
     def __repr__(self) -> str:
         h, w, c = self.image.shape
         return (f"Restoration(task={self.task!r}, image={h}×{w}×{c}, iterations={self.iterations}, "
