@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import dip  # noqa: E402
 from dip.metrics import psnr_torch  # noqa: E402
 from dip.ops.lanczos import lanczos_downsample  # noqa: E402
-from dip.restore import task_defaults  # noqa: E402
+from dip.restore import resolve_device, task_defaults  # noqa: E402
 from dip.stopping import SELECTIONS, EarlyStopping, VarianceStopper  # noqa: E402
 
 SIGMA = 25.0 / 255.0
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    device = dip.restore.__globals__["resolve_device"](args.device)
+    device = resolve_device(args.device)
     args.device = str(device)
     print(f"# dip quality: torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"python {platform.python_version()}, size {args.size or 'full'}, cap {args.iterations_cap or 'none'}, "

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from dip.errors import DipError
 from dip.checkpoint import architecture, check_compatible, fingerprint, load_checkpoint
+from dip.errors import DipError
 from dip.fit import Callback, fit, make_noise_input
 from dip.guard import GuardSettings
 from dip.io import MAX_PIXELS, ImageLike, load_image, load_mask
