@@ -12,10 +12,29 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
+def _iterations(text: str):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     if output:
         p.add_argument("-o", "--output", required=True, help="where to write the restored image (.png, .jpg, .tif …)")
-    p.add_argument("--iterations", type=int, default=None, help="number of fitting steps (default: the task's)")
+    p.add_argument("--iterations", type=_iterations, default="auto",
+                   help="'auto' (default): stop when the outputs settle, without ground truth; "
+                        "N: exactly N fitting steps")
+    p.add_argument("--max-iterations", type=int, default=None,
+                   help="cap of the automatic stop (default: the task's original count)")
+    p.add_argument("--checkpoint", default=None, help="write the fit's state to this file every --checkpoint-every steps")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="iterations between checkpoints (default 100 when --checkpoint is given)")
+    p.add_argument("--resume", default=None, metavar="PATH", help="continue the fit saved in this checkpoint")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="draw loss (and PSNR with --reference) against iterations to this .png/.pdf/.svg")
     p.add_argument("--network", default=None, help="network preset: denoise, sr, inpaint or small (default: the task's)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
     p.add_argument("--reg-noise-std", type=float, default=None, help="std of the input perturbation (default: the task's)")
@@ -110,11 +129,20 @@ def _restore(args) -> int:
     exports = _export_targets(args)
     task = {"denoise": "denoise", "super-resolve": "super_resolution", "inpaint": "inpaint"}[args.command]
     options = dict(
-        iterations=args.iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
+        iterations=args.iterations, max_iterations=args.max_iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
         reference=args.reference, device=args.device, seed=args.seed, progress=not args.quiet,
     )
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
+    if args.checkpoint is not None:
+        options.update(checkpoint=args.checkpoint,
+                       checkpoint_every=100 if args.checkpoint_every is None else args.checkpoint_every)
+    elif args.checkpoint_every is not None:
+        raise DipError("--checkpoint-every needs --checkpoint PATH")
+    if args.resume is not None:
+        options["resume"] = args.resume
+    if args.plot is not None:
+        _check_plot_path(args.plot)
     if task == "denoise" and args.sigma is not None:
         if args.sigma <= 0:
             raise DipError(f"--sigma must be positive (noise std in 0–255 units), got {args.sigma}")
@@ -125,17 +153,26 @@ def _restore(args) -> int:
         options["mask"] = args.mask
     result = dip.restore(args.input, task, **options)
     result.save(output)
-    summary = f"wrote {output} ({result.iterations} iterations, {result.seconds:.1f} s"
-    if result.history.psnr_ema:
-        summary += f", PSNR {result.history.psnr_ema[-1]:.2f} dB"
+    summary = f"wrote {output} ({result.iterations} iterations, {result.stop_reason}"
+    if result.stopped_at != result.iterations:
+        summary += f", image of iteration {result.stopped_at}"
+    summary += f", {result.seconds:.1f} s"
+    if result.psnr is not None:
+        summary += f", PSNR {result.psnr:.2f} dB"
     print(summary + ")")
     for method, path in exports:
         getattr(result, method)(path)
         print(f"wrote {path}")
+    if args.plot is not None and result.history.loss:
+        print(f"wrote {result.plot(args.plot)}")
+    if result.history.rollbacks:
+        print(f"dip: the loss diverged {len(result.history.rollbacks)} time(s); the fit was rolled back "
+              "with a lower learning rate", file=sys.stderr)
     if result.interrupted:
-        print(f"dip: interrupted after {result.iterations} iterations; {output} holds the image so far", file=sys.stderr)
+        print(f"dip: interrupted after {result.iterations} iterations; {output} holds the best image so far "
+              f"(iteration {result.stopped_at})", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if result.stop_reason == "non-finite loss":
+    if result.stop_reason == "diverged":
         print(f"dip: warning: the fit diverged after {result.iterations} iterations; {output} holds the last good image",
               file=sys.stderr)
     return 0
@@ -215,6 +252,21 @@ def _render(args) -> int:
     save_image(image, output)
     print(f"wrote {output} ({image.shape[0]}×{image.shape[1]} from {args.model})")
     return 0
+
+
+def _check_plot_path(path: str) -> None:
+    from dip.plot import _FORMATS
+
+    p = Path(path)
+    if p.suffix.lower() not in _FORMATS:
+        raise DipError(f"cannot tell the plot format of {p}: use .png, .pdf, .svg or .jpg")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise DipError(f"cannot write {p}: folder {folder} does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise DipError("--plot needs matplotlib: pip install 'dip[plot]' (or matplotlib)") from None
 
 
 def _info() -> int:

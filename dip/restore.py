@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
 
@@ -11,14 +12,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from dip.checkpoint import architecture, check_compatible, fingerprint, load_checkpoint
 from dip.errors import DipError
 from dip.fit import Callback, fit, make_noise_input
+from dip.guard import GuardSettings
 from dip.io import MAX_PIXELS, ImageLike, load_image, load_mask
 from dip.memory import check_fits_in_memory
+from dip.metrics import psnr
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
 from dip.physics import Custom, Denoise, Downsample, Inpaint, Operator
 from dip.result import Restoration
 from dip.warm_start import learning_rate_ramp, warm_start
+from dip.stopping import EarlyStopping
 
 TASKS = ("denoise", "super_resolution", "inpaint", "custom")
 _ALIASES = {"sr": "super_resolution", "super-resolution": "super_resolution", "super-resolve": "super_resolution",
@@ -77,7 +82,7 @@ def restore(
     factor: Optional[int] = None,
     mask: Optional[ImageLike] = None,
     operator: Optional[Union[Operator, Callable[[torch.Tensor], torch.Tensor]]] = None,
-    iterations: Optional[int] = None,
+    iterations: Union[int, str, None] = "auto",
     reference: Optional[ImageLike] = None,
     device=None,
     seed: int = 0,
@@ -92,6 +97,12 @@ def restore(
     max_pixels: int = MAX_PIXELS,
     max_memory: Optional[int] = None,
     init=None,
+    max_iterations: Optional[int] = None,
+    early_stopping: Optional[EarlyStopping] = None,
+    guard: Union[GuardSettings, bool, None] = True,
+    checkpoint: Union[str, os.PathLike, None] = None,
+    checkpoint_every: Optional[int] = None,
+    resume: Union[str, os.PathLike, None] = None,
 ) -> Restoration:
     """Restore a degraded image with Deep Image Prior.
 
@@ -108,8 +119,10 @@ def restore(
         operator: a differentiable callable ``A`` (or a :class:`dip.physics.Operator`)
             mapping the restored image (1×C×H×W) to the observation; it replaces
             the task's own degradation.
-        iterations: number of Adam steps (default: the original work's count
-            for the task: denoise 3000, SR ×4 2000, ×8 4000, inpaint 5000).
+        iterations: ``"auto"`` (the default, also ``None``): stop without
+            ground truth when the moving variance of the outputs stops falling
+            (see :mod:`dip.stopping`), after at most ``max_iterations``; or an
+            integer N: exactly N Adam steps, no automatic stop.
         reference: the clean image, if known, to record PSNR at every step.
         device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
         seed: seeds the network weights, the input ``z`` and the perturbations.
@@ -132,6 +145,18 @@ def restore(
             reused when it has the same size, and the learning rate ramps up
             over the first iterations so that Adam's first steps do not undo
             the previous fit.
+        max_iterations: the cap of an automatic stop (default: the original
+            work's count for the task: denoise 3000, SR ×4 2000, ×8 4000,
+            inpaint 5000).
+        early_stopping: window, patience and returned image of the automatic
+            stop (a :class:`dip.stopping.EarlyStopping`; default settings if None).
+        guard: roll back to the last good weights, with a lower learning rate,
+            when the loss jumps or turns NaN (a :class:`dip.guard.GuardSettings`,
+            True for the defaults, False to only stop on a non-finite loss).
+        checkpoint: file to write the fit's state to every ``checkpoint_every``
+            iterations (atomically).
+        resume: a checkpoint to continue from; with the same settings the
+            result equals the uninterrupted fit's (bit for bit on CPU).
 
     Returns:
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
@@ -142,9 +167,18 @@ def restore(
     channels, (h, w) = observed.tensor.shape[0], observed.size
     op, out_h, out_w = _make_operator(task, observed, factor, mask, operator, max_pixels)
     defaults = task_defaults(task, factor)
-    iterations = defaults.iterations if iterations is None else iterations
+    auto = iterations is None or iterations == "auto"
+    if auto:
+        iterations = defaults.iterations if max_iterations is None else max_iterations
+        early_stopping = EarlyStopping() if early_stopping is None else early_stopping
+    else:
+        early_stopping = None
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-        raise DipError(f"iterations must be a positive integer, got {iterations!r}")
+        what = "max_iterations" if auto else "iterations"
+        raise DipError(f"{what} must be a positive integer (or iterations='auto'), got {iterations!r}")
+    if checkpoint is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise DipError(f"checkpoint= needs checkpoint_every=N, a positive number of iterations, got {checkpoint_every!r}")
+    guard = GuardSettings() if guard is True else (guard or None)
     if reg_noise_std is None:
         reg_noise_std = defaults.reg_noise_std
     if lr <= 0 or not math.isfinite(lr):
@@ -153,9 +187,7 @@ def restore(
         raise DipError(f"ema_weight must be in [0, 1), got {ema_weight}")
 
     ref = _load_reference(reference, channels, out_h, out_w, max_pixels)
-    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
-        torch.manual_seed(seed)
-        net, cfg = _make_network(network, defaults.network, channels)
+    net, cfg = _make_network(network, defaults.network, channels, seed)
     multiple, minimum = (cfg.multiple(), cfg.min_size()) if cfg is not None else (1, 1)
     pad_h, pad_w = _padded(out_h, multiple, minimum), _padded(out_w, multiple, minimum)
     if cfg is not None:
@@ -177,22 +209,36 @@ def restore(
     target = op(observed.tensor[None].to(dev)) if task == "inpaint" else observed.tensor[None].to(dev)
     _check_operator_output(op, out_h, out_w, channels, target, dev)
 
+    meta = dict(task=task, network=cfg.to_dict() if cfg is not None else None, architecture=architecture(net),
+                image_size=[out_h, out_w], input_shape=list(z.shape), observation=_fingerprint(target, op),
+                early_stopping=early_stopping.to_dict() if early_stopping is not None else None)
+    state = None
+    if resume is not None:
+        state = load_checkpoint(resume, dev)
+        check_compatible(state["meta"], meta, path=f"checkpoint {resume}")
+        z = state["z"].to(dev)
+    reference_t = None if ref is None else ref[None].to(dev)
     result = fit(
         net, z, op, target,
         iterations=iterations, crop=crop, lr=fit_lr, reg_noise_std=reg_noise_std, ema_weight=ema_weight,
-        reference=None if ref is None else ref[None].to(dev), noise_sigma=noise_sigma,
+        reference=reference_t, noise_sigma=noise_sigma,
         callbacks=callbacks, progress=progress, generator=gen, description=f"dip {task}",
+        early_stopping=early_stopping, guard=guard, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+        checkpoint_meta=meta, resume_state=state,
     )
-    image_out = _to_numpy(result.ema)
+    image_out = _to_numpy(result.image)
+    quality = None if reference_t is None else psnr(image_out, _to_numpy(reference_t))
     if observed.alpha is not None:
         image_out = np.concatenate([image_out, _resize_alpha(observed.alpha, out_h, out_w)[:, :, None]], axis=2)
-    settings = dict(task=task, factor=factor, iterations=iterations, lr=lr, reg_noise_std=reg_noise_std,
+    settings = dict(task=task, factor=factor, iterations="auto" if auto else iterations, max_iterations=iterations,
+                    early_stopping=meta["early_stopping"], lr=lr, reg_noise_std=reg_noise_std,
                     ema_weight=ema_weight, input_scale=input_scale, seed=seed, device=str(dev),
                     network=cfg.to_dict() if cfg is not None else type(net).__name__, noise_sigma=noise_sigma)
     return Restoration(
         image=image_out, history=result.history, network=net, net_input=z, iterations=result.iterations,
         task=task, crop=crop, output=_to_numpy(result.output), stop_reason=result.stop_reason,
-        seconds=result.seconds, settings=settings,
+        seconds=result.seconds, settings=settings, stopped_at=result.stopped_at, psnr=quality,
+        candidates={name: _to_numpy(t) for name, t in result.candidates.items()},
     )
 
 
@@ -251,7 +297,7 @@ def _load_reference(reference, channels, out_h, out_w, max_pixels):
     return ref
 
 
-def _make_network(network, default_preset: str, channels: int):
+def _make_network(network, default_preset: str, channels: int, seed: int):
     if isinstance(network, nn.Module):
         cfg = network.config if isinstance(network, Hourglass) else None
         return network, cfg
@@ -263,7 +309,18 @@ def _make_network(network, default_preset: str, channels: int):
         cfg = HourglassConfig(**{**network.to_dict(), "out_channels": channels})
     else:
         raise DipError(f"network must be a preset name, a HourglassConfig or an nn.Module, got {type(network).__name__}")
-    return build_network(cfg), cfg
+    with torch.random.fork_rng(devices=[]):  # seed the initial weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        return build_network(cfg), cfg
+
+
+def _fingerprint(target: torch.Tensor, op) -> str:
+    parts = [target.flatten()]
+    mask = getattr(op, "mask", None)
+    if isinstance(mask, torch.Tensor):
+        parts.append(mask.flatten().to(target.dtype))
+    parts.append(torch.tensor([float(getattr(op, "scale", 1))], device=target.device))
+    return fingerprint(torch.cat(parts))
 
 
 def _module_in_channels(net: nn.Module) -> int:

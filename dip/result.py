@@ -19,8 +19,9 @@ class Restoration:
     """A restored image and the fit that produced it.
 
     ``image`` is the exponential moving average of the network outputs (what
-    the original work reports), cropped to the image and with the alpha
-    channel, if the input had one, put back. ``output`` is the last raw
+    the original work reports) at iteration ``stopped_at`` — the end of the
+    fit, or with the automatic stop the iterate it picked — cropped to the
+    image and with the alpha channel, if the input had one, put back. ``output`` is the last raw
     network output; ``network`` and ``net_input`` regenerate it:
     ``network(net_input)`` cropped by ``crop``.
     """
@@ -36,6 +37,10 @@ class Restoration:
     stop_reason: str = "completed"
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    stopped_at: int = 0  # the iteration ``image`` belongs to (the detected point of an automatic stop)
+    psnr: Optional[float] = None  # of ``image`` against the reference, when one was given
+    #: with the automatic stop, every image it can return (see ``dip.stopping.SELECTIONS``), by name
+    candidates: dict = field(default_factory=dict)
 
     @property
     def interrupted(self) -> bool:
@@ -87,7 +92,18 @@ class Restoration:
             raise DipError("this restoration finished no fitting step, so there is no fitted network to export")
         return self.network
 
+    def plot(self, path: Union[str, os.PathLike], *, title: Optional[str] = None):
+        """Draw loss (and PSNR, with a reference) against iterations to ``path``; needs matplotlib.
+
+        The returned iterate (``stopped_at``), the end of the fit and the PSNR
+        peak are marked. Returns the path.
+        """
+        from dip.plot import plot_history
+
+        return plot_history(self.history, path, stopped_at=self.stopped_at, iterations=self.iterations,
+                            title=title or f"dip {self.task}: {self.stop_reason}")
+
     def __repr__(self) -> str:
         h, w, c = self.image.shape
         return (f"Restoration(task={self.task!r}, image={h}×{w}×{c}, iterations={self.iterations}, "
-                f"stop_reason={self.stop_reason!r}, seconds={self.seconds:.1f})")
+                f"stopped_at={self.stopped_at}, stop_reason={self.stop_reason!r}, seconds={self.seconds:.1f})")

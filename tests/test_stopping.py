@@ -1,0 +1,275 @@
+"""Automatic stopping, the divergence guard, checkpoints and resume, plots (small CPU fits)."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dip
+from dip.errors import DipError
+from dip.guard import GuardSettings
+from dip.stopping import EarlyStopping, VarianceStopper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the stopping signal ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ema", "window"])
+def test_stopper_finds_the_quietest_stretch(mode):
+    """Outputs jitter less and less until step 150, then more: the minimum lies near 150."""
+    gen = torch.Generator().manual_seed(0)
+    stopper = VarianceStopper(EarlyStopping(window=20, patience=60, mode=mode, check_every=1))
+    base = torch.rand(1, 3, 9, 7, generator=gen)
+    ema = base.clone()
+    stopped = None
+    for it in range(1, 400):
+        amplitude = 0.01 + abs(it - 150) / 150
+        out = base + amplitude * torch.randn(base.shape, generator=gen)
+        score = stopper.update(out, ema, it)
+        assert math.isinf(float(score)) == (it <= 20)
+        if stopper.should_stop(it):
+            stopped = it
+            break
+    assert 125 <= stopper.best() <= 175, stopper.best()
+    assert stopped == stopper.best() + 60
+
+
+def test_window_variance_is_the_exact_variance_of_the_last_outputs():
+    stopper = VarianceStopper(EarlyStopping(window=5, mode="window"))
+    outs = [torch.rand(1, 2, 4, 3, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    for it, out in enumerate(outs, 1):
+        score = stopper.update(out, out, it)
+    expected = torch.stack(outs[-5:]).var(dim=0, unbiased=False).mean()
+    torch.testing.assert_close(score, expected)
+
+
+@pytest.mark.parametrize("bad", [dict(window=0), dict(patience=-1), dict(mode="median"), dict(select="last")])
+def test_bad_early_stopping_settings(bad):
+    with pytest.raises(DipError):
+        EarlyStopping(**bad)
+
+
+def test_auto_stop_halts_near_the_psnr_peak(make_image, noisy):
+    """On a noisy image the automatic stop halts before the cap, within 1 dB of the run's oracle peak."""
+    cap, clean = 700, make_image(32)  # a small image: the small net starts fitting the noise within the cap
+    result = dip.restore(noisy(clean), network="small", reference=clean, progress=False, max_iterations=cap,
+                         early_stopping=EarlyStopping(window=50, patience=150))
+    assert result.stop_reason == "auto stop" and result.iterations < cap
+    assert result.settings["iterations"] == "auto"
+    assert 50 < result.stopped_at <= result.iterations - 150
+    assert len(result.history.variance) == result.iterations
+    oracle = max(max(result.history.psnr_ema), max(result.history.psnr))
+    assert result.psnr > oracle - 1.0, (result.psnr, oracle)
+    assert result.psnr == pytest.approx(dip.psnr(result.image, clean), abs=1e-4)
+    assert result.psnr > dip.psnr(noisy(clean), clean) + 3
+    assert set(result.candidates) == {"best_ema", "best_output", "blend", "ema"}
+
+
+def test_integer_iterations_mean_exactly_that_many(clean64):
+    result = dip.restore(clean64, iterations=30, network="small", progress=False)
+    assert result.iterations == result.stopped_at == 30 and result.stop_reason == "completed"
+    assert result.history.variance == [] and result.candidates == {}
+
+
+@pytest.mark.parametrize("value", ["fast", 2.5, -3])
+def test_bad_iterations(clean64, value):
+    with pytest.raises(DipError, match="iterations"):
+        dip.restore(clean64, iterations=value, network="small", progress=False)
+
+
+# ---- divergence guard --------------------------------------------------------------------------
+
+
+def _corrupt_at(iteration, how):
+    def hook(step):
+        if step.iteration == iteration:
+            with torch.no_grad():
+                head = step.network.head
+                if how == "nan":
+                    head.weight.fill_(float("nan"))
+                else:  # saturate the sigmoid: every pixel white, a jump of the loss
+                    head.bias.fill_(50.0)
+    return hook
+
+
+@pytest.mark.parametrize("how", ["nan", "jump"])
+def test_guard_rolls_back_a_corrupted_fit(clean64, noisy, how):
+    observed = noisy(clean64)
+    result = dip.restore(observed, iterations=80, network="small", progress=False, reference=clean64,
+                         callbacks=[_corrupt_at(40, how)])
+    assert result.history.rollbacks == [41]
+    assert result.stop_reason == "completed" and result.iterations == 80
+    assert np.isfinite(result.image).all() and all(math.isfinite(v) for v in result.history.loss)
+    # the fit went on from the snapshot and kept improving
+    assert result.history.loss[-1] < result.history.loss[39]
+
+
+def test_without_the_guard_a_nan_stops_the_fit(clean64):
+    result = dip.restore(clean64, iterations=80, network="small", progress=False, guard=False,
+                         callbacks=[_corrupt_at(10, "nan")])
+    assert result.stop_reason == "diverged" and result.iterations == 10
+    assert np.isfinite(result.image).all()
+
+
+def test_guard_gives_up_after_max_rollbacks(clean64):
+    def poison(step):  # corrupt after every step: every rollback fails again
+        with torch.no_grad():
+            step.network.head.weight.fill_(float("nan"))
+
+    result = dip.restore(clean64, iterations=50, network="small", progress=False,
+                         guard=GuardSettings(max_rollbacks=3, snapshot_every=1), callbacks=[poison])
+    assert result.stop_reason == "diverged" and len(result.history.rollbacks) == 4
+    assert np.isfinite(result.image).all()
+
+
+# ---- checkpoints and resume --------------------------------------------------------------------
+
+
+def _interrupt_at(iteration):
+    def hook(step):
+        if step.iteration == iteration:
+            raise KeyboardInterrupt
+    return hook
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_resume_equals_the_uninterrupted_run_bit_for_bit(clean64, noisy, tmp_path, auto):
+    observed = noisy(clean64)
+    ckpt = tmp_path / "fit.ckpt"
+    if auto:  # a patience longer than the cap: the stopper's state crosses the checkpoint
+        opts = dict(iterations="auto", max_iterations=60, early_stopping=EarlyStopping(window=10, patience=500))
+    else:
+        opts = dict(iterations=60)
+    opts.update(network="small", progress=False, seed=5, reference=clean64,
+                guard=GuardSettings(snapshot_every=7))
+    whole = dip.restore(observed, **opts)
+    cut = dip.restore(observed, checkpoint=ckpt, checkpoint_every=20, callbacks=[_interrupt_at(47)], **opts)
+    assert cut.interrupted and cut.iterations == 47 and ckpt.exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+    resumed = dip.restore(observed, resume=ckpt, **opts)
+    assert resumed.iterations == whole.iterations == 60
+    np.testing.assert_array_equal(resumed.image, whole.image)
+    np.testing.assert_array_equal(resumed.output, whole.output)
+    assert resumed.history.loss == whole.history.loss
+    assert resumed.history.psnr_ema == whole.history.psnr_ema
+    assert resumed.history.variance == whole.history.variance
+    assert resumed.stopped_at == whole.stopped_at
+    for a, b in zip(resumed.network.state_dict().values(), whole.network.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_loads_with_weights_only(clean64, tmp_path):
+    ckpt = tmp_path / "fit.ckpt"
+    dip.restore(clean64, iterations=10, network="small", progress=False, checkpoint=ckpt, checkpoint_every=5)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 5 and state["meta"]["task"] == "denoise"
+    assert {"net", "optimizer", "z", "generator", "ema", "loss"} <= set(state)
+
+
+def test_checkpoint_of_another_architecture_or_image_is_refused(clean64, make_image, tmp_path):
+    ckpt = tmp_path / "fit.ckpt"
+    dip.restore(clean64, iterations=4, network="small", progress=False, checkpoint=ckpt, checkpoint_every=2)
+    other = dip.preset("small", channels_down=(8, 16, 32), channels_up=(8, 16, 32))
+    with pytest.raises(DipError, match="different network architecture"):
+        dip.restore(clean64, iterations=8, network=other, progress=False, resume=ckpt)
+    with pytest.raises(DipError, match="64×64 image, this one is 48×64"):
+        dip.restore(make_image((48, 64)), iterations=8, network="small", progress=False, resume=ckpt)
+    with pytest.raises(DipError, match="different image"):
+        dip.restore(clean64[::-1].copy(), iterations=8, network="small", progress=False, resume=ckpt)
+
+
+def test_not_a_checkpoint(clean64, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DipError, match="cannot read checkpoint"):
+        dip.restore(clean64, iterations=2, network="small", progress=False, resume=bad)
+    with pytest.raises(DipError, match="not found"):
+        dip.restore(clean64, iterations=2, network="small", progress=False, resume=tmp_path / "none.ckpt")
+
+
+# ---- curves ------------------------------------------------------------------------------------
+
+
+def test_plot_is_a_valid_png(clean64, noisy, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = dip.restore(noisy(clean64), network="small", reference=clean64, progress=False, max_iterations=80,
+                         early_stopping=EarlyStopping(window=10, patience=30), callbacks=[_corrupt_at(20, "nan")])
+    path = result.plot(tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.size[0] > 300 and img.size[1] > 300
+    with pytest.raises(DipError, match="plot format"):
+        result.plot(tmp_path / "curves.xyz")
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def noisy_png(tmp_path, clean64, noisy):
+    path = tmp_path / "noisy.png"
+    Image.fromarray(dip.io.to_uint8(noisy(clean64))).save(path)
+    return path
+
+
+def test_cli_auto_plot_checkpoint_and_resume(noisy_png, tmp_path, capsys):
+    from dip.cli import main
+
+    out, ckpt, plot = tmp_path / "out.png", tmp_path / "fit.ckpt", tmp_path / "curves.png"
+    args = ["denoise", str(noisy_png), "-o", str(out), "--network", "small", "-q", "--iterations", "auto",
+            "--max-iterations", "30", "--checkpoint", str(ckpt), "--checkpoint-every", "10"]
+    assert main(args + ["--plot", str(plot), "--reference", str(noisy_png)]) == 0
+    text = capsys.readouterr().out
+    assert "30 iterations" in text and "PSNR" in text and "curves.png" in text
+    assert Image.open(out).size == (64, 64) and plot.read_bytes()[:4] == b"\x89PNG"
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 20
+    assert main(args + ["--resume", str(ckpt)]) == 0
+
+
+def test_cli_rejects_bad_iterations_and_plot(noisy_png, tmp_path, capsys):
+    from dip.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["denoise", str(noisy_png), "-o", str(tmp_path / "o.png"), "--iterations", "soon"])
+    assert main(["denoise", str(noisy_png), "-o", str(tmp_path / "o.png"), "--plot", str(tmp_path / "p.xyz")]) == 1
+    assert "plot format" in capsys.readouterr().err
+
+
+def test_sigint_writes_the_image_so_far_and_exits_130(noisy_png, tmp_path):
+    out, ckpt = tmp_path / "out.png", tmp_path / "fit.ckpt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # the progress bar stays on: tqdm's monitor thread must not swallow the signal
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dip.cli", "denoise", str(noisy_png), "-o", str(out), "--network", "small",
+         "--iterations", "100000", "--checkpoint", str(ckpt), "--checkpoint-every", "5"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ckpt.exists():  # the fit has done at least 5 iterations once the checkpoint is there
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint written in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted after" in stderr and "best image so far" in stderr
+    assert "Traceback" not in stderr
+    with Image.open(out) as img:
+        img.verify()
+    with Image.open(out) as img:
+        assert img.size == (64, 64)
+        assert np.asarray(img).std() > 0
