@@ -325,9 +325,15 @@ def _run_local(jobs: Sequence[Job], task: str, options: dict, run_seed: int, wor
             while (queue or running) and not broken:
                 # At most one job per process in flight: when the pool breaks, the
                 # jobs in flight are the ones that were running.
-                while queue and len(running) < n:
+                while queue and len(running) < n and not broken:
                     job = queue.popleft()
-                    running[pool.submit(restore_one, job, task, options, threads)] = job
+                    try:
+                        running[pool.submit(restore_one, job, task, options, threads)] = job
+                    except BrokenProcessPool:  # a worker died since the last wait: this job never ran
+                        queue.appendleft(job)
+                        broken = True
+                if not running:
+                    break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     job = running.pop(future)
