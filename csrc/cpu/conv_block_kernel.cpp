@@ -318,9 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cpu(
     double eps, double slope) {
   const ConvBlockArgs args{stride, padding, reflect};
   check_forward_args(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, args);
-  const bool pad_here = reflect && padding > 0;
-  const auto xin = pad_here ? reflect_pad(x, padding) : canonical_cl(x);
-  const auto y = conv_forward(xin, weight, bias, stride, reflect ? 0 : padding);
+  const auto y = block_conv_forward(x, weight, bias, stride, padding, reflect, reflect_pad);
   const int64_t c = y.size(1), m = y.numel() / c;
   auto mean = at::empty({c}, x.options());
   auto var = at::empty({c}, x.options());
@@ -368,17 +366,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
     const auto* sg = grad_beta.const_data_ptr<scalar_t>();
     for (int64_t k = 0; k < c; ++k) gb[k] = training ? scalar_t(0) : scale[k] * sg[k];
   });
-  const bool pad_here = reflect && padding > 0;
-  const auto xin = pad_here ? reflect_pad(x, padding) : canonical_cl(x);
-  auto [grad_xin, grad_weight] = conv_backward(grad_y, xin, weight, stride, reflect ? 0 : padding, need_grad_input);
-  at::Tensor grad_x;
-  if (!need_grad_input) {
-    grad_x = at::empty({0}, x.options());
-  } else if (pad_here) {
-    grad_x = reflect_unpad(grad_xin, padding, x.sizes());
-  } else {
-    grad_x = canonical_cl(grad_xin);
-  }
+  auto [grad_x, grad_weight] =
+      block_conv_backward(grad_y, x, weight, stride, padding, reflect, need_grad_input, reflect_pad, reflect_unpad);
   return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
 }
 

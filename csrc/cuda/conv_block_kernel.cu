@@ -173,9 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
   const ConvBlockArgs args{stride, padding, reflect};
   check_forward_args(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, args);
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool pad_here = reflect && padding > 0;
-  const auto xin = pad_here ? reflect_pad_cuda(x, padding) : canonical_cl(x);
-  const auto y = conv_forward(xin, weight, bias, stride, reflect ? 0 : padding);
+  const auto y = block_conv_forward(x, weight, bias, stride, padding, reflect, reflect_pad_cuda);
   const int64_t c = y.size(1), m = y.numel() / c;
   at::Tensor mean, var;
   if (training) {
@@ -234,17 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  const bool pad_here = reflect && padding > 0;
-  const auto xin = pad_here ? reflect_pad_cuda(x, padding) : canonical_cl(x);
-  auto [grad_xin, grad_weight] = conv_backward(grad_y, xin, weight, stride, reflect ? 0 : padding, need_grad_input);
-  at::Tensor grad_x;
-  if (!need_grad_input) {
-    grad_x = at::empty({0}, x.options());
-  } else if (pad_here) {
-    grad_x = reflect_unpad_cuda(grad_xin, padding, x.sizes());
-  } else {
-    grad_x = canonical_cl(grad_xin);
-  }
+  auto [grad_x, grad_weight] =
+      block_conv_backward(grad_y, x, weight, stride, padding, reflect, need_grad_input, reflect_pad_cuda, reflect_unpad_cuda);
   return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
 }
 

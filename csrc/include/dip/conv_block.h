@@ -147,4 +147,30 @@ inline std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y
   return {gx, like(std::get<1>(res), weight)};
 }
 
+// The block's convolution, given the device's reflection-pad kernel: the input
+// is reflection-padded here, or zero-padded by the convolution itself.
+template <typename ReflectPad>
+at::Tensor block_conv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              int64_t stride, int64_t padding, bool reflect, ReflectPad reflect_pad) {
+  const auto xin = reflect && padding > 0 ? reflect_pad(x, padding) : canonical_cl(x);
+  return conv_forward(xin, weight, bias, stride, reflect ? 0 : padding);
+}
+
+// Gradients of block_conv_forward with respect to x (an empty tensor unless
+// need_grad_input) and weight, given the device's pad kernel and its adjoint.
+// The padded input is recomputed rather than saved by the forward.
+template <typename ReflectPad, typename ReflectUnpad>
+std::tuple<at::Tensor, at::Tensor> block_conv_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                       const at::Tensor& weight, int64_t stride, int64_t padding,
+                                                       bool reflect, bool need_grad_input, ReflectPad reflect_pad,
+                                                       ReflectUnpad reflect_unpad) {
+  const bool pad_here = reflect && padding > 0;
+  const auto xin = pad_here ? reflect_pad(x, padding) : canonical_cl(x);
+  auto [grad_xin, grad_weight] = conv_backward(grad_y, xin, weight, stride, reflect ? 0 : padding, need_grad_input);
+  if (!need_grad_input) {
+    return {at::empty({0}, x.options()), grad_weight};
+  }
+  return {pad_here ? reflect_unpad(grad_xin, padding, x.sizes()) : canonical_cl(grad_xin), grad_weight};
+}
+
 }  // namespace dip
