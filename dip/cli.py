@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dip.errors import DipError
+from dip.io import check_folder
+from dip.restore import normalize_task
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -127,7 +129,7 @@ def _restore(args) -> int:
 
     output = check_output_path(args.output)
     exports = _export_targets(args)
-    task = {"denoise": "denoise", "super-resolve": "super_resolution", "inpaint": "inpaint"}[args.command]
+    task = normalize_task(args.command)
     options = dict(
         iterations=args.iterations, max_iterations=args.max_iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
         reference=args.reference, device=args.device, seed=args.seed, progress=not args.quiet,
@@ -208,7 +210,7 @@ def _batch_parser(sub) -> None:
 def _batch(args) -> int:
     import dip
 
-    task = {"denoise": "denoise", "super-resolve": "super_resolution", "inpaint": "inpaint"}[args.task]
+    task = normalize_task(args.task)
     options = dict(iterations=args.iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
                    device=args.device)
     if args.max_pixels is not None:
@@ -236,9 +238,7 @@ def _export_targets(args) -> list:
         path = getattr(args, option, None)
         if path is None:
             continue
-        folder = Path(path).parent
-        if not folder.is_dir():
-            raise DipError(f"cannot write {path}: folder {folder} does not exist")
+        check_folder(path)
         targets.append((method, Path(path)))
     return targets
 
@@ -260,9 +260,7 @@ def _check_plot_path(path: str) -> None:
     p = Path(path)
     if p.suffix.lower() not in _FORMATS:
         raise DipError(f"cannot tell the plot format of {p}: use .png, .pdf, .svg or .jpg")
-    folder = p.parent if str(p.parent) else Path(".")
-    if not folder.is_dir():
-        raise DipError(f"cannot write {p}: folder {folder} does not exist")
+    check_folder(p)
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -190,12 +190,19 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def atomic_write(path: Union[str, os.PathLike], write) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path``."""
+def check_folder(path: Union[str, os.PathLike]) -> Path:
+    """Raise a clear error unless the folder that would hold ``path`` exists; returns the folder."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise DipError(f"cannot write {path}: folder {folder} does not exist")
+    return folder
+
+
+def atomic_write(path: Union[str, os.PathLike], write) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path``."""
+    path = Path(path)
+    folder = check_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=folder)
     os.close(fd)
     try:
@@ -215,9 +222,7 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     path = Path(path)
     if Image.registered_extensions().get(path.suffix.lower()) is None:
         raise DipError(f"cannot tell the image format of {path}: use an extension such as .png, .jpg or .tif")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise DipError(f"cannot write {path}: folder {folder} does not exist")
+    check_folder(path)
     return path
 
 
