@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from dip.errors import ImageTooLargeError
-from dip.nn.hourglass import HourglassConfig
+from dip.nn.hourglass import Hourglass, HourglassConfig
 
 # Activation elements counted below, times this factor, approximate the tensors
 # kept for backward plus the gradients backward holds briefly. Set so the
@@ -21,7 +21,6 @@ def estimate_fit_bytes(cfg: HourglassConfig, height: int, width: int) -> int:
     """Approximate peak bytes of one fitting iteration of ``cfg`` on a ``height``×``width`` input."""
     elements = cfg.in_channels * height * width
     h, w = height, width
-    in_ch = cfg.in_channels
     for i in range(cfg.scales):
         down, up, skip = cfg.channels_down[i], cfg.channels_up[i], cfg.channels_skip[i]
         deep_out = cfg.channels_up[i + 1] if i + 1 < cfg.scales else down
@@ -30,7 +29,6 @@ def estimate_fit_bytes(cfg: HourglassConfig, height: int, width: int) -> int:
         low = h * w
         # skip block, two down blocks, merge BN + up block + 1×1 block at this scale
         elements += skip * top + 2 * down * low + (skip + deep_out) * top * 2 + up * top * 2
-        in_ch = down
     elements += cfg.channels_up[0] * height * width + cfg.out_channels * height * width
     params = _parameter_count(cfg)
     # weights, gradients and Adam's two moments
@@ -38,15 +36,8 @@ def estimate_fit_bytes(cfg: HourglassConfig, height: int, width: int) -> int:
 
 
 def _parameter_count(cfg: HourglassConfig) -> int:
-    k_d, k_u, k_s = cfg.filter_size_down ** 2, cfg.filter_size_up ** 2, cfg.filter_size_skip ** 2
-    total, in_ch = 0, cfg.in_channels
-    for i in range(cfg.scales):
-        down, up, skip = cfg.channels_down[i], cfg.channels_up[i], cfg.channels_skip[i]
-        deep_out = cfg.channels_up[i + 1] if i + 1 < cfg.scales else down
-        total += in_ch * skip * k_s + in_ch * down * k_d + down * down * k_d
-        total += (skip + deep_out) * up * k_u + up * up
-        in_ch = down
-    return total + cfg.channels_up[0] * cfg.out_channels
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        return sum(p.numel() for p in Hourglass(cfg).parameters())
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
