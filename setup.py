@@ -8,9 +8,9 @@ Environment switches:
 import glob
 import os
 
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

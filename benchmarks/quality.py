@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import dip  # noqa: E402
 from dip.metrics import psnr_torch  # noqa: E402
 from dip.ops.lanczos import lanczos_downsample  # noqa: E402
-from dip.restore import resolve_device, task_defaults  # noqa: E402
+from dip.pipeline import resolve_device, task_defaults  # noqa: E402
 from dip.stopping import SELECTIONS, EarlyStopping, VarianceStopper  # noqa: E402
 
 SIGMA = 25.0 / 255.0

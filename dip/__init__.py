@@ -5,16 +5,17 @@ to one degraded image and returns the restored image.
 """
 from dip.batch import BatchSummary, restore_many
 from dip.errors import DipError, ImageTooLargeError
-from dip.fit import fit
+from dip.fit.settings import FitSettings, Precision, StopReason
 from dip.io import load_image, save_image
 from dip.metrics import psnr
 from dip.nn import Hourglass, HourglassConfig, build_network, preset
-from dip.restore import restore
+from dip.pipeline import restore
 from dip.result import Restoration
+from dip.tasks import Task
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchSummary", "DipError", "Hourglass", "HourglassConfig", "ImageTooLargeError", "Restoration",
-    "build_network", "fit", "load_image", "preset", "psnr", "restore", "restore_many", "save_image",
+    "FitSettings", "Precision", "StopReason", "Task", "build_network", "load_image", "preset", "psnr", "restore", "restore_many", "save_image",
 ]

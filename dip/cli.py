@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from dip.errors import DipError
+from dip.fit.settings import StopReason
 from dip.io import check_folder
-from dip.restore import normalize_task
+from dip.tasks import Task
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -129,7 +131,7 @@ def _restore(args) -> int:
 
     output = check_output_path(args.output)
     exports = _export_targets(args)
-    task = normalize_task(args.command)
+    task = Task.parse(args.command)
     options = dict(
         iterations=args.iterations, max_iterations=args.max_iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
         reference=args.reference, device=args.device, seed=args.seed, progress=not args.quiet,
@@ -174,7 +176,7 @@ def _restore(args) -> int:
         print(f"dip: interrupted after {result.iterations} iterations; {output} holds the best image so far "
               f"(iteration {result.stopped_at})", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if result.stop_reason == "diverged":
+    if result.stop_reason is StopReason.DIVERGED:
         print(f"dip: warning: the fit diverged after {result.iterations} iterations; {output} holds the last good image",
               file=sys.stderr)
     return 0
@@ -210,7 +212,7 @@ def _batch_parser(sub) -> None:
 def _batch(args) -> int:
     import dip
 
-    task = normalize_task(args.task)
+    task = Task.parse(args.task)
     options = dict(iterations=args.iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
                    device=args.device)
     if args.max_pixels is not None:

@@ -29,8 +29,9 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Final, List, Optional, Sequence, Tuple, Union
+from typing import Final, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,8 @@ from torch import nn
 from dip.errors import DipError
 from dip.io import atomic_write
 from dip.nn.hourglass import Hourglass, HourglassConfig
-from dip.ops.lanczos import lanczos_taps, padding as lanczos_padding
+from dip.ops.lanczos import lanczos_taps
+from dip.ops.lanczos import padding as lanczos_padding
 
 PathLike = Union[str, os.PathLike]
 
@@ -118,7 +120,7 @@ class ExportedGenerator(nn.Module):
     bottom: Final[int]
     right: Final[int]
 
-    def __init__(self, body: nn.Module, head: nn.Module, margins: Tuple[int, int, int, int]):
+    def __init__(self, body: nn.Module, head: nn.Module, margins: tuple[int, int, int, int]):
         super().__init__()
         self.body, self.head = body, head
         self.top, self.left, self.bottom, self.right = margins
@@ -187,7 +189,7 @@ class _Builder:
         reflect = cfg.pad == "reflection" and p > 0
         conv_stride = stride if downsample == "stride" else 1
         zero_pad = p if cfg.pad == "zero" else 0
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         if reflect:
             layers.append(nn.ReflectionPad2d(p))
             x = F.pad(x, (p,) * 4, mode="reflect")
@@ -264,7 +266,7 @@ class _Builder:
             conv.weight.copy_(weight)
             if bias is not None:
                 conv.bias.copy_(bias)
-        layers: List[nn.Module] = [conv]
+        layers: list[nn.Module] = [conv]
         if self.cfg.sigmoid:
             layers.append(nn.Sigmoid())
         head = nn.Sequential(*layers)
@@ -512,7 +514,7 @@ def _load(path: Path):
         session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         meta = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else None
         return (lambda: torch.from_numpy(session.run(None, {})[0])), meta, len(session.get_inputs())
-    extra: Dict[str, str] = {METADATA_KEY: ""}
+    extra: dict[str, str] = {METADATA_KEY: ""}
     if suffix == ".pt2":
         module = torch.export.load(str(path), extra_files=extra).module()
         n_inputs = None

@@ -7,10 +7,11 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from torch import nn
 from PIL import Image
+from torch import nn
 
-from dip.fit import History
+from dip.fit.loop import History
+from dip.fit.settings import StopReason
 from dip.io import save_image, to_pil
 
 
@@ -34,7 +35,7 @@ class Restoration:
     task: str
     crop: tuple  # (top, left, height, width) of the image inside the network output
     output: Optional[np.ndarray] = None  # H×W×C last raw network output
-    stop_reason: str = "completed"
+    stop_reason: StopReason = StopReason.COMPLETED
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
     stopped_at: int = 0  # the iteration ``image`` belongs to (the detected point of an automatic stop)
@@ -45,7 +46,7 @@ class Restoration:
     @property
     def interrupted(self) -> bool:
         """True when the fit was stopped by Ctrl-C before it finished."""
-        return self.stop_reason == "interrupted"
+        return self.stop_reason is StopReason.INTERRUPTED
 
     def to_pil(self) -> Image.Image:
         """The restored image as a PIL image (8 bits per channel)."""

@@ -11,8 +11,8 @@ fitted state loads into either.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from dip._extension import build_info, has_op
 from dip.errors import DipError

@@ -8,8 +8,9 @@ maps the top scale to the output channels, followed by a sigmoid.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 from torch import nn

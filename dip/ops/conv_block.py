@@ -15,7 +15,7 @@ separate operator ``torch.ops.dip.conv_block_backward``, wired in with
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -6,7 +6,7 @@ vector-Jacobian product of ``A``, which is exact for a linear map.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

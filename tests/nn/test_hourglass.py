@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dip.errors import DipError
-from dip.nn import ConvBlock, Hourglass, HourglassConfig, build_network, preset
+from dip.nn import ConvBlock, HourglassConfig, build_network, preset
 
 
 def test_denoise_preset_matches_the_original_architecture():

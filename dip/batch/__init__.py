@@ -3,7 +3,7 @@
 ``restore_many`` plans the batch in the calling process (which inputs, their
 outputs, masks, references and seeds; which outputs already exist and are
 valid), then runs the fits on a local pool of worker processes or, when asked,
-as Ray tasks (:mod:`dip.batch_ray`). Workers write their outputs themselves,
+as Ray tasks (:mod:`dip.batch.ray`). Workers write their outputs themselves,
 atomically; only small per-image records come back, and the calling process
 keeps ``manifest.jsonl`` in the output folder up to date after each one.
 
@@ -22,15 +22,18 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Optional, Union
 
 from PIL import Image
 
+from dip.batch.records import RecordStatus
 from dip.errors import DipError
+from dip.fit.settings import StopReason
 from dip.io import atomic_write
 
 PathLike = Union[str, os.PathLike]
@@ -38,8 +41,7 @@ PathLike = Union[str, os.PathLike]
 MANIFEST = "manifest.jsonl"
 OUTPUT_SUFFIX = ".png"  # lossless and keeps an alpha channel, whatever the input format
 
-OK, FAILED, SKIPPED = "ok", "failed", "skipped"
-_DIVERGED = "non-finite loss"
+OK, FAILED, SKIPPED = RecordStatus.OK, RecordStatus.FAILED, RecordStatus.SKIPPED
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,7 @@ def restore_one(job: Job, task: str, options: dict, threads: Optional[int] = Non
     """
     import torch
 
-    from dip.restore import restore
+    from dip.pipeline import restore
 
     if threads:
         torch.set_num_threads(threads)
@@ -208,7 +210,7 @@ def restore_one(job: Job, task: str, options: dict, threads: Optional[int] = Non
         kwargs.setdefault("device", _WORKER_DEVICE)
         result = restore(job.input, task, seed=job.seed, progress=False, **kwargs)
         details = dict(iterations=result.iterations, stop_reason=result.stop_reason)
-        if result.stop_reason == _DIVERGED:
+        if result.stop_reason is StopReason.DIVERGED:
             return _record(job, FAILED, error=f"the fit diverged (non-finite loss) after {result.iterations} iterations",
                            seconds=time.perf_counter() - start, **details)
         if result.interrupted:
@@ -233,7 +235,7 @@ def retry_job(job: Job, failed: Optional[dict], run_seed: int) -> Job:
     """
     attempt = job.attempt + 1
     seed = job.seed
-    if failed is not None and failed.get("stop_reason") == _DIVERGED:
+    if failed is not None and failed.get("stop_reason") == StopReason.DIVERGED.value:
         seed = image_seed(run_seed, f"{job.name}#retry{attempt}")
     return Job(job.name, job.input, job.output, seed, job.mask, job.reference, attempt, job.problem)
 
@@ -470,10 +472,10 @@ def restore_many(
         (no partial output is left), the manifest lists what finished, and the
         summary has ``interrupted=True``; running it again does the rest.
     """
-    from dip.restore import normalize_task
+    from dip.tasks import Task
 
     start = time.perf_counter()
-    task = normalize_task(task)
+    task = Task.parse(task)
     if task == "custom":
         raise DipError("restore_many supports denoise, super_resolution and inpaint")
     if task == "inpaint" and masks is None and "mask" not in restore_options:
@@ -527,7 +529,7 @@ def restore_many(
     try:
         if todo:
             if ray:
-                from dip.batch_ray import run_on_ray
+                from dip.batch.ray import run_on_ray
 
                 run_on_ray(todo, task, restore_options, seed, ray, retries, report)
             else:

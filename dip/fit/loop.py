@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dip.checkpoint import save_checkpoint
 from dip.errors import DipError
+from dip.fit.settings import StopReason
 from dip.guard import DivergenceGuard, GuardSettings
 from dip.metrics import psnr_torch
 from dip.stopping import EarlyStopping, VarianceStopper
@@ -65,7 +67,7 @@ class FitResult:
     output: torch.Tensor  # 1×C×H×W last network output
     history: History
     iterations: int  # iterations completed
-    stop_reason: str  # "completed", "auto stop", "callback", "noise level reached", "interrupted", "diverged"
+    stop_reason: StopReason  # "completed", "auto stop", "callback", "noise level reached", "interrupted", "diverged"
     seconds: float
     image: Optional[torch.Tensor] = None  # the restored image: ``ema``, or the early-stopping selection
     stopped_at: int = 0  # the iteration ``image`` belongs to
@@ -124,7 +126,7 @@ def fit(
     watch = DivergenceGuard(guard, net, optimizer) if guard is not None else None
     ema: Optional[torch.Tensor] = None
     output: Optional[torch.Tensor] = None
-    stop_reason = "completed"
+    stop_reason = StopReason.COMPLETED
     threshold = None if noise_sigma is None else float(noise_sigma) ** 2
     done = 0
     if resume_state is not None:
@@ -147,12 +149,12 @@ def fit(
             if watch is not None:
                 if watch.is_bad(loss):
                     if not watch.rollback(done + 1):
-                        stop_reason = "diverged"
+                        stop_reason = StopReason.DIVERGED
                         break
                     continue
                 watch.accept(loss, done)
             elif not bool(torch.isfinite(loss)):
-                stop_reason = "diverged"
+                stop_reason = StopReason.DIVERGED
                 break
             loss.backward()
             optimizer.step()
@@ -171,19 +173,19 @@ def fit(
                 _postfix(bar, losses, psnrs, done)
             step = Step(done, losses[done - 1], out, ema, net, optimizer)
             if any([bool(cb(step)) for cb in callbacks]):
-                stop_reason = "callback"
+                stop_reason = StopReason.CALLBACK
                 break
             if threshold is not None and float(losses[done - 1]) <= threshold:
-                stop_reason = "noise level reached"
+                stop_reason = StopReason.NOISE_LEVEL
                 break
             if stopper is not None and stopper.should_stop(done):
-                stop_reason = "auto stop"
+                stop_reason = StopReason.AUTO_STOP
                 break
             if checkpoint is not None and done % checkpoint_every == 0 and done < iterations:
                 save_checkpoint(checkpoint, _state(done, net, optimizer, z, generator, ema, output, losses,
                                                    psnrs, variances, stopper, watch, checkpoint_meta))
     except KeyboardInterrupt:
-        stop_reason = "interrupted"
+        stop_reason = StopReason.INTERRUPTED
     finally:
         bar.close()
     seconds = time.perf_counter() - start

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -22,43 +21,9 @@ from dip.metrics import psnr
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
 from dip.physics import Custom, Denoise, Downsample, Inpaint, Operator
 from dip.result import Restoration
-from dip.warm_start import learning_rate_ramp, warm_start
 from dip.stopping import EarlyStopping
-
-TASKS = ("denoise", "super_resolution", "inpaint", "custom")
-_ALIASES = {"sr": "super_resolution", "super-resolution": "super_resolution", "super-resolve": "super_resolution",
-            "superresolution": "super_resolution", "inpainting": "inpaint", "denoising": "denoise"}
-
-
-@dataclass(frozen=True)
-class TaskDefaults:
-    """The original work's settings for a task."""
-
-    iterations: int
-    reg_noise_std: float
-    network: str
-
-
-def task_defaults(task: str, factor: Optional[int] = None) -> TaskDefaults:
-    """Iterations, input perturbation and network preset used by the original work for ``task``."""
-    if task == "denoise":
-        return TaskDefaults(3000, 1.0 / 30.0, "denoise")
-    if task == "super_resolution":
-        if factor is not None and factor > 4:
-            return TaskDefaults(4000, 0.05, "sr")
-        return TaskDefaults(2000, 0.03, "sr")
-    if task == "inpaint":
-        return TaskDefaults(5000, 0.03, "inpaint")
-    return TaskDefaults(3000, 1.0 / 30.0, "denoise")
-
-
-def normalize_task(task: str) -> str:
-    """Canonical task name; raises a clear error for an unknown one."""
-    key = str(task).lower().strip()
-    key = _ALIASES.get(key, key)
-    if key not in TASKS:
-        raise DipError(f"unknown task {task!r}; choose one of denoise, super_resolution, inpaint (or custom with operator=)")
-    return key
+from dip.tasks import Task, task_defaults
+from dip.warm_start import learning_rate_ramp, warm_start
 
 
 def resolve_device(device) -> torch.device:
@@ -161,7 +126,7 @@ def restore(
     Returns:
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
     """
-    task = normalize_task(task)
+    task = Task.parse(task)
     dev = resolve_device(device)
     observed = load_image(image, name="image", max_pixels=max_pixels)
     channels, (h, w) = observed.tensor.shape[0], observed.size
@@ -209,7 +174,7 @@ def restore(
     target = op(observed.tensor[None].to(dev)) if task == "inpaint" else observed.tensor[None].to(dev)
     _check_operator_output(op, out_h, out_w, channels, target, dev)
 
-    meta = dict(task=task, network=cfg.to_dict() if cfg is not None else None, architecture=architecture(net),
+    meta = dict(task=task.value, network=cfg.to_dict() if cfg is not None else None, architecture=architecture(net),
                 image_size=[out_h, out_w], input_shape=list(z.shape), observation=_fingerprint(target, op),
                 early_stopping=early_stopping.to_dict() if early_stopping is not None else None)
     state = None
@@ -230,7 +195,7 @@ def restore(
     quality = None if reference_t is None else psnr(image_out, _to_numpy(reference_t))
     if observed.alpha is not None:
         image_out = np.concatenate([image_out, _resize_alpha(observed.alpha, out_h, out_w)[:, :, None]], axis=2)
-    settings = dict(task=task, factor=factor, iterations="auto" if auto else iterations, max_iterations=iterations,
+    settings = dict(task=task.value, factor=factor, iterations="auto" if auto else iterations, max_iterations=iterations,
                     early_stopping=meta["early_stopping"], lr=lr, reg_noise_std=reg_noise_std,
                     ema_weight=ema_weight, input_scale=input_scale, seed=seed, device=str(dev),
                     network=cfg.to_dict() if cfg is not None else type(net).__name__, noise_sigma=noise_sigma)

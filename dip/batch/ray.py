@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Union
 
 from dip.batch import FAILED, Job, _record, cpu_count, restore_one, retry_job
 from dip.errors import DipError
