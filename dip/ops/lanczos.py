@@ -32,7 +32,7 @@ MAX_FACTOR = 32
 
 def lanczos_taps(factor: int, support: int = 2, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
     """The 1-D Lanczos taps (phase 0.5) for ``factor`` and ``support``, normalised to sum 1."""
-    _check_factor_support(factor, support)
+    check_factor_support(factor, support)
     k = 2 * support * factor
     taps = []
     for i in range(k):
@@ -52,7 +52,8 @@ def padding(factor: int, support: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _check_factor_support(factor: int, support: int) -> None:
+def check_factor_support(factor: int, support: int) -> None:
+    """The one check of a Lanczos factor (integer 2–32) and support (2 or 3); a clear error otherwise."""
     if not isinstance(factor, int) or isinstance(factor, bool):
         raise DipError(f"factor must be an integer, got {factor!r}")
     if factor < 2 or factor > MAX_FACTOR:
@@ -63,7 +64,7 @@ def _check_factor_support(factor: int, support: int) -> None:
 
 def check_input(x: torch.Tensor, factor: int, support: int) -> None:
     """Raise a clear error for inputs the downsampler cannot take."""
-    _check_factor_support(factor, support)
+    check_factor_support(factor, support)
     if x.dim() != 4:
         raise DipError(f"lanczos_downsample expects an N×C×H×W tensor, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
