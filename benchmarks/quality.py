@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dip  # noqa: E402
+from dip.fit import EarlyStopping, Selection  # noqa: E402
+from dip.fit.stopping import VarianceStopper  # noqa: E402
 from dip.metrics import psnr_torch  # noqa: E402
 from dip.ops.lanczos import lanczos_downsample  # noqa: E402
 from dip.pipeline import resolve_device, task_defaults  # noqa: E402
-from dip.fit import EarlyStopping, Selection  # noqa: E402
-from dip.fit.stopping import VarianceStopper  # noqa: E402
 
 SELECTIONS = [s.value for s in Selection]
 

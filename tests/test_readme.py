@@ -1,5 +1,4 @@
 """The README's Python examples run as written (on tiny images, with a small, short fit)."""
-import os
 import re
 from pathlib import Path
 
