@@ -299,10 +299,21 @@ def onnx_translations() -> dict:
     return table
 
 
+def _check_opset(opset_version: Optional[int]) -> None:
+    """Refuse an opset the ``torch.export``-based exporter cannot write (it starts at 18)."""
+    if opset_version is None:
+        return
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset_version, bool) or not isinstance(opset_version, int) or not 18 <= opset_version <= newest:
+        raise DipError(f"opset_version must be an integer from 18 to {newest} (the ONNX exporter writes opset 18 "
+                       f"or newer, the installed onnx knows up to {newest}), got {opset_version!r}")
+
+
 def _onnx_program(module: nn.Module, args: tuple, opset_version: Optional[int], **options):
     """``torch.onnx.export(dynamo=True)`` of ``module``, holding it to ``opset_version`` when given."""
-    if opset_version is not None and (isinstance(opset_version, bool) or not isinstance(opset_version, int)):
-        raise DipError(f"opset_version must be an integer, got {opset_version!r}")
+    _check_opset(opset_version)
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     try:
@@ -316,18 +327,13 @@ def _onnx_program(module: nn.Module, args: tuple, opset_version: Optional[int], 
                                         verbose=False, **options)
     except ImportError as exc:
         raise DipError(f"ONNX export needs onnx and onnxscript: pip install onnx onnxscript ({exc})") from exc
-    except Exception as exc:  # the exporter wraps each failure in its own types
-        if opset_version is None:
-            raise
-        raise DipError(f"cannot export ONNX opset {opset_version}: {type(exc).__name__}: {exc}; "
-                       "leave opset_version unset for the exporter's default") from exc
     finally:
         registration_log.setLevel(level)
     written = {o.domain: o.version for o in program.model_proto.opset_import}
     got = written.get("", written.get("ai.onnx"))
     if opset_version is not None and got != opset_version:
-        raise DipError(f"the ONNX exporter cannot write opset {opset_version} for this model (it produced "
-                       f"opset {got}); use opset {got} or leave opset_version unset")
+        raise DipError(f"the ONNX exporter wrote opset {got} instead of the requested {opset_version}; "
+                       f"use opset {got} or leave opset_version unset")
     return program
 
 
@@ -347,6 +353,7 @@ def to_onnx(net: nn.Module, z: torch.Tensor, path: PathLike, *, crop: Optional[S
         import onnx
     except ImportError as exc:
         raise DipError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from exc
+    _check_opset(opset_version)  # before the network is frozen
     module = export_module(net, z, crop=crop, z_as_input=z_as_input)
     program = _onnx_program(module, _example_args(z, z_as_input), opset_version,
                             input_names=[INPUT_NAME] if z_as_input else None, output_names=[OUTPUT_NAME],
