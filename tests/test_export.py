@@ -85,7 +85,9 @@ def test_export_freezes_a_pure_copy_and_leaves_the_live_network_alone(fitted):
     net = fitted.network
     before = {k: v.clone() for k, v in net.state_dict().items()}
     block_types = [type(m) for m in net.modules()]
+    rng = torch.random.get_rng_state()
     module = export_module(net, fitted.net_input, crop=fitted.crop)
+    assert torch.equal(torch.random.get_rng_state(), rng)
     assert not any(isinstance(m, FusedConvBlock) for m in module.modules())
     assert all(not m.use_op for m in module.modules() if isinstance(m, LanczosDownsample))
     # Every block's BatchNorm is folded into its convolution; the merges after the concatenations stay, in eval mode.

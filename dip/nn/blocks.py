@@ -174,8 +174,9 @@ class FusedConvBlock(ConvBlock):
 
     def unfused(self) -> ConvBlock:
         """This block as a plain ``ConvBlock`` holding the same modules (same parameter and buffer names)."""
-        twin = ConvBlock(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size[0], self.stride,
-                         bias=self.conv.bias is not None, pad=self.pad_mode, act="none")
+        with torch.device("meta"):  # its own new modules are replaced below: no memory, no random draws
+            twin = ConvBlock(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size[0], self.stride,
+                             bias=self.conv.bias is not None, pad=self.pad_mode, act="none")
         twin.conv, twin.bn, twin.act = self.conv, self.bn, self.act
         return twin
 
