@@ -96,11 +96,17 @@ class Restoration:
 
         return to_torchscript(self._fitted_network(), self.net_input, path, crop=self.crop, z_as_input=z_as_input)
 
-    def export_onnx(self, path: Union[str, os.PathLike], *, z_as_input: bool = False):
-        """Write the fitted network and its input to an ONNX file; see :func:`dip.export.to_onnx`."""
+    def export_onnx(self, path: Union[str, os.PathLike], *, z_as_input: bool = False,
+                    opset_version: Optional[int] = None):
+        """Write the fitted network and its input to an ONNX file; see :func:`dip.export.to_onnx`.
+
+        ``opset_version`` (default: the exporter's) is the ONNX opset the file
+        declares; one the exporter cannot write raises ``DipError``.
+        """
         from dip.export import to_onnx
 
-        return to_onnx(self._fitted_network(), self.net_input, path, crop=self.crop, z_as_input=z_as_input)
+        return to_onnx(self._fitted_network(), self.net_input, path, crop=self.crop, z_as_input=z_as_input,
+                       opset_version=opset_version)
 
     def export_program(self, path: Union[str, os.PathLike], *, z_as_input: bool = False):
         """Write the fitted network and its input to a ``torch.export`` .pt2 file; see :func:`dip.export.to_program`."""
