@@ -183,7 +183,7 @@ class _Pool:
     def check_reimport(self) -> None:
         """Raise the worker's message if a worker stopped because it re-ran the caller's script."""
         if self.marker.is_file():
-            raise DipError(self.marker.read_text(encoding="utf-8"))
+            raise DipError(self.marker.read_text(encoding="utf-8")) from None
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -92,9 +92,10 @@ class Record:
 
     @classmethod
     def for_job(cls, job: Job, status: RecordStatus, **details: Any) -> Record:
-        """The record of ``job`` (its current attempt and seed) with ``status`` and ``details``."""
-        return cls(input=job.input, output=job.output, status=status, seed=job.seed, attempts=job.attempt + 1,
-                   settings=job.settings, **details)
+        """The record of ``job`` (its current attempt, seed and settings) with ``status`` and ``details``."""
+        values = dict(seed=job.seed, attempts=job.attempt + 1, settings=job.settings)
+        values.update(details)
+        return cls(input=job.input, output=job.output, status=status, **values)
 
     @property
     def failed(self) -> bool:
