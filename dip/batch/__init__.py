@@ -35,13 +35,14 @@ from dip.batch.planning import (
     triage,
 )
 from dip.batch.records import Job, Record, RecordStatus, image_seed
+from dip.batch.worker import cpu_count
 from dip.errors import DipError
 from dip.tasks import Task
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["BatchSummary", "Job", "Record", "RecordStatus", "find_companion", "find_inputs", "image_seed",
-           "output_is_valid", "restore_many"]
+__all__ = ["BatchSummary", "Job", "Record", "RecordStatus", "cpu_count", "find_companion", "find_inputs",
+           "image_seed", "output_is_valid", "restore_many"]
 
 
 @dataclass
