@@ -243,35 +243,24 @@ def _fit_over() -> None:
     _term.armed = False
 
 
-# The library speaks Python (keyword arguments); the command line names its own flags.
-_FLAG_NAMES = [
-    (r"\bdevice='cpu'", "--device cpu"),
-    (r"\bdevice='cuda'", "--device cuda"),
-    (r"\bdevice=", "--device "),
-    (r"\biterations='auto'", "--iterations auto"),
-    (r"\bcheckpoint_every=N\b", "--checkpoint-every N"),
-    (r"\bcheckpoint_every=", "--checkpoint-every "),
-    (r"\bmax_iterations=?", "--max-iterations "),
-    (r"\bmax_pixels=?", "--max-pixels "),
-    (r"\breg_noise_std=?", "--reg-noise-std "),
-    (r"\bnoise_sigma=?", "--sigma "),
-    (r"\bmasks?=", "--mask "),
-    (r"\bfactor=", "--factor "),
-    (r"\bnetwork=", "--network "),
-    (r"\bcheckpoint=", "--checkpoint "),
-    (r"\bresume=", "--resume "),
-    (r"\breference=", "--reference "),
-    (r"\bseed=", "--seed "),
-    (r"\blr=", "--lr "),
-    (r"\biterations=", "--iterations "),
-]
+# The library speaks Python (keyword arguments); the command line names its own flags. noise_sigma is not
+# here: its unit differs (API [0, 1], CLI 0–255) and the CLI checks --sigma itself.
+_FLAGS = {
+    "device": "--device", "mask": "--mask", "masks": "--mask", "factor": "--factor", "iterations": "--iterations",
+    "max_iterations": "--max-iterations", "checkpoint_every": "--checkpoint-every", "checkpoint": "--checkpoint",
+    "resume": "--resume", "max_pixels": "--max-pixels", "reg_noise_std": "--reg-noise-std", "network": "--network",
+    "reference": "--reference", "seed": "--seed", "lr": "--lr",
+}
+_KEYWORD = "|".join(sorted(_FLAGS, key=len, reverse=True))
+_SNAKE = "|".join(k for k in _FLAGS if "_" in k)
 
 
 def cli_message(message: str) -> str:
     """A library message with its Python keywords (``mask=``, ``device='cpu'`` …) replaced by the CLI's flags."""
-    for pattern, flag in _FLAG_NAMES:
-        message = re.sub(pattern, flag, message)
-    return re.sub(r"(--[a-z-]+) ([,;:)]|$)", r"\1\2", message)
+    message = re.sub(rf"\b({_KEYWORD})='([^']*)'", lambda m: f"{_FLAGS[m[1]]} {m[2]}", message)  # device='cpu'
+    message = re.sub(rf"\b({_KEYWORD})=(?=[\w.+-])", lambda m: f"{_FLAGS[m[1]]} ", message)  # factor=3
+    message = re.sub(rf"\b({_KEYWORD})=", lambda m: _FLAGS[m[1]], message)  # "needs mask="
+    return re.sub(rf"\b({_SNAKE})\b", lambda m: _FLAGS[m[1]], message)  # bare max_pixels, reg_noise_std …
 
 
 # ----------------------------------------------------------------------------------------------------------------
