@@ -88,6 +88,8 @@ def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="iterations between checkpoints (default 100 when --checkpoint is given)")
     p.add_argument("--resume", default=None, metavar="PATH", help="continue the fit saved in this checkpoint")
+    p.add_argument("--overwrite-checkpoint", action="store_true",
+                   help="let --checkpoint replace the saved state of another run (refused otherwise)")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="draw loss (and PSNR with --reference) against iterations to this .png/.pdf/.svg")
     p.add_argument("--network", default=None, help="network preset: denoise, sr, inpaint or small (default: the task's)")
@@ -382,8 +384,11 @@ def _check_numbers(args, task: Task) -> None:
             raise DipError(f"{flag} must be {what}, got {value}")
     if task is Task.SUPER_RESOLUTION and not 2 <= args.factor <= 32:
         raise DipError(f"--factor must be a whole number from 2 to 32, got {args.factor}")
-    if args.checkpoint_every is not None and args.checkpoint is None:
-        raise DipError("--checkpoint-every needs --checkpoint PATH")
+    if args.checkpoint is None:
+        for flag, given in (("--checkpoint-every", args.checkpoint_every is not None),
+                            ("--overwrite-checkpoint", args.overwrite_checkpoint)):
+            if given:
+                raise DipError(f"{flag} needs --checkpoint PATH")
     if args.max_iterations is not None and args.iterations != "auto":
         raise DipError("--max-iterations caps the automatic stop; with --iterations N the fit runs exactly N steps")
 
@@ -596,21 +601,20 @@ def _restore_options(args, task: Task, mask) -> dict:
         options["factor"] = args.factor
     if mask is not None:
         options["mask"] = mask
-    options.update(_progress_label(task))
+    options.update(_newer_options(args, task))
     return options
 
 
-def _progress_label(task: Task) -> dict:
-    """The progress bar names the CLI's task (super-resolve), once restore() takes a label for it."""
+def _newer_options(args, task: Task) -> dict:
+    """Options that the fit-core rewrite adds to restore() (issue 11), passed once restore() takes them:
+    the progress bar's label (the CLI's task name) and leave to overwrite another run's checkpoint."""
     import inspect
 
     import dip
 
+    wanted = {"description": f"dip {task.cli_name}", "overwrite_checkpoint": args.overwrite_checkpoint}
     params = inspect.signature(dip.restore).parameters
-    for name in ("progress_label", "description"):
-        if name in params:
-            return {name: f"dip {task.cli_name}"}
-    return {}
+    return {name: value for name, value in wanted.items() if name in params}
 
 
 def _device(name: Optional[str]):

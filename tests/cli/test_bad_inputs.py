@@ -97,6 +97,8 @@ CASES = [
     case("resume-foreign-torch-file", "denoise in.png -o out.png --resume foreign.ckpt", 1, "not a dip checkpoint"),
     case("checkpoint-every-alone", "denoise in.png -o out.png --checkpoint-every 5", 1,
      "--checkpoint-every needs --checkpoint"),
+    case("overwrite-checkpoint-alone", "denoise in.png -o out.png --overwrite-checkpoint", 1,
+         "--overwrite-checkpoint needs --checkpoint"),
     case("checkpoint-every-zero", "denoise in.png -o out.png --checkpoint fit.ckpt --checkpoint-every 0", 1,
      "--checkpoint-every"),
 ]
