@@ -1,19 +1,50 @@
-"""The ``dip`` command line: restore an image, report the installation, run the demo."""
+"""The ``dip`` command line: restore an image, report the installation, run the demo.
+
+Nothing heavy is imported at module level: ``dip --help``, ``dip --version``
+and errors found in the arguments (a missing file, ``-o`` equal to the input,
+a folder that cannot be written) answer before torch loads.
+
+Everything a user can get wrong is checked before the fit starts, so that an
+hour of fitting is never thrown away for a typo; if the final write still
+fails, the result is saved under a clear name in the working directory (or the
+system temp folder) and the command says where.
+"""
 from __future__ import annotations
 
 import argparse
+import io
+import math
+import os
+import re
+import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dip import __version__
 from dip.errors import DipError
-from dip.fit.settings import StopReason
-from dip.io import check_folder
 from dip.tasks import Task
 
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
+#: the fit diverged: the output holds the last good image, but a script should not take it as a success
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+#: ``-`` as the input or ``-o`` means standard input / standard output
+STDIO = "-"
+RESTORE_COMMANDS = ("denoise", "super-resolve", "inpaint")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a fit stops as it does on Ctrl-C (best image kept)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser
 
 
 def _iterations(text: str):
@@ -25,9 +56,29 @@ def _iterations(text: str):
         raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
 
 
+def _color(text: str) -> tuple:
+    parts = text.replace(" ", "").split(",")
+    try:
+        rgb = tuple(int(p) for p in parts)
+    except ValueError:
+        rgb = ()
+    if len(rgb) not in (1, 3) or not all(0 <= c <= 255 for c in rgb):
+        raise argparse.ArgumentTypeError(f"expected R,G,B (each 0–255) or one gray level, got {text!r}")
+    return rgb
+
+
+def _sigma_option(p: argparse.ArgumentParser, what: str = "the input's") -> None:
+    p.add_argument("--sigma", type=float, default=None, metavar="S",
+                   help=f"std of {what} noise in 0–255 units (the API's noise_sigma=S/255), if known: "
+                        "the fit stops once it fits the image to that level")
+
+
 def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     if output:
-        p.add_argument("-o", "--output", required=True, help="where to write the restored image (.png, .jpg, .tif …)")
+        p.add_argument("-o", "--output", required=True,
+                       help="where to write the restored image (.png, .jpg, .tif …); '-' for standard output")
+        p.add_argument("--format", default=None, metavar="EXT",
+                       help="image format for '-o -' (png, tif, jpg …; default: the input's)")
     p.add_argument("--iterations", type=_iterations, default="auto",
                    help="'auto' (default): stop when the outputs settle, without ground truth; "
                         "N: exactly N fitting steps")
@@ -37,6 +88,8 @@ def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="iterations between checkpoints (default 100 when --checkpoint is given)")
     p.add_argument("--resume", default=None, metavar="PATH", help="continue the fit saved in this checkpoint")
+    p.add_argument("--overwrite-checkpoint", action="store_true",
+                   help="let --checkpoint replace the saved state of another run (refused otherwise)")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="draw loss (and PSNR with --reference) against iterations to this .png/.pdf/.svg")
     p.add_argument("--network", default=None, help="network preset: denoise, sr, inpaint or small (default: the task's)")
@@ -44,7 +97,7 @@ def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     p.add_argument("--reg-noise-std", type=float, default=None, help="std of the input perturbation (default: the task's)")
     p.add_argument("--reference", default=None, help="clean image, if known: PSNR is reported")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when available)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, 0 ≤ seed < 2^64 (default 0)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -58,26 +111,33 @@ def _export_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dip`` argument parser (imports nothing heavy)."""
     parser = argparse.ArgumentParser(prog="dip", description="Deep Image Prior: restore an image with no training data.")
+    parser.add_argument("--version", action="version", version=f"dip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     p = sub.add_parser("denoise", help="remove noise from an image")
-    p.add_argument("input", help="the noisy image")
-    p.add_argument("--sigma", type=float, default=None,
-                   help="noise std in 0–255 units, if known: the fit stops once it fits the image to that level")
+    p.add_argument("input", help="the noisy image ('-' for standard input)")
+    _sigma_option(p)
     _common(p)
     _export_options(p)
 
     p = sub.add_parser("super-resolve", help="upscale an image by an integer factor")
-    p.add_argument("input", help="the low-resolution image")
+    p.add_argument("input", help="the low-resolution image ('-' for standard input)")
     p.add_argument("--factor", type=int, required=True, help="upscaling factor (2–32)")
+    _sigma_option(p, "the low-resolution image's")
     _common(p)
     _export_options(p)
 
     p = sub.add_parser("inpaint", help="fill in missing pixels")
-    p.add_argument("input", help="the image with missing pixels")
-    p.add_argument("--mask", required=True, help="mask image of the same size: white = known pixel, black = missing")
+    p.add_argument("input", help="the image with missing pixels ('-' for standard input)")
+    p.add_argument("--mask", default=None,
+                   help="mask image of the same size: white (non-zero) = known pixel, black = missing; "
+                        "or 'alpha': the input's transparent pixels are the missing ones")
+    p.add_argument("--mask-color", type=_color, default=None, metavar="R,G,B",
+                   help="the input's pixels of exactly this colour (0–255) are the missing ones")
+    _sigma_option(p)
     _common(p)
     _export_options(p)
 
@@ -93,93 +153,571 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="dip-demo.png", help="before/after picture (default dip-demo.png)")
     p.add_argument("--size", type=int, default=None, help="side of the example image in pixels")
     p.add_argument("--iterations", type=int, default=None, help="fitting steps")
+    p.add_argument("--sigma", type=float, default=None, metavar="S",
+                   help="std of the noise added to the example, 0–255 units (default 25)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dip`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "info":
-            return _info()
-        if args.command == "batch":
-            return _batch(args)
-        if args.command == "render":
-            return _render(args)
-        if args.command == "demo":
-            from dip.demo import run_demo
+    # A single fit (and the demo) treat SIGTERM, what schedulers and containers send, like Ctrl-C.
+    # Batch has its own handling for its worker pool.
+    catch_term = args.command in (*RESTORE_COMMANDS, "demo")
+    with _sigterm_as_interrupt(catch_term) as term:
+        try:
+            status = _dispatch(args)
+        except DipError as exc:
+            return _fail(cli_message(str(exc)))
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            print(f"dip: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+            return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        except (OSError, RuntimeError, MemoryError) as exc:
+            return _fail(f"{type(exc).__name__}: {cli_message(str(exc))}")
+    if status == EXIT_INTERRUPTED and term.received:
+        return EXIT_TERMINATED
+    return status
 
-            return run_demo(output=args.output, size=args.size, iterations=args.iterations,
-                            device=args.device, progress=not args.quiet)
-        return _restore(args)
-    except DipError as exc:
-        print(f"dip: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("dip: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (OSError, RuntimeError) as exc:
-        print(f"dip: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+
+def _dispatch(args) -> int:
+    if args.command == "info":
+        return _info()
+    if args.command == "batch":
+        return _batch(args)
+    if args.command == "render":
+        return _render(args)
+    if args.command == "demo":
+        return _demo(args)
+    return _restore(args)
+
+
+def _fail(message: str) -> int:
+    one_line = " ".join(line.strip() for line in message.strip().splitlines())
+    print(f"dip: error: {one_line}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+class _TermState:
+    """What SIGTERM did: ``received`` once one came; it raises :class:`Terminated` only while ``armed``."""
+
+    def __init__(self):
+        self.received = False
+        self.armed = True
+
+    def handler(self, signum, frame):
+        first = not self.received
+        self.received = True
+        if first and self.armed:
+            raise Terminated()
+
+
+#: the state of the handler installed by :func:`_sigterm_as_interrupt` (one per process: signals are)
+_term = _TermState()
+
+
+@contextmanager
+def _sigterm_as_interrupt(enabled: bool = True):
+    """Within the block, the first SIGTERM raises :class:`Terminated` in the main thread while the fit runs;
+    later ones, and any once the fit is over (:func:`_fit_over`), are noted but cannot abort writing the image."""
+    global _term
+    _term = _TermState()
+    previous = None
+    if enabled:
+        try:
+            previous = signal.signal(signal.SIGTERM, _term.handler)
+        except ValueError:  # not the main thread (dip.cli.main called from a worker thread)
+            previous = None
+    try:
+        yield _term
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fit_over() -> None:
+    _term.armed = False
+
+
+# The library speaks Python (keyword arguments); the command line names its own flags. noise_sigma is not
+# here: its unit differs (API [0, 1], CLI 0–255) and the CLI checks --sigma itself.
+_FLAGS = {
+    "device": "--device", "mask": "--mask", "masks": "--mask", "factor": "--factor", "iterations": "--iterations",
+    "max_iterations": "--max-iterations", "checkpoint_every": "--checkpoint-every", "checkpoint": "--checkpoint",
+    "resume": "--resume", "max_pixels": "--max-pixels", "reg_noise_std": "--reg-noise-std", "network": "--network",
+    "reference": "--reference", "seed": "--seed", "lr": "--lr",
+}
+_KEYWORD = "|".join(sorted(_FLAGS, key=len, reverse=True))
+_SNAKE = "|".join(k for k in _FLAGS if "_" in k)
+
+
+def cli_message(message: str) -> str:
+    """A library message with its Python keywords (``mask=``, ``device='cpu'`` …) replaced by the CLI's flags."""
+    message = re.sub(rf"\b({_KEYWORD})='([^']*)'", lambda m: f"{_FLAGS[m[1]]} {m[2]}", message)  # device='cpu'
+    message = re.sub(rf"\b({_KEYWORD})=(?=[\w.+-])", lambda m: f"{_FLAGS[m[1]]} ", message)  # factor=3
+    message = re.sub(rf"\b({_KEYWORD})=", lambda m: _FLAGS[m[1]], message)  # "needs mask="
+    return re.sub(rf"\b({_SNAKE})\b", lambda m: _FLAGS[m[1]], message)  # bare max_pixels, reg_noise_std …
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A single fit: denoise, super-resolve, inpaint
+
+
+@dataclass
+class _Output:
+    """Where the restored image goes: a file, or standard output in ``suffix``'s format."""
+
+    path: Optional[Path]  # None for standard output
+    suffix: str
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.path is None
+
+    @property
+    def name(self) -> str:
+        return "standard output" if self.path is None else str(self.path)
 
 
 def _restore(args) -> int:
+    task = Task.parse(args.command)
+    _check_arguments(args, task)  # before torch loads: a typo is answered at once
+    image, input_format = _read_input(args.input)
+    output = _output_target(args, input_format)
+    image, mask = _inpaint_mask(args, task, image)
+    _check_output_format(output, image)
+    exports = _export_targets(args)
+    if args.plot is not None:
+        _check_plot_path(args.plot)
+    options = _restore_options(args, task, mask)
+    info = sys.stderr if output.to_stdout else sys.stdout
+
     import dip
+
+    result = dip.restore(image, task, **options)
+    _fit_over()
+    written = _write_result(result, output)
+    _report(result, written, info)
+    for method, path in exports:
+        getattr(result, method)(path)
+        print(f"wrote {path}", file=info)
+    if args.plot is not None and result.history.loss:
+        print(f"wrote {result.plot(args.plot)}", file=info)
+    return _exit_status(result, written, args)
+
+
+def _check_arguments(args, task: Task) -> None:
+    """Everything about the command line that needs no torch: files, folders, numbers, combinations."""
+    _check_input_file(args.input, "input image", "input")
+    if task is Task.INPAINT:
+        _check_mask_options(args)
+    if args.reference is not None:
+        _check_input_file(args.reference, "reference image", "--reference")
+    if args.resume is not None:
+        _check_resume_file(args.resume)
+    _check_numbers(args, task)
+    _check_written_paths(args)
+
+
+def _check_input_file(path: str, what: str, flag: str) -> None:
+    if path == STDIO and flag == "input":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise DipError("input '-' reads the image from standard input, but nothing is piped in "
+                           "(use: cat in.png | dip … - -o out.png)")
+        return
+    p = Path(path)
+    if not p.exists():
+        raise DipError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise DipError(f"{what} {p} is a folder, not a file")
+    if not os.access(p, os.R_OK):
+        raise DipError(f"{what} {p} cannot be read (permission denied)")
+
+
+def _check_mask_options(args) -> None:
+    if args.mask is None and args.mask_color is None:
+        raise DipError("inpaint needs --mask MASK.png (white = known, black = missing), --mask alpha "
+                       "(the input's transparent pixels are missing) or --mask-color R,G,B")
+    if args.mask is not None and args.mask_color is not None:
+        raise DipError("give --mask or --mask-color, not both")
+    if args.mask is not None and args.mask != "alpha":
+        _check_input_file(args.mask, "mask", "--mask")
+
+
+def _check_resume_file(path: str) -> None:
+    import zipfile
+
+    p = Path(path)
+    if not p.exists():
+        raise DipError(f"--resume: checkpoint not found: {p}")
+    if p.is_dir():
+        raise DipError(f"--resume: {p} is a folder, not a checkpoint file")
+    if p.stat().st_size == 0:
+        raise DipError(f"--resume: {p} is empty, not a dip checkpoint (was its writing interrupted?)")
+    if not zipfile.is_zipfile(p):  # what torch.save writes
+        raise DipError(f"--resume: {p} is not a dip checkpoint (files written by --checkpoint); it was not loaded")
+
+
+#: (flag, attribute, test, what it must be)
+_NUMBER_RULES = [
+    ("--iterations", "iterations", lambda v: v == "auto" or v >= 1, "a positive whole number or 'auto'"),
+    ("--max-iterations", "max_iterations", lambda v: v >= 1, "a positive whole number"),
+    ("--checkpoint-every", "checkpoint_every", lambda v: v >= 1, "a positive number of iterations"),
+    ("--lr", "lr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    ("--reg-noise-std", "reg_noise_std", lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0"),
+    ("--sigma", "sigma", lambda v: math.isfinite(v) and 0 < v < 255, "a noise std in 0–255 units, above 0"),
+    ("--max-pixels", "max_pixels", lambda v: v >= 1, "a positive number of pixels"),
+    ("--seed", "seed", lambda v: 0 <= v < 2 ** 64, "a whole number from 0 to 2^64 − 1"),
+]
+
+
+def _check_numbers(args, task: Task) -> None:
+    for flag, attr, ok, what in _NUMBER_RULES:
+        value = getattr(args, attr, None)
+        if value is not None and not ok(value):
+            raise DipError(f"{flag} must be {what}, got {value}")
+    if task is Task.SUPER_RESOLUTION and not 2 <= args.factor <= 32:
+        raise DipError(f"--factor must be a whole number from 2 to 32, got {args.factor}")
+    if args.checkpoint is None:
+        for flag, given in (("--checkpoint-every", args.checkpoint_every is not None),
+                            ("--overwrite-checkpoint", args.overwrite_checkpoint)):
+            if given:
+                raise DipError(f"{flag} needs --checkpoint PATH")
+    if args.max_iterations is not None and args.iterations != "auto":
+        raise DipError("--max-iterations caps the automatic stop; with --iterations N the fit runs exactly N steps")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_written_paths(args) -> None:
+    """No file dip writes may be one it reads (or another it writes); every folder must take a new file."""
+    reads = {"the input image": args.input, "--mask": getattr(args, "mask", None), "--reference": args.reference}
+    reads = {k: v for k, v in reads.items() if v not in (None, STDIO, "alpha")}
+    writes = {"-o": args.output, "--plot": args.plot, "--checkpoint": args.checkpoint,
+              "--export-torchscript": args.export_torchscript, "--export-program": args.export_program,
+              "--export-onnx": args.export_onnx}
+    writes = {k: v for k, v in writes.items() if v is not None and v != STDIO}
+    for flag, path in writes.items():
+        for what, source in reads.items():
+            if _same_file(path, source):
+                raise DipError(f"{flag} {path} is {what}; dip never overwrites what it reads: choose another file name")
+    seen = {}
+    for flag, path in writes.items():
+        key = os.path.realpath(path)
+        if key in seen:
+            raise DipError(f"{seen[key]} and {flag} both name {path}; give each output its own file")
+        seen[key] = flag
+        _check_writable(path, flag)
+    _check_export_suffixes(args)
+
+
+def _check_writable(path: str, flag: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        raise DipError(f"{flag} {p} is a folder; give a file name such as {p / ('restored' + '.png')}")
+    folder = p.parent
+    if not folder.is_dir():
+        raise DipError(f"cannot write {flag} {p}: folder {folder} does not exist")
+    # os.access says yes to root on a read-only folder of a read-only file system: try for real.
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".dip-probe-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise DipError(f"cannot write {flag} {p}: folder {folder} is not writable ({reason.lower()}); "
+                       "choose another folder") from None
+
+
+_EXPORT_SUFFIXES = {
+    "export_torchscript": ({".pt", ".pth", ".ts"}, ".pt", "TorchScript"),
+    "export_program": ({".pt2"}, ".pt2", "a torch.export program"),
+    "export_onnx": ({".onnx"}, ".onnx", "ONNX"),
+}
+
+
+def _check_export_suffixes(args) -> None:
+    # `dip render` and dip.export pick the reader by the extension: a mismatched one makes an unreadable file.
+    for attr, (suffixes, usual, what) in _EXPORT_SUFFIXES.items():
+        path = getattr(args, attr, None)
+        if path is not None and Path(path).suffix.lower() not in suffixes:
+            flag = "--" + attr.replace("_", "-")
+            raise DipError(f"{flag} {path}: {what} files end in {usual}; name it {Path(path).with_suffix(usual).name}")
+
+
+def _read_input(source: str):
+    """(image for restore(), its PIL format name or None) — standard input is read into memory here."""
+    if source != STDIO:
+        from PIL import Image
+
+        return source, Image.registered_extensions().get(Path(source).suffix.lower())
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise DipError("no image data on standard input")
+    if data.startswith(b"\x93NUMPY"):
+        import numpy as np
+
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False), "NPY"
+        except ValueError as exc:
+            raise DipError(f"cannot read the .npy data on standard input: {exc}") from None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))  # the header only: load_image checks the size before decoding
+    except (UnidentifiedImageError, OSError):
+        raise DipError("standard input is not an image file PIL can decode") from None
+    return img, img.format
+
+
+def _output_target(args, input_format: Optional[str]) -> _Output:
     from dip.io import check_output_path
 
-    output = check_output_path(args.output)
-    exports = _export_targets(args)
-    task = Task.parse(args.command)
+    if args.output != STDIO:
+        if args.format is not None:
+            raise DipError("--format sets the format of '-o -' (standard output); a file's format follows "
+                           "its extension")
+        return _Output(check_output_path(args.output), Path(args.output).suffix.lower())
+    if sys.stdout is None or sys.stdout.isatty():
+        raise DipError("-o - writes the image to standard output, which is a terminal; redirect it "
+                       "(dip … -o - > out.png) or give a file name")
+    if args.format is not None:
+        suffix = "." + args.format.lower().lstrip(".")
+    elif input_format is not None:
+        suffix = _suffix_of_format(input_format)
+    else:
+        suffix = ".png"
+    try:
+        check_output_path(Path("stdout" + suffix))
+    except DipError:
+        raise DipError(f"cannot write {suffix} images to standard output; choose another with --format "
+                       "png|tif|jpg") from None
+    return _Output(None, suffix)
+
+
+def _suffix_of_format(fmt: str) -> str:
+    from PIL import Image
+
+    usual = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "NPY": ".npy"}
+    if fmt in usual:
+        return usual[fmt]
+    return next((ext for ext, f in Image.registered_extensions().items() if f == fmt), ".png")
+
+
+def _inpaint_mask(args, task: Task, image):
+    """(image, mask) for restore(): --mask PATH as is; --mask alpha and --mask-color through dip.io."""
+    if task is not Task.INPAINT:
+        return image, None
+    if args.mask is not None and args.mask != "alpha":
+        return image, args.mask
+    import dip.io
+
+    resolve = getattr(dip.io, "resolve_mask", None)
+    if resolve is None:
+        what = "--mask alpha" if args.mask == "alpha" else "--mask-color"
+        raise DipError(f"{what} is not available in this version of dip; give --mask MASK.png")
+    if args.mask == "alpha":
+        return resolve(image, "alpha")
+    return resolve(image, None, color=args.mask_color)
+
+
+def _check_output_format(output: _Output, image) -> None:
+    """Refuse, before the fit, an output format that cannot hold the result (alpha into JPEG …)."""
+    import dip.io
+
+    check = getattr(dip.io, "check_output_format", None)
+    if check is not None:
+        check(output.path or Path("stdout" + output.suffix), image)
+        return
+    _check_output_format_locally(output, _input_mode(image))
+
+
+def _input_mode(image) -> Optional[str]:
+    """The PIL mode the result will be written in (L, LA, RGB, RGBA), read from the input's header only."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        channels = 1 if image.ndim == 2 else image.shape[-1]
+        return {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}.get(channels)
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as img:
+                return _mode_of(img)
+        except Exception:  # not an image PIL reads: load_image says why, with the file's name
+            return None
+    return _mode_of(image) if isinstance(image, Image.Image) else None
+
+
+def _mode_of(img) -> str:
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    gray = img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+    return ("L" if gray else "RGB") + ("A" if has_alpha else "")
+
+
+def _check_output_format_locally(output: _Output, mode: Optional[str]) -> None:
+    """Stand-in for dip.io's own check (issue 12): ask Pillow to write a tiny image of the result's mode."""
+    if mode is None:
+        return
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(output.suffix)
+    if fmt is None:
+        return
+    try:
+        Image.new(mode, (4, 4)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError):
+        what = "the alpha channel of the input" if mode.endswith("A") else f"a {mode} image"
+        raise DipError(f"{fmt} cannot store {what} ({mode}), so -o {output.name} would fail after the fit; "
+                       "use .png or .tif" + (", or --mask alpha for inpainting" if mode.endswith("A") else "")) from None
+
+
+def _restore_options(args, task: Task, mask) -> dict:
     options = dict(
-        iterations=args.iterations, max_iterations=args.max_iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
-        reference=args.reference, device=args.device, seed=args.seed, progress=not args.quiet,
+        iterations=args.iterations, max_iterations=args.max_iterations, network=args.network, lr=args.lr,
+        reg_noise_std=args.reg_noise_std, reference=args.reference, device=_device(args.device), seed=args.seed,
+        progress=not args.quiet,
     )
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
     if args.checkpoint is not None:
         options.update(checkpoint=args.checkpoint,
                        checkpoint_every=100 if args.checkpoint_every is None else args.checkpoint_every)
-    elif args.checkpoint_every is not None:
-        raise DipError("--checkpoint-every needs --checkpoint PATH")
     if args.resume is not None:
         options["resume"] = args.resume
-    if args.plot is not None:
-        _check_plot_path(args.plot)
-    if task == "denoise" and args.sigma is not None:
-        if args.sigma <= 0:
-            raise DipError(f"--sigma must be positive (noise std in 0–255 units), got {args.sigma}")
+    if args.sigma is not None:
         options["noise_sigma"] = args.sigma / 255.0
-    if task == "super_resolution":
+    if task is Task.SUPER_RESOLUTION:
         options["factor"] = args.factor
-    if task == "inpaint":
-        options["mask"] = args.mask
-    result = dip.restore(args.input, task, **options)
-    result.save(output)
-    summary = f"wrote {output} ({result.iterations} iterations, {result.stop_reason}"
+    if mask is not None:
+        options["mask"] = mask
+    options.update(_newer_options(args, task))
+    return options
+
+
+def _newer_options(args, task: Task) -> dict:
+    """Options that the fit-core rewrite adds to restore() (issue 11), passed once restore() takes them:
+    the progress bar's label (the CLI's task name) and leave to overwrite another run's checkpoint."""
+    import inspect
+
+    import dip
+
+    wanted = {"description": f"dip {task.cli_name}", "overwrite_checkpoint": args.overwrite_checkpoint}
+    params = inspect.signature(dip.restore).parameters
+    return {name: value for name, value in wanted.items() if name in params}
+
+
+def _device(name: Optional[str]):
+    """The --device value checked: a device type torch knows and dip can fit on, and one that is there."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DipError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise DipError(f"--device {name}: dip fits on cpu or cuda (cuda:N), not on {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DipError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DipError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                           f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+        if backend is None or not backend.is_available():
+            raise DipError(f"--device {name}: no {dev.type} device is available here; use --device cpu")
+    return str(dev)
+
+
+def _write_result(result, output: _Output) -> Path | str:
+    """Write the restored image; if that fails, save it elsewhere and raise an error that says where."""
+    try:
+        if output.to_stdout:
+            _write_stdout(result, output.suffix)
+            return output.name
+        return result.save(output.path)
+    except (DipError, OSError) as exc:
+        reason = cli_message(str(exc))
+        rescued = _rescue(result, output)
+        raise DipError(f"could not write {output.name} ({reason}); the restored image was saved to {rescued} "
+                       "instead") from None
+
+
+def _write_stdout(result, suffix: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="dip-stdout-") as folder:
+        path = Path(folder) / ("restored" + suffix)
+        result.save(path)
+        data = path.read_bytes()
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _rescue(result, output: _Output) -> Path:
+    stem = "stdout" if output.path is None else output.path.stem
+    suffixes = list(dict.fromkeys([output.suffix, ".png"]))
+    folders = [Path.cwd(), Path(tempfile.gettempdir())]
+    for folder in folders:
+        for suffix in suffixes:
+            target = _free_name(folder, f"{stem}.dip-rescued", suffix)
+            try:
+                return Path(result.save(target))
+            except (DipError, OSError):
+                continue
+    raise DipError(f"could not write {output.name}, nor save the restored image in {folders[0]} or {folders[1]}")
+
+
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    target, n = folder / f"{stem}{suffix}", 1
+    while target.exists():
+        target, n = folder / f"{stem}-{n}{suffix}", n + 1
+    return target
+
+
+def _report(result, written, info) -> None:
+    summary = f"wrote {written} ({result.iterations} iterations, {result.stop_reason}"
     if result.stopped_at != result.iterations:
         summary += f", image of iteration {result.stopped_at}"
     summary += f", {result.seconds:.1f} s"
     if result.psnr is not None:
         summary += f", PSNR {result.psnr:.2f} dB"
-    print(summary + ")")
-    for method, path in exports:
-        getattr(result, method)(path)
-        print(f"wrote {path}")
-    if args.plot is not None and result.history.loss:
-        print(f"wrote {result.plot(args.plot)}")
+    print(summary + ")", file=info)
     if result.history.rollbacks:
         print(f"dip: the loss diverged {len(result.history.rollbacks)} time(s); the fit was rolled back "
               "with a lower learning rate", file=sys.stderr)
-    if result.interrupted:
-        print(f"dip: interrupted after {result.iterations} iterations; {output} holds the best image so far "
+
+
+def _exit_status(result, written, args) -> int:
+    from dip.fit.settings import StopReason
+
+    if result.stop_reason is StopReason.INTERRUPTED:
+        print(f"dip: interrupted after {result.iterations} iterations; {written} holds the best image so far "
               f"(iteration {result.stopped_at})", file=sys.stderr)
+        if args.checkpoint is not None:
+            print(f"dip: continue with --checkpoint {args.checkpoint} --resume {args.checkpoint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result.stop_reason is StopReason.DIVERGED:
-        print(f"dip: warning: the fit diverged after {result.iterations} iterations; {output} holds the last good image",
-              file=sys.stderr)
+        print(f"dip: error: the fit diverged after {result.iterations} iterations; {written} holds the last good "
+              f"image (iteration {result.stopped_at}); try a lower --lr", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch (owned by the batch engineer)
 
 
 def _batch_parser(sub) -> None:
@@ -248,17 +786,13 @@ def _batch(args) -> int:
     return EXIT_ERROR if summary.failed else 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Exports, plot, render, demo, info
+
+
 def _export_targets(args) -> list:
-    """(Restoration method, path) for each --export-* option, checked before the fit starts."""
-    targets = []
-    for option, method in (("export_torchscript", "export_torchscript"), ("export_program", "export_program"),
-                           ("export_onnx", "export_onnx")):
-        path = getattr(args, option, None)
-        if path is None:
-            continue
-        check_folder(path)
-        targets.append((method, Path(path)))
-    return targets
+    """(Restoration method, path) for each --export-* option (checked in :func:`_check_written_paths`)."""
+    return [(attr, Path(getattr(args, attr))) for attr in _EXPORT_SUFFIXES if getattr(args, attr, None) is not None]
 
 
 def _render(args) -> int:
@@ -272,13 +806,23 @@ def _render(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from dip.demo import run_demo
+
+    if args.sigma is not None and not (math.isfinite(args.sigma) and 0 < args.sigma < 255):
+        raise DipError(f"--sigma must be a noise std in 0–255 units, above 0, got {args.sigma}")
+    _check_writable(args.output, "-o")
+    return run_demo(output=args.output, size=args.size, iterations=args.iterations,
+                    device=_device(args.device), progress=not args.quiet,
+                    sigma=25.0 if args.sigma is None else args.sigma)
+
+
 def _check_plot_path(path: str) -> None:
     from dip.plot import _FORMATS
 
     p = Path(path)
     if p.suffix.lower() not in _FORMATS:
-        raise DipError(f"cannot tell the plot format of {p}: use .png, .pdf, .svg or .jpg")
-    check_folder(p)
+        raise DipError(f"--plot {p}: cannot tell the plot format; use .png, .pdf, .svg or .jpg")
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -27,23 +27,26 @@ def example_image(size: int = DEFAULT_SIZE) -> np.ndarray:
     return np.asarray(face.resize((size, size), Image.LANCZOS), dtype=np.float32) / 255.0
 
 
-def noisy_example(size: int = DEFAULT_SIZE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(clean, noisy) example pair: Gaussian noise of std σ = 25/255 with a fixed seed."""
+def noisy_example(size: int = DEFAULT_SIZE, seed: int = 0, sigma: float = SIGMA) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, noisy) example pair: Gaussian noise of std ``sigma`` (in [0, 1] units) with a fixed seed."""
     clean = example_image(size)
-    noise = np.random.default_rng(seed).normal(0.0, SIGMA, clean.shape)
+    noise = np.random.default_rng(seed).normal(0.0, sigma, clean.shape)
     return clean, np.clip(clean + noise, 0.0, 1.0).astype(np.float32)
 
 
 def run_demo(output: str = "dip-demo.png", size: Optional[int] = None, iterations: Optional[int] = None,
-             device=None, progress: bool = True) -> int:
-    """Restore the noisy example, print PSNRs and write noisy | restored | clean side by side."""
+             device=None, progress: bool = True, sigma: float = 25.0) -> int:
+    """Restore the noisy example, print PSNRs and write noisy | restored | clean side by side.
+
+    ``sigma`` is the std of the added noise on the 0–255 scale (the command line's unit).
+    """
     import dip
 
     size = DEFAULT_SIZE if size is None else size
     iterations = DEFAULT_ITERATIONS if iterations is None else iterations
     dip.io.check_output_path(output)
-    clean, noisy = noisy_example(size)
-    print(f"dip demo: denoising a {size}×{size} photograph with noise σ=25 ({iterations} iterations)", flush=True)
+    clean, noisy = noisy_example(size, sigma=sigma / 255.0)
+    print(f"dip demo: denoising a {size}×{size} photograph with noise σ={sigma:g} ({iterations} iterations)", flush=True)
     result = dip.restore(noisy, "denoise", iterations=iterations, reference=clean, device=device,
                          network="small", progress=progress)
     before, after = psnr(noisy, clean), psnr(result.image, clean)
