@@ -601,45 +601,17 @@ def _restore_options(args, task: Task, mask) -> dict:
         options["factor"] = args.factor
     if mask is not None:
         options["mask"] = mask
-    options.update(_newer_options(args, task))
+    options.update(description=f"dip {task.cli_name}", overwrite_checkpoint=args.overwrite_checkpoint)
     return options
 
 
-def _newer_options(args, task: Task) -> dict:
-    """Options that the fit-core rewrite adds to restore() (issue 11), passed once restore() takes them:
-    the progress bar's label (the CLI's task name) and leave to overwrite another run's checkpoint."""
-    import inspect
-
-    import dip
-
-    wanted = {"description": f"dip {task.cli_name}", "overwrite_checkpoint": args.overwrite_checkpoint}
-    params = inspect.signature(dip.restore).parameters
-    return {name: value for name, value in wanted.items() if name in params}
-
-
-def _device(name: Optional[str]):
-    """The --device value checked: a device type torch knows and dip can fit on, and one that is there."""
+def _device(name: Optional[str]) -> Optional[str]:
+    """The --device value checked before any work, by the library's one rule (dip.pipeline.resolve_device)."""
     if name is None:
         return None
-    import torch
+    from dip.pipeline import resolve_device
 
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise DipError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise DipError(f"--device {name}: dip fits on cpu or cuda (cuda:N), not on {dev.type}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DipError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DipError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s) "
-                           f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
-    elif dev.type != "cpu":
-        backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
-        if backend is None or not backend.is_available():
-            raise DipError(f"--device {name}: no {dev.type} device is available here; use --device cpu")
-    return str(dev)
+    return str(resolve_device(name))
 
 
 def _write_result(result, output: _Output) -> Path | str:

@@ -32,16 +32,16 @@ def resolve_device(device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DipError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise DipError(f"device='{device}' is not a device; use device='cpu' or device='cuda' (or 'cuda:N')") from None
     if dev.type not in _DEVICE_TYPES:
-        raise DipError(f"dip cannot fit on device {str(dev)!r}; use 'cpu' or 'cuda' (or 'cuda:N')")
+        raise DipError(f"device='{device}': dip fits on cpu or cuda, not on {dev.type}; use device='cpu'")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DipError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
+        raise DipError(f"device='{device}' was asked for but no CUDA GPU is available; use device='cpu'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DipError(f"there is no {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise DipError(f"device='{device}': this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DipError("device 'mps' was asked for but is not available; use device='cpu'")
+        raise DipError(f"device='{device}' was asked for but is not available; use device='cpu'")
     return dev
 
 
