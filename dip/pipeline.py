@@ -148,7 +148,7 @@ def restore(
     settings = FitSettings(
         iterations=iterations, max_iterations=max_iterations, lr=lr, reg_noise_std=reg_noise_std,
         ema_weight=ema_weight, input_scale=input_scale, noise_sigma=noise_sigma,
-        early_stopping=EarlyStopping() if early_stopping is None else early_stopping, guard=_guard(guard),
+        early_stopping=early_stopping, guard=guard,
         checkpoint_every=checkpoint_every, precision=precision, seed=seed,
     ).for_task(problem.defaults)
     _set_threads(threads)
@@ -175,16 +175,6 @@ def restore(
     record = {**settings.to_dict(), "task": problem.task.value, "factor": problem.factor, "device": str(dev),
               "network": cfg.to_dict() if cfg is not None else type(net).__name__}
     return Restoration.from_fit(result, problem, net, z, crop, record, ref)
-
-
-def _guard(guard: Union[GuardSettings, bool, None]) -> Optional[GuardSettings]:
-    if guard is True:
-        return GuardSettings()
-    if guard is False or guard is None:
-        return None
-    if not isinstance(guard, GuardSettings):
-        raise DipError(f"guard must be True, False or a dip.fit.GuardSettings, got {guard!r}")
-    return guard
 
 
 def _set_threads(threads: Optional[int]) -> None:

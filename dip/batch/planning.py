@@ -192,14 +192,7 @@ _FIT_FIELDS = frozenset(f.name for f in fields(FitSettings))
 
 def fit_settings(options: dict, run_seed: int) -> FitSettings:
     """The :class:`FitSettings` of a batch's options, validated here, before any worker starts."""
-    from dip.guard import GuardSettings
-
     values = {k: v for k, v in options.items() if k in _FIT_FIELDS}
-    if "guard" in values:
-        guard = values["guard"]
-        values["guard"] = GuardSettings() if guard is True else (guard or None)
-    if values.get("early_stopping", True) is None:
-        del values["early_stopping"]  # restore()'s None means the default settings
     return FitSettings(**values, seed=run_seed)
 
 

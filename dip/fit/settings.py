@@ -183,7 +183,7 @@ class FitSettings:
     Adam steps. ``None`` values of ``max_iterations`` and ``reg_noise_std``
     mean "the task's default" and are filled by :meth:`for_task`.
     ``noise_sigma`` is the noise std in [0, 1] units (stop at the discrepancy
-    level). ``guard=None`` turns the rollbacks off (a non-finite loss still
+    level). ``guard=None`` (or False) turns the rollbacks off (a non-finite loss still
     ends the fit with the last good state). ``check_every``: how often the
     host reads the device (stopping, guard, progress): the only syncs a fit makes.
     """
@@ -220,7 +220,11 @@ class FitSettings:
                                                                    allow_none=True))
         object.__setattr__(self, "precision", Precision.parse(self.precision))
         object.__setattr__(self, "check_every", _positive_int("check_every", self.check_every))
-        if self.early_stopping is not None and not isinstance(self.early_stopping, EarlyStopping):
+        if self.early_stopping is None:  # restore()'s None: the default rule
+            object.__setattr__(self, "early_stopping", EarlyStopping())
+        if self.guard is True or self.guard is False:  # restore()'s guard=True/False
+            object.__setattr__(self, "guard", GuardSettings() if self.guard else None)
+        if not isinstance(self.early_stopping, EarlyStopping):
             raise DipError(f"early_stopping must be a dip.fit.EarlyStopping, got {self.early_stopping!r}")
         if self.guard is not None and not isinstance(self.guard, GuardSettings):
             raise DipError(f"guard must be a dip.fit.GuardSettings, True or False, got {self.guard!r}")
