@@ -34,10 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dip  # noqa: E402
+from dip.fit import EarlyStopping, Selection  # noqa: E402
+from dip.fit.stopping import VarianceStopper  # noqa: E402
 from dip.metrics import psnr_torch  # noqa: E402
 from dip.ops.lanczos import lanczos_downsample  # noqa: E402
 from dip.pipeline import resolve_device, task_defaults  # noqa: E402
-from dip.stopping import SELECTIONS, EarlyStopping, VarianceStopper  # noqa: E402
+
+SELECTIONS = [s.value for s in Selection]
 
 SIGMA = 25.0 / 255.0
 CASES = {
@@ -114,7 +117,7 @@ class Shadow:
     """
 
     def __init__(self, config: EarlyStopping, reference: np.ndarray, device):
-        self.stopper = VarianceStopper(config)
+        self.stopper = VarianceStopper(config, check_every=10)
         self.reference = to_tensor(reference).to(device)
         self.start = time.perf_counter()
         self.stop = None  # (iteration, detected iteration, seconds, {name: image})

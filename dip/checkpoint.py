@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 from typing import Union
 
@@ -21,7 +22,7 @@ from dip.errors import DipError
 from dip.io import atomic_write
 
 #: Bumped when the layout changes; older files are refused with a clear message.
-FORMAT = 1
+FORMAT = 2
 
 
 def save_checkpoint(path: Union[str, os.PathLike], state: dict) -> Path:
@@ -35,12 +36,23 @@ def load_checkpoint(path: Union[str, os.PathLike], device=None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DipError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise DipError(f"{path} is empty, not a dip checkpoint (was its write interrupted?)")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, foreign objects
-        raise DipError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT or "meta" not in state:
-        raise DipError(f"{path} is not a dip checkpoint (format {FORMAT})")
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # a pickle that would run code or build foreign objects
+            raise DipError(f"{path} is not a dip checkpoint: it holds Python objects other than tensors "
+                           "and plain values, so it was not loaded") from None
+        raise DipError(f"{path} is not a readable dip checkpoint; it may be truncated or another kind of file") from None
+    except Exception as exc:  # truncated files, foreign formats
+        raise DipError(f"{path} is not a readable dip checkpoint ({type(exc).__name__}); "
+                       "it may be truncated or another kind of file") from None
+    if not isinstance(state, dict) or "meta" not in state:
+        raise DipError(f"{path} is not a dip checkpoint")
+    if state.get("format") != FORMAT:
+        raise DipError(f"{path} is a dip checkpoint of format {state.get('format')}, this dip reads format {FORMAT}; "
+                       "start the fit again")
     return state
 
 

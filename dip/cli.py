@@ -601,45 +601,17 @@ def _restore_options(args, task: Task, mask) -> dict:
         options["factor"] = args.factor
     if mask is not None:
         options["mask"] = mask
-    options.update(_newer_options(args, task))
+    options.update(description=f"dip {task.cli_name}", overwrite_checkpoint=args.overwrite_checkpoint)
     return options
 
 
-def _newer_options(args, task: Task) -> dict:
-    """Options that the fit-core rewrite adds to restore() (issue 11), passed once restore() takes them:
-    the progress bar's label (the CLI's task name) and leave to overwrite another run's checkpoint."""
-    import inspect
-
-    import dip
-
-    wanted = {"description": f"dip {task.cli_name}", "overwrite_checkpoint": args.overwrite_checkpoint}
-    params = inspect.signature(dip.restore).parameters
-    return {name: value for name, value in wanted.items() if name in params}
-
-
-def _device(name: Optional[str]):
-    """The --device value checked: a device type torch knows and dip can fit on, and one that is there."""
+def _device(name: Optional[str]) -> Optional[str]:
+    """The --device value checked before any work, by the library's one rule (dip.pipeline.resolve_device)."""
     if name is None:
         return None
-    import torch
+    from dip.pipeline import resolve_device
 
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise DipError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise DipError(f"--device {name}: dip fits on cpu or cuda (cuda:N), not on {dev.type}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DipError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DipError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s) "
-                           f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
-    elif dev.type != "cpu":
-        backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
-        if backend is None or not backend.is_available():
-            raise DipError(f"--device {name}: no {dev.type} device is available here; use --device cpu")
-    return str(dev)
+    return str(resolve_device(name))
 
 
 def _write_result(result, output: _Output) -> Path | str:
@@ -722,22 +694,34 @@ def _exit_status(result, written, args) -> int:
 
 def _batch_parser(sub) -> None:
     p = sub.add_parser("batch", help="restore every image of a folder or glob, locally or on a Ray cluster")
-    p.add_argument("inputs", metavar="IN_DIR_OR_GLOB", help="a folder of images, or a quoted glob such as 'scans/*.tif'")
+    p.add_argument("inputs", metavar="IN_DIR_OR_GLOB",
+                   help="a folder of images, or a quoted glob such as 'scans/*.tif' or 'scans/**/*.tif'")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
-                   help="folder for <name>.png outputs and manifest.jsonl (images already there are skipped)")
+                   help="folder for <name>.png outputs and manifest.jsonl, not the input folder "
+                        "(images already done with the same settings are skipped)")
     p.add_argument("--task", required=True, choices=["denoise", "super-resolve", "inpaint"])
     p.add_argument("--factor", type=int, default=None, help="upscaling factor for super-resolve (2–32)")
     p.add_argument("--masks", "--mask-dir", "--mask", dest="masks", default=None, metavar="MASKS",
                    help="for inpaint: a folder of masks named like the images, a pattern such as "
                         "'masks/{stem}_mask.png', or one mask for all")
     p.add_argument("--reference-dir", default=None, help="clean images named like the inputs: PSNR goes in the manifest")
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="also restore the images of sub-folders; outputs mirror the folder tree in OUT_DIR")
+    p.add_argument("--force", action="store_true",
+                   help="redo images whose output in OUT_DIR was made with other settings (refused otherwise)")
     p.add_argument("--workers", type=int, default=None,
                    help="local worker processes (default: one per GPU, else one per CPU core)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per local worker (default: cores / workers)")
     p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
                    help="run each image as a Ray task: on the cluster at ADDRESS, or on a local Ray (needs dip[ray])")
-    p.add_argument("--retries", type=int, default=1, help="further attempts for an image that failed (default 1)")
-    p.add_argument("--iterations", type=int, default=None, help="fitting steps per image (default: the task's)")
+    p.add_argument("--ray-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for the cluster at ADDRESS to answer (default 20)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="further attempts for an image that failed, a diverged one with a new seed (default 1)")
+    p.add_argument("--iterations", type=_iterations, default="auto",
+                   help="'auto' (default): each fit stops when its outputs settle; N: exactly N fitting steps")
+    p.add_argument("--max-iterations", type=int, default=None,
+                   help="cap of the automatic stop (default: the task's original count)")
     p.add_argument("--network", default=None, help="network preset: denoise, sr, inpaint or small (default: the task's)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
     p.add_argument("--reg-noise-std", type=float, default=None, help="std of the input perturbation (default: the task's)")
@@ -749,21 +733,25 @@ def _batch_parser(sub) -> None:
 
 def _batch(args) -> int:
     import dip
+    from dip.batch import RecordStatus
 
     task = Task.parse(args.task)
-    options = dict(iterations=args.iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
-                   device=args.device)
+    options = dict(iterations=args.iterations, max_iterations=args.max_iterations, network=args.network, lr=args.lr,
+                   reg_noise_std=args.reg_noise_std, device=args.device)
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
-    if task == "super_resolution":
+    if task is Task.SUPER_RESOLUTION:
+        if args.factor is None:
+            raise DipError("super-resolve needs --factor (an integer from 2 to 32)")
         options["factor"] = args.factor
-    summary = dip.restore_many(args.inputs, args.output, task, workers=args.workers, threads=args.threads, ray=args.ray, seed=args.seed,
-                               masks=args.masks, reference_dir=args.reference_dir, retries=args.retries,
-                               progress=not args.quiet, **options)
+    summary = dip.restore_many(args.inputs, args.output, task, workers=args.workers, threads=args.threads,
+                               ray=args.ray, ray_timeout=args.ray_timeout, seed=args.seed, masks=args.masks,
+                               reference_dir=args.reference_dir, retries=args.retries, recursive=args.recursive,
+                               force=args.force, progress=not args.quiet, **options)
     print(f"{summary}; manifest: {summary.manifest}")
     for record in summary.records:
-        if record["status"] == "failed":
-            print(f"dip: failed: {record['input']}: {record['error']}", file=sys.stderr)
+        if record.status is RecordStatus.FAILED:
+            print(f"dip: failed: {record.input}: {record.error}", file=sys.stderr)
     if summary.interrupted:
         print("dip: interrupted; run the same command again to restore the rest", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -60,15 +60,28 @@ def available_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
+def format_bytes(n: float) -> str:
+    """``n`` bytes in the largest unit that keeps a leading digit (``512 bytes``, ``3.2 MiB``, ``1.5 GiB``)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def check_fits_in_memory(cfg: HourglassConfig, height: int, width: int, device: torch.device,
-                         limit: Optional[int] = None) -> int:
-    """Raise :class:`ImageTooLargeError` when the fit's estimate exceeds the free (or given) memory."""
+                         limit: Optional[int] = None, *, image_size: Optional[tuple] = None) -> int:
+    """Raise :class:`ImageTooLargeError` when the fit's estimate exceeds the free (or given) memory.
+
+    ``height``×``width`` is the network's (padded) input; ``image_size`` the
+    user's image, which the message names.
+    """
     need = estimate_fit_bytes(cfg, height, width)
     have = limit if limit is not None else available_bytes(device)
     if have is not None and need > have:
+        h, w = image_size or (height, width)
         raise ImageTooLargeError(
-            f"restoring a {height}×{width} image needs about {need / 2**30:.1f} GiB on {device}, "
-            f"but only {have / 2**30:.1f} GiB is available. Crop the image or restore it in tiles, "
+            f"restoring a {h}×{w} image needs about {format_bytes(need)} on {device}, "
+            f"but only {format_bytes(have)} is available. Crop the image or restore it in tiles, "
             "use a smaller network (network='small' or fewer channels), or run on a device with more memory"
         )
     return need

@@ -1,52 +1,57 @@
-"""``restore()``: image → degradation operator → network → fit → :class:`Restoration`."""
+"""``restore()``: problem → network and its input → settings → fit → :class:`Restoration`."""
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from dip.checkpoint import architecture, check_compatible, fingerprint, load_checkpoint
+from dip.checkpoint import architecture, check_compatible, load_checkpoint
 from dip.errors import DipError
-from dip.fit import Callback, fit, make_noise_input
-from dip.guard import GuardSettings
-from dip.io import MAX_PIXELS, ImageLike, load_image, load_mask
+from dip.fit import Callback, EarlyStopping, FitSettings, GuardSettings, Precision, fit, make_noise_input
+from dip.io import MAX_PIXELS, ImageLike, load_image
 from dip.memory import check_fits_in_memory
-from dip.metrics import psnr
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
-from dip.physics import Custom, Denoise, Downsample, Inpaint, Operator
+from dip.physics import Operator
+from dip.problem import OperatorLike, Problem
 from dip.result import Restoration
-from dip.stopping import EarlyStopping
-from dip.tasks import Task, task_defaults
-from dip.warm_start import learning_rate_ramp, warm_start
+from dip.tasks import Task
+from dip.warm_start import WARMUP_ITERATIONS, warm_start
+
+#: Device types a fit can run on.
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 def resolve_device(device) -> torch.device:
-    """``None`` → CUDA when available, else CPU; refuses a CUDA device that is not there."""
+    """``None`` → CUDA when available, else CPU; refuses devices that are unknown or not there."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DipError(f"device='{device}' is not a device; use device='cpu' or device='cuda' (or 'cuda:N')") from None
+    if dev.type not in _DEVICE_TYPES:
+        raise DipError(f"device='{device}': dip fits on cpu or cuda, not on {dev.type}; use device='cpu'")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DipError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
+        raise DipError(f"device='{device}' was asked for but no CUDA GPU is available; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DipError(f"device='{device}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DipError(f"device='{device}' was asked for but is not available; use device='cpu'")
     return dev
-
-
-def _padded(size: int, multiple: int, minimum: int) -> int:
-    return max(minimum, int(math.ceil(size / multiple)) * multiple)
 
 
 def restore(
     image: ImageLike,
-    task: str = "denoise",
+    task: Union[str, Task] = "denoise",
     *,
     factor: Optional[int] = None,
     mask: Optional[ImageLike] = None,
-    operator: Optional[Union[Operator, Callable[[torch.Tensor], torch.Tensor]]] = None,
+    operator: Optional[OperatorLike] = None,
     iterations: Union[int, str, None] = "auto",
     reference: Optional[ImageLike] = None,
     device=None,
@@ -68,6 +73,10 @@ def restore(
     checkpoint: Union[str, os.PathLike, None] = None,
     checkpoint_every: Optional[int] = None,
     resume: Union[str, os.PathLike, None] = None,
+    overwrite_checkpoint: bool = False,
+    precision: Union[str, Precision] = Precision.FLOAT32,
+    threads: Optional[int] = None,
+    description: Optional[str] = None,
 ) -> Restoration:
     """Restore a degraded image with Deep Image Prior.
 
@@ -79,14 +88,14 @@ def restore(
             ``"inpaint"`` (needs ``mask``), or ``"custom"`` (needs ``operator``).
         factor: super-resolution factor (integer 2–32); the result is
             ``factor`` times larger than ``image``.
-        mask: for inpainting, an image of the same size, non-zero where the
-            pixel is known.
+        mask: for inpainting, an image of the same size: white (any value
+            above the mask's zero) marks a known pixel, black a missing one.
         operator: a differentiable callable ``A`` (or a :class:`dip.physics.Operator`)
             mapping the restored image (1×C×H×W) to the observation; it replaces
             the task's own degradation.
         iterations: ``"auto"`` (the default, also ``None``): stop without
             ground truth when the moving variance of the outputs stops falling
-            (see :mod:`dip.stopping`), after at most ``max_iterations``; or an
+            (see :mod:`dip.fit.stopping`), after at most ``max_iterations``; or an
             integer N: exactly N Adam steps, no automatic stop.
         reference: the clean image, if known, to record PSNR at every step.
         device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
@@ -114,164 +123,89 @@ def restore(
             work's count for the task: denoise 3000, SR ×4 2000, ×8 4000,
             inpaint 5000).
         early_stopping: window, patience and returned image of the automatic
-            stop (a :class:`dip.stopping.EarlyStopping`; default settings if None).
+            stop (a :class:`dip.fit.EarlyStopping`; default settings if None).
         guard: roll back to the last good weights, with a lower learning rate,
-            when the loss jumps or turns NaN (a :class:`dip.guard.GuardSettings`,
+            when the loss jumps or turns NaN (a :class:`dip.fit.GuardSettings`,
             True for the defaults, False to only stop on a non-finite loss).
         checkpoint: file to write the fit's state to every ``checkpoint_every``
             iterations (atomically).
+            A checkpoint is also written when the fit is interrupted.
         resume: a checkpoint to continue from; with the same settings the
             result equals the uninterrupted fit's (bit for bit on CPU).
+        overwrite_checkpoint: allow ``checkpoint`` to replace an existing
+            checkpoint of another fit (refused by default).
+        precision: ``"float32"`` (default), ``"bfloat16"`` (bf16 compute,
+            float32 weights, loss, average and output) or ``"auto"`` (bf16
+            only where the hardware runs it fast: Ampere+ GPUs, CPUs with AMX
+            or AVX512-BF16).
+        threads: CPU threads for this fit (default: torch's current setting).
+        description: label of the progress bar (default ``dip <task>``).
 
     Returns:
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
     """
-    task = Task.parse(task)
+    problem = Problem.create(task, image, factor=factor, mask=mask, operator=operator, max_pixels=max_pixels)
+    settings = FitSettings(
+        iterations=iterations, max_iterations=max_iterations, lr=lr, reg_noise_std=reg_noise_std,
+        ema_weight=ema_weight, input_scale=input_scale, noise_sigma=noise_sigma,
+        early_stopping=EarlyStopping() if early_stopping is None else early_stopping, guard=_guard(guard),
+        checkpoint_every=checkpoint_every, precision=precision, seed=seed,
+    ).for_task(problem.defaults)
+    _set_threads(threads)
     dev = resolve_device(device)
-    observed = load_image(image, name="image", max_pixels=max_pixels)
-    channels, (h, w) = observed.tensor.shape[0], observed.size
-    op, out_h, out_w = _make_operator(task, observed, factor, mask, operator, max_pixels)
-    defaults = task_defaults(task, factor)
-    auto = iterations is None or iterations == "auto"
-    if auto:
-        iterations = defaults.iterations if max_iterations is None else max_iterations
-        early_stopping = EarlyStopping() if early_stopping is None else early_stopping
-    else:
-        early_stopping = None
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-        what = "max_iterations" if auto else "iterations"
-        raise DipError(f"{what} must be a positive integer (or iterations='auto'), got {iterations!r}")
-    if checkpoint is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-        raise DipError(f"checkpoint= needs checkpoint_every=N, a positive number of iterations, got {checkpoint_every!r}")
-    guard = GuardSettings() if guard is True else (guard or None)
-    if reg_noise_std is None:
-        reg_noise_std = defaults.reg_noise_std
-    if lr <= 0 or not math.isfinite(lr):
-        raise DipError(f"learning rate must be a positive number, got {lr}")
-    if not 0 <= ema_weight < 1:
-        raise DipError(f"ema_weight must be in [0, 1), got {ema_weight}")
-
-    ref = _load_reference(reference, channels, out_h, out_w, max_pixels)
-    net, cfg = _make_network(network, defaults.network, channels, seed)
-    multiple, minimum = (cfg.multiple(), cfg.min_size()) if cfg is not None else (1, 1)
-    pad_h, pad_w = _padded(out_h, multiple, minimum), _padded(out_w, multiple, minimum)
-    if cfg is not None:
-        check_fits_in_memory(cfg, pad_h, pad_w, dev, max_memory)
-    crop = ((pad_h - out_h) // 2, (pad_w - out_w) // 2, out_h, out_w)
-
-    in_channels = cfg.in_channels if cfg is not None else _module_in_channels(net)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    z = make_noise_input(in_channels, pad_h, pad_w, scale=input_scale, generator=gen, device=dev)
-    fit_lr = lr
+    ref = _load_reference(reference, problem, max_pixels, dev)
+    net, cfg = make_network(network, problem, settings.seed)
+    gen = torch.Generator(device=dev).manual_seed(settings.seed)
+    z, crop = make_input(net, cfg, problem, settings, dev, gen, max_memory)
+    warmup = 0
     if init is not None:
-        init_z = warm_start(net, init)
-        if init_z is not None and init_z.shape == z.shape:
-            z = init_z.detach().to(dev, z.dtype).clone()
-        fit_lr, ramp = learning_rate_ramp(lr)
-        callbacks = [ramp, *callbacks]
+        z, warmup = _warm_start(net, init, z), WARMUP_ITERATIONS
     net = net.to(dev)
-    op = op.to(dev)
-    target = op(observed.tensor[None].to(dev)) if task == "inpaint" else observed.tensor[None].to(dev)
-    _check_operator_output(op, out_h, out_w, channels, target, dev)
-
-    meta = dict(task=task.value, network=cfg.to_dict() if cfg is not None else None, architecture=architecture(net),
-                image_size=[out_h, out_w], input_shape=list(z.shape), observation=_fingerprint(target, op),
-                early_stopping=early_stopping.to_dict() if early_stopping is not None else None)
-    state = None
-    if resume is not None:
-        state = load_checkpoint(resume, dev)
-        check_compatible(state["meta"], meta, path=f"checkpoint {resume}")
+    problem.check_operator(dev)
+    meta = _checkpoint_meta(problem, net, cfg, z, settings)
+    state = _resume_state(resume, checkpoint, overwrite_checkpoint, meta, dev)
+    if state is not None:
         z = state["z"].to(dev)
-    reference_t = None if ref is None else ref[None].to(dev)
     result = fit(
-        net, z, op, target,
-        iterations=iterations, crop=crop, lr=fit_lr, reg_noise_std=reg_noise_std, ema_weight=ema_weight,
-        reference=reference_t, noise_sigma=noise_sigma,
-        callbacks=callbacks, progress=progress, generator=gen, description=f"dip {task}",
-        early_stopping=early_stopping, guard=guard, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-        checkpoint_meta=meta, resume_state=state,
+        net, z, problem.operator.to(dev), problem.target(dev), settings, crop=crop, reference=ref,
+        callbacks=callbacks, checkpoint=checkpoint, checkpoint_meta=meta, resume_state=state, warmup=warmup,
+        generator=gen, progress=progress, description=description or f"dip {problem.task.cli_name}",
     )
-    image_out = _to_numpy(result.image)
-    quality = None if reference_t is None else psnr(image_out, _to_numpy(reference_t))
-    if observed.alpha is not None:
-        image_out = np.concatenate([image_out, _resize_alpha(observed.alpha, out_h, out_w)[:, :, None]], axis=2)
-    settings = dict(task=task.value, factor=factor, iterations="auto" if auto else iterations, max_iterations=iterations,
-                    early_stopping=meta["early_stopping"], lr=lr, reg_noise_std=reg_noise_std,
-                    ema_weight=ema_weight, input_scale=input_scale, seed=seed, device=str(dev),
-                    network=cfg.to_dict() if cfg is not None else type(net).__name__, noise_sigma=noise_sigma)
-    return Restoration(
-        image=image_out, history=result.history, network=net, net_input=z, iterations=result.iterations,
-        task=task, crop=crop, output=_to_numpy(result.output), stop_reason=result.stop_reason,
-        seconds=result.seconds, settings=settings, stopped_at=result.stopped_at, psnr=quality,
-        candidates={name: _to_numpy(t) for name, t in result.candidates.items()},
-    )
+    net.load_state_dict(result.weights)  # the network of the returned iterate, not of the end of the fit
+    record = {**settings.to_dict(), "task": problem.task.value, "factor": problem.factor, "device": str(dev),
+              "network": cfg.to_dict() if cfg is not None else type(net).__name__}
+    return Restoration.from_fit(result, problem, net, z, crop, record, ref)
 
 
-def _make_operator(task, observed, factor, mask, operator, max_pixels):
-    h, w = observed.size
-    if operator is not None:
-        op = operator if isinstance(operator, Operator) else Custom(operator)
-        scale = int(getattr(op, "scale", 1))
-        if task == "super_resolution" and factor is not None and scale == 1:
-            scale = factor
-        return op, h * scale, w * scale
-    if task == "custom":
-        raise DipError("task 'custom' needs operator=, a differentiable function from the restored image to the observation")
-    if task == "denoise":
-        return Denoise(), h, w
-    if task == "super_resolution":
-        if factor is None:
-            raise DipError("super-resolution needs factor= (an integer from 2 to 32)")
-        op = Downsample(factor)
-        if h * factor * w * factor > max_pixels:
-            raise DipError(
-                f"super-resolving {h}×{w} by {factor} gives {h * factor}×{w * factor} pixels, more than the limit "
-                f"of {max_pixels:,}; use a smaller factor or crop the image"
-            )
-        return op, h * factor, w * factor
-    if mask is None:
-        raise DipError("inpainting needs mask= (same size as the image, non-zero where pixels are known)")
-    return Inpaint(load_mask(mask, (h, w), max_pixels=max_pixels)), h, w
-
-
-def _check_operator_output(op, out_h, out_w, channels, target, dev) -> None:
-    probe = torch.zeros(1, channels, out_h, out_w, device=dev)
-    try:
-        with torch.no_grad():
-            y = op(probe)
-    except DipError:
-        raise
-    except Exception as exc:
-        raise DipError(f"the operator failed on a 1×{channels}×{out_h}×{out_w} input: {exc}") from exc
-    if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(target.shape):
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise DipError(
-            f"the operator maps a 1×{channels}×{out_h}×{out_w} image to {got}, but the observation is "
-            f"{tuple(target.shape)}; for an operator that changes the size, set its scale attribute"
-        )
-
-
-def _load_reference(reference, channels, out_h, out_w, max_pixels):
-    if reference is None:
+def _guard(guard: Union[GuardSettings, bool, None]) -> Optional[GuardSettings]:
+    if guard is True:
+        return GuardSettings()
+    if guard is False or guard is None:
         return None
-    ref = load_image(reference, name="reference", max_pixels=max_pixels).tensor
-    if tuple(ref.shape) != (channels, out_h, out_w):
-        raise DipError(
-            f"reference is {tuple(ref.shape)} (C×H×W) but the restored image will be {(channels, out_h, out_w)}"
-        )
-    return ref
+    if not isinstance(guard, GuardSettings):
+        raise DipError(f"guard must be True, False or a dip.fit.GuardSettings, got {guard!r}")
+    return guard
 
 
-def _make_network(network, default_preset: str, channels: int, seed: int):
+def _set_threads(threads: Optional[int]) -> None:
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise DipError(f"threads must be a positive integer, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
+def make_network(network: Union[str, HourglassConfig, nn.Module, None], problem: Problem,
+                 seed: int) -> tuple[nn.Module, Optional[HourglassConfig]]:
+    """The network to fit (seeded) and its configuration (None for a user's own module)."""
     if isinstance(network, nn.Module):
-        cfg = network.config if isinstance(network, Hourglass) else None
-        return network, cfg
+        return network, network.config if isinstance(network, Hourglass) else None
     if network is None:
-        network = default_preset
+        network = problem.defaults.network
     if isinstance(network, str):
-        cfg = preset(network, out_channels=channels)
+        cfg = preset(network, out_channels=problem.channels)
     elif isinstance(network, HourglassConfig):
-        cfg = HourglassConfig(**{**network.to_dict(), "out_channels": channels})
+        cfg = HourglassConfig(**{**network.to_dict(), "out_channels": problem.channels})
     else:
         raise DipError(f"network must be a preset name, a HourglassConfig or an nn.Module, got {type(network).__name__}")
     with torch.random.fork_rng(devices=[]):  # seed the initial weights without touching the caller's RNG
@@ -279,13 +213,62 @@ def _make_network(network, default_preset: str, channels: int, seed: int):
         return build_network(cfg), cfg
 
 
-def _fingerprint(target: torch.Tensor, op) -> str:
-    parts = [target.flatten()]
-    mask = getattr(op, "mask", None)
-    if isinstance(mask, torch.Tensor):
-        parts.append(mask.flatten().to(target.dtype))
-    parts.append(torch.tensor([float(getattr(op, "scale", 1))], device=target.device))
-    return fingerprint(torch.cat(parts))
+def make_input(net: nn.Module, cfg: Optional[HourglassConfig], problem: Problem, settings: FitSettings,
+               device: torch.device, generator: torch.Generator, max_memory: Optional[int] = None):
+    """The fixed input ``z`` (padded to what the hourglass takes) and the crop of the image inside its output."""
+    out_h, out_w = problem.output_size
+    multiple, minimum = (cfg.multiple(), cfg.min_size()) if cfg is not None else (1, 1)
+    pad_h, pad_w = _padded(out_h, multiple, minimum), _padded(out_w, multiple, minimum)
+    if cfg is not None:
+        check_fits_in_memory(cfg, pad_h, pad_w, device, max_memory, image_size=(out_h, out_w))
+    crop = ((pad_h - out_h) // 2, (pad_w - out_w) // 2, out_h, out_w)
+    channels = cfg.in_channels if cfg is not None else _module_in_channels(net)
+    z = make_noise_input(channels, pad_h, pad_w, scale=settings.input_scale, generator=generator, device=device)
+    return z, crop
+
+
+def _padded(size: int, multiple: int, minimum: int) -> int:
+    return max(minimum, int(math.ceil(size / multiple)) * multiple)
+
+
+def _warm_start(net: nn.Module, init, z: torch.Tensor) -> torch.Tensor:
+    init_z = warm_start(net, init)
+    if init_z is not None and init_z.shape == z.shape:
+        return init_z.detach().to(z.device, z.dtype).clone()
+    return z
+
+
+def _checkpoint_meta(problem: Problem, net: nn.Module, cfg, z: torch.Tensor, settings: FitSettings) -> dict:
+    return dict(task=problem.task.value, network=cfg.to_dict() if cfg is not None else None,
+                architecture=architecture(net), image_size=list(problem.output_size), input_shape=list(z.shape),
+                observation=problem.fingerprint(),
+                early_stopping=settings.early_stopping.to_dict() if settings.auto else None)
+
+
+def _resume_state(resume, checkpoint, overwrite: bool, meta: dict, device) -> Optional[dict]:
+    """The checkpoint to continue from; refuses to overwrite another run's checkpoint unless asked."""
+    if checkpoint is not None and Path(checkpoint).exists() and not overwrite:
+        same = resume is not None and Path(resume).exists() and os.path.samefile(resume, checkpoint)
+        if not same:
+            raise DipError(
+                f"{checkpoint} already holds a checkpoint; continue that fit with resume={os.fspath(checkpoint)!r} "
+                "(--resume), or pass overwrite_checkpoint=True (--overwrite-checkpoint) to start over"
+            )
+    if resume is None:
+        return None
+    state = load_checkpoint(resume, device)
+    check_compatible(state["meta"], meta, path=f"checkpoint {resume}")
+    return state
+
+
+def _load_reference(reference, problem: Problem, max_pixels: int, device) -> Optional[torch.Tensor]:
+    if reference is None:
+        return None
+    ref = load_image(reference, name="reference", max_pixels=max_pixels).tensor
+    expected = (problem.channels, *problem.output_size)
+    if tuple(ref.shape) != expected:
+        raise DipError(f"reference is {tuple(ref.shape)} (C×H×W) but the restored image will be {expected}")
+    return ref[None].to(device)
 
 
 def _module_in_channels(net: nn.Module) -> int:
@@ -295,12 +278,4 @@ def _module_in_channels(net: nn.Module) -> int:
     raise DipError("cannot tell how many input channels the custom network takes; give it a Conv2d first layer")
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach()[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy().astype(np.float32)
-
-
-def _resize_alpha(alpha: np.ndarray, h: int, w: int) -> np.ndarray:
-    if alpha.shape == (h, w):
-        return alpha
-    img = Image.fromarray(alpha.astype(np.float32), mode="F").resize((w, h), Image.BICUBIC)
-    return np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+__all__ = ["Operator", "make_input", "make_network", "resolve_device", "restore"]

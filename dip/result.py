@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dip.fit.loop import History
+from dip.fit.loop import FitResult, History
 from dip.fit.settings import StopReason
-from dip.io import save_image, to_pil
+from dip.io import LoadedImage, save_image, to_pil
+from dip.metrics import psnr
+from dip.tasks import Task
 
 
 @dataclass
@@ -22,9 +24,13 @@ class Restoration:
     ``image`` is the exponential moving average of the network outputs (what
     the original work reports) at iteration ``stopped_at`` — the end of the
     fit, or with the automatic stop the iterate it picked — cropped to the
-    image and with the alpha channel, if the input had one, put back. ``output`` is the last raw
-    network output; ``network`` and ``net_input`` regenerate it:
-    ``network(net_input)`` cropped by ``crop``.
+    image and with the alpha channel, if the input had one, put back.
+    ``network`` holds the weights of that same iterate ``stopped_at``, so
+    :meth:`render`, every export and ``init=`` warm starts use the network
+    that produced the returned image: ``network(net_input)`` cropped by
+    ``crop`` is its raw output there (``image`` is the average of such
+    outputs, so the two differ slightly). ``output`` is the last raw output
+    the fit computed.
     """
 
     image: np.ndarray  # H×W×C float32 in [0, 1]
@@ -32,16 +38,32 @@ class Restoration:
     network: nn.Module
     net_input: torch.Tensor
     iterations: int
-    task: str
+    task: Task
     crop: tuple  # (top, left, height, width) of the image inside the network output
     output: Optional[np.ndarray] = None  # H×W×C last raw network output
     stop_reason: StopReason = StopReason.COMPLETED
     seconds: float = 0.0
-    settings: dict = field(default_factory=dict)
-    stopped_at: int = 0  # the iteration ``image`` belongs to (the detected point of an automatic stop)
+    settings: dict = field(default_factory=dict)  # FitSettings.to_dict() plus task, factor, device, network
+    stopped_at: int = 0  # the iteration ``image`` and ``network`` belong to
     psnr: Optional[float] = None  # of ``image`` against the reference, when one was given
-    #: with the automatic stop, every image it can return (see ``dip.stopping.SELECTIONS``), by name
+    #: with the automatic stop, every image it can return (see :class:`dip.fit.Selection`), by name
     candidates: dict = field(default_factory=dict)
+    source: Optional[LoadedImage] = None  # the input as read (its file's metadata travels to save())
+
+    @classmethod
+    def from_fit(cls, result: FitResult, problem, network: nn.Module, z: torch.Tensor, crop: tuple,
+                 settings: dict, reference: Optional[torch.Tensor] = None) -> Restoration:
+        """Assemble the restoration of ``problem`` from a finished fit (``network`` holds the returned iterate)."""
+        image = tensor_to_image(result.image)
+        quality = None if reference is None else psnr(image, tensor_to_image(reference))
+        if problem.alpha is not None:
+            image = np.concatenate([image, _resize_alpha(problem.alpha, *problem.output_size)[:, :, None]], axis=2)
+        return cls(image=image, history=result.history, network=network, net_input=z,
+                   iterations=result.iterations, task=problem.task, crop=crop, output=tensor_to_image(result.output),
+                   stop_reason=result.stop_reason, seconds=result.seconds, settings=settings,
+                   stopped_at=result.stopped_at, psnr=quality,
+                   candidates={name: tensor_to_image(t) for name, t in result.candidates.items()},
+                   source=problem.source)
 
     @property
     def interrupted(self) -> bool:
@@ -57,7 +79,7 @@ class Restoration:
         return save_image(self.image, path)
 
     def render(self) -> torch.Tensor:
-        """Run the fitted network on its input again: the cropped 1×C×H×W output (no averaging)."""
+        """Run the network of the returned iterate on its input: the cropped 1×C×H×W output (no averaging)."""
         self.network.train()  # DIP's BatchNorm uses the statistics of the single image, as in the fit
         with torch.no_grad():
             out = self.network(self.net_input)
@@ -67,18 +89,24 @@ class Restoration:
     def export_torchscript(self, path: Union[str, os.PathLike], *, z_as_input: bool = False):
         """Write the fitted network and its input to a TorchScript file; see :func:`dip.export.to_torchscript`.
 
-        The file reproduces :meth:`render` (the last network output, cropped),
-        not the averaged ``image``.
+        The file reproduces :meth:`render` (the network output of the returned
+        iterate, cropped), not the averaged ``image``.
         """
         from dip.export import to_torchscript
 
         return to_torchscript(self._fitted_network(), self.net_input, path, crop=self.crop, z_as_input=z_as_input)
 
-    def export_onnx(self, path: Union[str, os.PathLike], *, z_as_input: bool = False):
-        """Write the fitted network and its input to an ONNX file; see :func:`dip.export.to_onnx`."""
+    def export_onnx(self, path: Union[str, os.PathLike], *, z_as_input: bool = False,
+                    opset_version: Optional[int] = None):
+        """Write the fitted network and its input to an ONNX file; see :func:`dip.export.to_onnx`.
+
+        ``opset_version`` (default: the exporter's) is the ONNX opset the file
+        declares; one the exporter cannot write raises ``DipError``.
+        """
         from dip.export import to_onnx
 
-        return to_onnx(self._fitted_network(), self.net_input, path, crop=self.crop, z_as_input=z_as_input)
+        return to_onnx(self._fitted_network(), self.net_input, path, crop=self.crop, z_as_input=z_as_input,
+                       opset_version=opset_version)
 
     def export_program(self, path: Union[str, os.PathLike], *, z_as_input: bool = False):
         """Write the fitted network and its input to a ``torch.export`` .pt2 file; see :func:`dip.export.to_program`."""
@@ -106,5 +134,17 @@ class Restoration:
 
     def __repr__(self) -> str:
         h, w, c = self.image.shape
-        return (f"Restoration(task={self.task!r}, image={h}×{w}×{c}, iterations={self.iterations}, "
-                f"stopped_at={self.stopped_at}, stop_reason={self.stop_reason!r}, seconds={self.seconds:.1f})")
+        return (f"Restoration(task={self.task.value!r}, image={h}×{w}×{c}, iterations={self.iterations}, "
+                f"stopped_at={self.stopped_at}, stop_reason={self.stop_reason.value!r}, seconds={self.seconds:.1f})")
+
+
+def tensor_to_image(t: torch.Tensor) -> np.ndarray:
+    """A 1×C×H×W tensor as an H×W×C float32 array clipped to [0, 1]."""
+    return t.detach()[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy().astype(np.float32)
+
+
+def _resize_alpha(alpha: np.ndarray, h: int, w: int) -> np.ndarray:
+    if alpha.shape == (h, w):
+        return alpha
+    img = Image.fromarray(alpha.astype(np.float32), mode="F").resize((w, h), Image.BICUBIC)
+    return np.clip(np.asarray(img, dtype=np.float32), 0, 1)

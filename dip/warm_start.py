@@ -57,20 +57,6 @@ def _check_same_config(mine: dict, theirs: dict) -> None:
         raise DipError(f"init has a different architecture than the network being fitted: {shown}")
 
 
-#: Iterations over which a warm-started fit ramps its learning rate up to the full value.
+#: Iterations over which a warm-started fit ramps its learning rate up to the full value
+#: (by the fit's learning-rate schedule, :class:`dip.fit.monitors.LearningRate`).
 WARMUP_ITERATIONS = 25
-
-
-def learning_rate_ramp(lr: float, iterations: int = WARMUP_ITERATIONS):
-    """(first learning rate, callback) ramping Adam's learning rate linearly to ``lr`` over ``iterations`` steps.
-
-    A fresh Adam's first steps move every weight by about the learning rate,
-    whatever its gradient, which throws a fitted network far from its fit (the
-    loss of a warm start jumps several-fold at step 2 without the ramp).
-    """
-    def ramp(step) -> None:
-        scale = min(1.0, (step.iteration + 1) / iterations)
-        for group in step.optimizer.param_groups:
-            group["lr"] = lr * scale
-
-    return lr / iterations, ramp

@@ -1,9 +1,10 @@
-"""Export of fitted networks to TorchScript, torch.export (.pt2) and ONNX; `dip render`; warm start.
+"""Export of fitted networks to TorchScript (and its lite format), torch.export (.pt2) and ONNX; `dip render`; warm start.
 
 Exported files are checked in a subprocess where importing dip fails, so
 they are shown to run on plain torch / onnxruntime. Run this file with and
 without ``DIP_DISABLE_EXTENSION=1`` to cover the fused and the pure path.
 """
+import copy
 import json
 import os
 import subprocess
@@ -16,8 +17,9 @@ import torch
 
 import dip
 from dip.errors import DipError
-from dip.export import export_module, read_metadata, to_onnx, to_program, to_torchscript
-from dip.nn import build_network
+from dip.export import export_module, read_metadata, run_exported, to_onnx, to_program, to_torchscript
+from dip.nn import FusedConvBlock, build_network
+from dip.nn.blocks import LanczosDownsample
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -79,12 +81,49 @@ def test_export_module_matches_render(fitted):
         assert (free(fitted.net_input) - reference).abs().max() <= TOL_TORCH
 
 
-def test_export_graph_holds_no_dip_module(fitted):
-    module = export_module(fitted.network, fitted.net_input, crop=fitted.crop)
-    dip_modules = [type(m).__module__ for m in module.modules()
-                   if type(m).__module__.startswith("dip") and type(m).__module__ != "dip.export"]
-    assert dip_modules == []
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+def test_export_freezes_a_pure_copy_and_leaves_the_live_network_alone(fitted):
+    net = fitted.network
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    block_types = [type(m) for m in net.modules()]
+    rng = torch.random.get_rng_state()
+    module = export_module(net, fitted.net_input, crop=fitted.crop)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert not any(isinstance(m, FusedConvBlock) for m in module.modules())
+    assert all(not m.use_op for m in module.modules() if isinstance(m, LanczosDownsample))
+    # Every block's BatchNorm is folded into its convolution; the merges after the concatenations stay, in eval mode.
+    norms = {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert norms == {"merge_bn"} and not module.training
+    program = torch.export.export(module, ())
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any(t.startswith("dip.") for t in targets), targets
+    assert [type(m) for m in net.modules()] == block_types
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_fused_and_pure_networks_export_the_same():
+    fused, z, reference = _trained({}, (1, 4, 24, 20))
+    pure = build_network("small", fused=False, **TINY)
+    pure.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        a = export_module(fused, z)()
+        b = export_module(pure, z)()
+    assert (a - reference).abs().max() <= TOL_TORCH
+    assert (a - b).abs().max() <= TOL_TORCH
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_export_of_a_cuda_network(tmp_path):
+    net, z, _ = _trained({}, (1, 4, 24, 20))
+    on_cpu = copy.deepcopy(net).train()
+    net, z = net.cuda(), z.cuda()
+    with torch.no_grad():
+        reference = on_cpu(z.cpu())
+    assert (export_module(net, z)() - reference).abs().max() <= TOL_TORCH
+    to_program(net, z, tmp_path / "m.pt2")
+    with torch.no_grad():
+        assert (torch.export.load(str(tmp_path / "m.pt2")).module()() - reference).abs().max() <= TOL_TORCH
+    assert next(net.parameters()).is_cuda
 
 
 # Every padding, upsampling, activation and downsampling option appears in at least one net.
@@ -106,8 +145,10 @@ def test_every_option_torchscript_and_onnx(options, tmp_path):
     with torch.no_grad():
         assert (module() - reference).abs().max() <= TOL_TORCH
     to_torchscript(net, z, tmp_path / "m.pt")
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
     with torch.no_grad():
-        assert (torch.jit.load(str(tmp_path / "m.pt"))() - reference).abs().max() <= TOL_TORCH
+        assert (scripted() - reference).abs().max() <= TOL_TORCH
+    assert "dip::" not in str(scripted.inlined_graph)
     to_onnx(net, z, tmp_path / "m.onnx")
     onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
@@ -154,10 +195,35 @@ def test_onnx_standard_operators_and_metadata(fitted, tmp_path):
     assert [o.name for o in model.graph.output] == ["image"]
     domains = {n.domain for n in model.graph.node} | {f.domain for f in model.functions}
     assert domains <= {"", "ai.onnx"}
-    ops = {n.op_type for n in model.graph.node}
-    assert "Conv" in ops and "BatchNormalization" not in ops
+    ops = [n.op_type for n in model.graph.node]
+    # Only the BatchNorm after each scale's concatenation is left; the blocks' are folded into their convolutions.
+    assert "Conv" in ops and ops.count("BatchNormalization") == fitted.network.config.scales
     meta = read_metadata(path)
     assert meta["crop"] == list(fitted.crop) and meta["network"]["channels_down"] == [16, 32, 64]
+
+
+def test_onnx_opset_is_honoured_or_refused(fitted, tmp_path):
+    for opset in (18, 21):
+        path = fitted.export_onnx(tmp_path / f"m{opset}.onnx", opset_version=opset)
+        model = onnx.load(str(path))
+        assert {o.domain: o.version for o in model.opset_import}[""] == opset
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert np.abs(session.run(None, {})[0] - fitted.render().numpy()).max() <= TOL_ORT
+    for opset in (17, 7, onnx.defs.onnx_opset_version() + 1, "18", True):
+        with pytest.raises(DipError, match="opset_version must be an integer from 18"):
+            to_onnx(fitted.network, fitted.net_input, tmp_path / "bad.onnx", opset_version=opset)
+    with pytest.raises(DipError, match="opset_version"):
+        fitted.export_onnx(tmp_path / "bad.onnx", opset_version=12)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_lite_interpreter_file(fitted, tmp_path):
+    from torch.jit.mobile import _load_for_lite_interpreter
+
+    path = to_torchscript(fitted.network, fitted.net_input, tmp_path / "m.ptl", crop=fitted.crop, lite=True)
+    with torch.no_grad():
+        assert (_load_for_lite_interpreter(str(path))() - fitted.render()).abs().max() <= TOL_TORCH
+    assert (run_exported(path) - fitted.render()).abs().max() <= TOL_TORCH
 
 
 # --------------------------------------------------------------------------- in a process without dip
@@ -174,12 +240,15 @@ _RUNNER = textwrap.dedent("""
     import numpy as np
     import onnxruntime
     import torch
+    import torch.jit.mobile
 
     reference = torch.load("reference.pt")
     diffs = {}
     with torch.no_grad():
         diffs["torchscript"] = (torch.jit.load("m.pt")() - reference).abs().max().item()
         diffs["program"] = (torch.export.load("m.pt2").module()() - reference).abs().max().item()
+        lite = torch.jit.mobile._load_for_lite_interpreter("m.ptl")
+        diffs["lite"] = (lite() - reference).abs().max().item()
     session = onnxruntime.InferenceSession("m.onnx", providers=["CPUExecutionProvider"])
     diffs["onnx"] = float(np.abs(session.run(None, {})[0] - reference.numpy()).max())
     diffs["dip_imported"] = any(m == "dip" or m.startswith("dip.") for m in sys.modules)
@@ -191,6 +260,7 @@ def test_files_run_without_dip(fitted, tmp_path):
     fitted.export_torchscript(tmp_path / "m.pt")
     fitted.export_program(tmp_path / "m.pt2")
     fitted.export_onnx(tmp_path / "m.onnx")
+    to_torchscript(fitted.network, fitted.net_input, tmp_path / "m.ptl", crop=fitted.crop, lite=True)
     torch.save(fitted.render(), tmp_path / "reference.pt")
     (tmp_path / "runner.py").write_text(_RUNNER)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DIP_DISABLE_EXTENSION")}
@@ -201,6 +271,7 @@ def test_files_run_without_dip(fitted, tmp_path):
     assert diffs["dip_imported"] is False
     assert diffs["torchscript"] <= TOL_TORCH
     assert diffs["program"] <= TOL_TORCH
+    assert diffs["lite"] <= TOL_TORCH
     assert diffs["onnx"] <= TOL_ORT
 
 

@@ -234,8 +234,11 @@ def test_bad_settings(clean64):
 
 
 def test_too_large_for_memory_is_refused_with_an_estimate(clean64):
-    with pytest.raises(ImageTooLargeError, match=r"needs about .* GiB .* only .* GiB is available"):
+    # the message names the user's size (not the padded one) in units that keep a digit
+    with pytest.raises(ImageTooLargeError, match=r"a 64×64 image needs about .* MiB .* only 1.0 KiB is available"):
         dip.restore(clean64, max_memory=1024, progress=False)
+    with pytest.raises(ImageTooLargeError, match=r"only 1 bytes is available"):
+        dip.restore(clean64[:50, :50], max_memory=1, progress=False)
 
 
 def test_estimate_scales_with_pixels():

@@ -10,15 +10,24 @@ failed record and is resubmitted here, as in the local pool.
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
+from urllib.parse import urlsplit
 
-from dip.batch import FAILED, Job, _record, cpu_count, restore_one, retry_job
+from dip.batch.records import Job, Record, RecordStatus
+from dip.batch.worker import cpu_count, restore_one
 from dip.errors import DipError
+from dip.tasks import Task
 
 INSTALL_HINT = "running a batch on Ray needs Ray: pip install 'dip[ray]'"
+CONNECT_TIMEOUT = 20.0  # seconds to wait for a cluster's address to answer
+GCS_PORT = 6379  # Ray's default head port
+CLIENT_PORT = 10001  # Ray Client's default port (ray://)
 
 
 def import_ray(local: bool):
@@ -45,13 +54,42 @@ def worker_runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": path}}
 
 
-def run_on_ray(jobs: Sequence[Job], task: str, options: dict, run_seed: int, ray_arg: Union[bool, str],
-               retries: int, report: Callable[[dict], None]) -> None:
+def wait_for_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Return once something accepts connections at the Ray ``address``; a :class:`DipError` after ``timeout`` s.
+
+    Ray itself keeps retrying an address where nothing listens, for ever; this
+    check bounds the wait and says what is wrong. ``"auto"`` (find the local
+    cluster) is left to Ray.
+    """
+    if address == "auto":
+        return
+    client = address.startswith("ray://")
+    parts = urlsplit(address if client else "//" + address)
+    try:
+        host, port = parts.hostname, parts.port or (CLIENT_PORT if client else GCS_PORT)
+    except ValueError:
+        raise DipError(f"--ray: cannot read the address {address!r}; expected HOST:PORT or ray://HOST:PORT") from None
+    if not host:
+        raise DipError(f"--ray: cannot read the address {address!r}; expected HOST:PORT or ray://HOST:PORT")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as exc:
+            if time.monotonic() + 0.5 >= deadline:
+                raise DipError(f"no Ray cluster answers at {address} (waited {timeout:g} s: {exc.strerror or exc}); "
+                               "check the address, or start one with `ray start --head`") from None
+        time.sleep(0.5)
+
+
+def run_on_ray(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, ray_arg: Union[bool, str],
+               retries: int, report: Callable[[Record], None], timeout: Optional[float] = None) -> None:
     """Run ``jobs`` as Ray tasks and ``report`` each final record.
 
     ``ray_arg`` is ``True`` (the Ray runtime this process is connected to, or a
-    new local one) or the address of a cluster. A Ray started here is shut down
-    at the end.
+    new local one) or the address of a cluster, which must answer within
+    ``timeout`` seconds (default 20). A Ray started here is shut down at the end.
     """
     address = ray_arg if isinstance(ray_arg, str) and ray_arg else None
     ray = import_ray(local=address is None)
@@ -60,6 +98,7 @@ def run_on_ray(jobs: Sequence[Job], task: str, options: dict, run_seed: int, ray
         if address is None:
             ray.init(num_cpus=cpu_count(), include_dashboard=False)
         else:
+            wait_for_address(address, CONNECT_TIMEOUT if timeout is None else timeout)
             ray.init(address=address)
         started = True
     pending: dict = {}
@@ -82,12 +121,12 @@ def run_on_ray(jobs: Sequence[Job], task: str, options: dict, run_seed: int, ray
                 try:
                     record = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # Ray's own retries are spent
-                    record = _record(job, FAILED, error=f"Ray task failed: {type(exc).__name__}: {_first_line(exc)}",
-                                     attempts=job.attempt + 1 + retries)
-                    report(record)
+                    error = f"Ray task failed: {type(exc).__name__}: {_first_line(exc)}"
+                    report(replace(Record.for_job(job, RecordStatus.FAILED, error=error),
+                                   attempts=job.attempt + 1 + retries))
                     continue
-                if record["status"] == FAILED and job.attempt < retries:
-                    submit(retry_job(job, record, run_seed))
+                if record.failed and job.attempt < retries:
+                    submit(job.retry(record, run_seed))
                 else:
                     report(record)
     except BaseException:

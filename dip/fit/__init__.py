@@ -4,9 +4,17 @@
 after each step, ``dip.fit.FitSettings`` everything a fit takes and
 ``dip.fit.StopReason`` why it ended.
 """
-from dip.fit.loop import Callback, FitResult, History, Step, fit, make_noise_input
+from dip.fit.loop import Callback, FitLoop, FitResult, History, Step, default_monitors, fit, make_noise_input
 from dip.fit.monitors import Monitor
-from dip.fit.settings import FitSettings, Precision, Selection, StopReason
+from dip.fit.settings import (
+    EarlyStopping,
+    FitSettings,
+    GuardSettings,
+    Precision,
+    Selection,
+    StopMode,
+    StopReason,
+)
 
-__all__ = ["Callback", "FitResult", "FitSettings", "History", "Monitor", "Precision", "Selection", "Step",
-           "StopReason", "fit", "make_noise_input"]
+__all__ = ["Callback", "EarlyStopping", "FitLoop", "FitResult", "FitSettings", "GuardSettings", "History", "Monitor",
+           "Precision", "Selection", "Step", "StopMode", "StopReason", "default_monitors", "fit", "make_noise_input"]

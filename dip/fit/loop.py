@@ -2,35 +2,36 @@
 
 Minimises ``‖A(crop(f_θ(z + η))) − y‖²`` over the network weights θ with
 Adam, where ``z`` is a fixed noise input, ``η`` a fresh perturbation each
-step (``reg_noise_std``), ``A`` the degradation and ``y`` the observation.
-The returned image is an exponential moving average of the outputs, which
-smooths the iterate-to-iterate jitter as in the original work; with early
-stopping it is the one the stopping rule picks. A divergence guard rolls
-back bad steps; checkpoints let an interrupted fit continue bit for bit.
+step (``reg_noise_std``), ``A`` the degradation and ``y`` the observation. The
+loop itself only takes steps and keeps the moving average of the outputs;
+everything optional — the automatic stop, the divergence guard, the
+discrepancy stop, PSNR records, checkpoints, the learning-rate schedule,
+callbacks — is a :class:`~dip.fit.monitors.Monitor` it consults after each
+step. The returned image is the moving average of the outputs, or with the
+automatic stop the iterate it picked, and the network weights of that iterate
+come back with it.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dip.checkpoint import save_checkpoint
 from dip.errors import DipError
-from dip.fit.settings import StopReason
-from dip.guard import DivergenceGuard, GuardSettings
-from dip.metrics import psnr_torch
-from dip.stopping import EarlyStopping, VarianceStopper
+from dip.fit.guard import DivergenceGuard, GuardVerdict, copy_state
+from dip.fit.monitors import Callbacks, Checkpointer, DiscrepancyStop, LearningRate, Monitor, PsnrRecorder
+from dip.fit.settings import FitSettings, GuardSettings, Precision, StopReason
+from dip.fit.stopping import VarianceStopper
 
 
 @dataclass
 class Step:
-    """What a callback sees after each iteration (tensors stay on the fit's device)."""
+    """What callbacks and monitors see after each step (tensors stay on the fit's device)."""
 
     iteration: int  # 1-based count of finished iterations
     loss: torch.Tensor  # 0-d, detached
@@ -38,6 +39,7 @@ class Step:
     ema: torch.Tensor  # running average of outputs, 1×C×H×W
     network: nn.Module
     optimizer: torch.optim.Optimizer
+    loop: FitLoop = field(repr=False, default=None)
 
 
 #: A callback returns True to stop the fit after this step.
@@ -59,155 +61,290 @@ class History:
                 "variance": list(self.variance), "rollbacks": list(self.rollbacks)}
 
 
+class Series:
+    """Per-iteration scalars kept on the device, grown in chunks (no host sync, no huge preallocation)."""
+
+    CHUNK = 1024
+
+    def __init__(self, device):
+        self.device = device
+        self._data: dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, iteration: int, value: torch.Tensor) -> None:
+        """Record ``value`` (a 0-d tensor) for 1-based ``iteration``."""
+        data = self._data.get(name)
+        if data is None or data.numel() < iteration:
+            size = max(self.CHUNK, 2 * (0 if data is None else data.numel()), iteration)
+            grown = torch.full((size,), float("nan"), device=self.device)
+            if data is not None:
+                grown[: data.numel()] = data
+            self._data[name] = data = grown
+        data[iteration - 1] = value.detach()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._data[name]
+
+    def names(self) -> list:
+        return list(self._data)
+
+    def state_dict(self, done: int) -> dict:
+        return {name: data[:done] for name, data in self._data.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._data = {}
+        for name, values in state.items():
+            done = values.numel()
+            if done:
+                self.put(name, done, values[-1].to(self.device))
+                self._data[name][:done] = values.to(self.device)
+
+    def to_lists(self, done: int) -> dict:
+        return {name: data[:done].tolist() for name, data in self._data.items()}
+
+
 @dataclass
 class FitResult:
     """The outcome of :func:`fit`."""
 
-    ema: torch.Tensor  # 1×C×H×W averaged output at the end of the fit
+    image: torch.Tensor  # the restored image: the moving average, or the automatic stop's selection
+    ema: torch.Tensor  # 1×C×H×W moving average at the end of the fit
     output: torch.Tensor  # 1×C×H×W last network output
     history: History
     iterations: int  # iterations completed
-    stop_reason: StopReason  # "completed", "auto stop", "callback", "noise level reached", "interrupted", "diverged"
+    stop_reason: StopReason
     seconds: float
-    image: Optional[torch.Tensor] = None  # the restored image: ``ema``, or the early-stopping selection
-    stopped_at: int = 0  # the iteration ``image`` belongs to
-    candidates: dict = field(default_factory=dict)  # with early stopping: every selectable image, by name
+    stopped_at: int = 0  # the iteration ``image`` (and ``weights``) belong to
+    weights: Optional[dict] = None  # the network's state at ``stopped_at``
+    candidates: dict = field(default_factory=dict)  # with the automatic stop: every selectable image
 
 
-def fit(
-    net: nn.Module,
-    z: torch.Tensor,
-    operator: Callable[[torch.Tensor], torch.Tensor],
-    target: torch.Tensor,
-    *,
-    iterations: int,
-    crop: Optional[Sequence[int]] = None,
-    lr: float = 0.01,
-    reg_noise_std: float = 1.0 / 30.0,
-    ema_weight: float = 0.99,
-    reference: Optional[torch.Tensor] = None,
-    noise_sigma: Optional[float] = None,
-    callbacks: Iterable[Callback] = (),
-    progress: bool = True,
-    generator: Optional[torch.Generator] = None,
-    description: str = "dip",
-    early_stopping: Optional[EarlyStopping] = None,
-    guard: Optional[GuardSettings] = GuardSettings(),
-    checkpoint: Optional[Union[str, os.PathLike]] = None,
-    checkpoint_every: Optional[int] = None,
-    checkpoint_meta: Optional[dict] = None,
-    resume_state: Optional[dict] = None,
-) -> FitResult:
+def autocast_dtype(precision: Precision, device: torch.device) -> Optional[torch.dtype]:
+    """The compute dtype of the network for ``precision`` on ``device`` (None: plain float32)."""
+    if precision is Precision.FLOAT32:
+        return None
+    if precision is Precision.BFLOAT16:
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_is_fast(device) else None
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """True where bfloat16 convolutions run on matrix units: Ampere+ GPUs, CPUs with AMX or AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+class FitLoop:
+    """One fit: the network, its optimizer, the moving average, the history and the monitors."""
+
+    def __init__(self, net: nn.Module, z: torch.Tensor, operator: Callable, target: torch.Tensor,
+                 settings: FitSettings, monitors: Sequence[Monitor], *, crop: Optional[Sequence[int]] = None,
+                 generator: Optional[torch.Generator] = None):
+        self.net, self.z, self.operator, self.target = net, z, operator, target
+        self.settings = settings
+        self.budget = settings.budget
+        self.crop = crop
+        self.generator = generator
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
+        self.monitors = list(monitors)
+        # The learning rate and the guard are always there: the guard restores what the others compute.
+        self.learning_rate = next((m for m in self.monitors if isinstance(m, LearningRate)), None)
+        if self.learning_rate is None:
+            self.learning_rate = LearningRate()
+            self.monitors.insert(0, self.learning_rate)
+        self.guard = next((m for m in self.monitors if isinstance(m, DivergenceGuard)), None)
+        if self.guard is None:
+            self.guard = DivergenceGuard(GuardSettings.off(), settings.check_every)
+            self.monitors.append(self.guard)
+        names = [m.name for m in self.monitors]
+        if len(set(names)) != len(names):
+            raise DipError(f"two monitors share a name: {names}")
+        self.series = Series(z.device)
+        self.ema: Optional[torch.Tensor] = None
+        self.output: Optional[torch.Tensor] = None
+        self.done = 0
+        self._autocast = autocast_dtype(settings.precision, z.device)
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Adam step; returns the (detached) loss and cropped output of the weights before it."""
+        s = self.settings
+        net_in = self.z
+        if s.reg_noise_std:
+            noise = torch.randn(self.z.shape, generator=self.generator, device=self.z.device, dtype=self.z.dtype)
+            net_in = self.z + s.reg_noise_std * noise
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.z.device.type, dtype=self._autocast or torch.bfloat16,
+                            enabled=self._autocast is not None):
+            out = _crop(self.net(net_in), self.crop)
+        out = out.float()
+        loss = torch.mean((self.operator(out) - self.target) ** 2)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), out.detach()
+
+    def run(self, *, progress: bool = True, description: str = "dip") -> FitResult:
+        """Take steps until the budget is spent or a monitor stops the fit; Ctrl-C ends it early."""
+        for m in self.monitors:
+            m.on_start(self)
+        reason = StopReason.COMPLETED
+        start = time.perf_counter()
+        bar = tqdm(total=self.budget, initial=self.done, desc=description, disable=not progress, leave=False,
+                   dynamic_ncols=True)
+        try:
+            while self.done < self.budget:
+                loss, out = self.step()
+                self._record(loss, out)
+                bar.update(1)
+                reason = self._after_step(Step(self.done, loss, out, self.ema, self.net, self.optimizer, self))
+                if progress and self.done % self.settings.check_every == 0:
+                    bar.set_postfix(self._postfix(), refresh=False)
+                if reason is not None:
+                    break
+            reason = reason or StopReason.COMPLETED
+        except KeyboardInterrupt:
+            reason = StopReason.INTERRUPTED
+        finally:
+            bar.close()
+        for m in self.monitors:  # the guard last: it undoes a bad step the others may have stopped on
+            if m is not self.guard:
+                m.on_end(self, reason)
+        self.guard.on_end(self, reason)
+        return self._result(reason, time.perf_counter() - start)
+
+    def _record(self, loss: torch.Tensor, out: torch.Tensor) -> None:
+        w = self.settings.ema_weight
+        self.output = out
+        self.ema = out.clone() if self.ema is None else self.ema.mul_(w).add_(out, alpha=1 - w)
+        self.done += 1
+        self.series.put("loss", self.done, loss)
+
+    def _after_step(self, step: Step) -> Optional[StopReason]:
+        """The guard first (a rolled-back step is seen by no one), then every other monitor in turn."""
+        verdict = self.guard.inspect(step)
+        if verdict is GuardVerdict.GAVE_UP:
+            return StopReason.DIVERGED
+        if verdict is GuardVerdict.ROLLED_BACK:
+            return None
+        reasons = [m.on_step(step) for m in self.monitors if m is not self.guard]  # all see every step
+        return next((r for r in reasons if r is not None), None)
+
+    def _postfix(self) -> dict:
+        info = {"loss": f"{float(self.series['loss'][self.done - 1]):.2e}"}
+        if "psnr_ema" in self.series.names():
+            info["psnr"] = f"{float(self.series['psnr_ema'][self.done - 1]):.2f}"
+        return info
+
+    def _result(self, reason: StopReason, seconds: float) -> FitResult:
+        if self.ema is None:  # nothing finished: hand back the current network output
+            with torch.no_grad():
+                self.ema = self.output = _crop(self.net(self.z), self.crop).detach().float()
+        stopper = next((m for m in self.monitors if isinstance(m, VarianceStopper)), None)
+        image, stopped_at, weights, candidates = self.ema, self.done, None, {}
+        if stopper is not None and stopper.best_output is not None:
+            image, candidates = stopper.image(self.ema), stopper.candidates(self.ema)
+            if stopper.selects_best():
+                stopped_at, weights = stopper.best(), stopper.best_weights
+        lists = self.series.to_lists(self.done)
+        history = History(loss=lists.get("loss", []), psnr=lists.get("psnr", []), psnr_ema=lists.get("psnr_ema", []),
+                          variance=lists.get("variance", []), rollbacks=list(self.guard.rollbacks))
+        if weights is None:
+            weights = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        return FitResult(image=image, ema=self.ema, output=self.output, history=history, iterations=self.done,
+                         stop_reason=reason, seconds=seconds, stopped_at=stopped_at, weights=weights,
+                         candidates=candidates)
+
+    def state_dict(self, *, only_rollback: bool = False) -> dict:
+        """Everything that continues the fit exactly: the content of a checkpoint (and of a guard snapshot)."""
+        monitors = {m.name: m.state_dict() for m in self.monitors if m.rolls_back or not only_rollback}
+        return {
+            "iteration": self.done,
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "z": self.z,
+            "generator": self.generator.get_state() if self.generator is not None else None,
+            "ema": self.ema,
+            "output": self.output,
+            "series": self.series.state_dict(self.done),
+            "monitors": monitors,
+        }
+
+    def load_state_dict(self, state: dict, *, only_rollback: bool = False) -> None:
+        """Continue from :meth:`state_dict` (a checkpoint, or the guard's snapshot)."""
+        state = copy_state(None, state)  # never alias the caller's tensors: the fit updates in place
+        device = self.z.device
+        done = int(state["iteration"])
+        if done > self.budget:
+            raise DipError(f"the checkpoint is at iteration {done}, past the {self.budget} iterations asked for")
+        self.done = done
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+        self.ema = None if state.get("ema") is None else state["ema"].to(device)
+        self.output = None if state.get("output") is None else state["output"].to(device)
+        self.series.load_state_dict(state.get("series", {}))
+        saved = state.get("monitors", {})
+        for m in self.monitors:
+            if (m.rolls_back or not only_rollback) and m.name in saved:
+                m.load_state_dict(_to_device(saved[m.name], device))
+
+
+def default_monitors(settings: FitSettings, *, reference: Optional[torch.Tensor] = None,
+                     callbacks: Iterable[Callback] = (), checkpoint=None, checkpoint_meta: Optional[dict] = None,
+                     warmup: int = 0) -> list:
+    """The monitors ``settings`` asks for, in the order they see each step."""
+    every = settings.check_every
+    monitors: list = [LearningRate(warmup), DivergenceGuard(settings.guard or GuardSettings.off(), every)]
+    if reference is not None:
+        monitors.append(PsnrRecorder(reference))
+    if settings.auto:
+        monitors.append(VarianceStopper(settings.early_stopping, every))
+    if settings.noise_sigma is not None:
+        monitors.append(DiscrepancyStop(settings.noise_sigma, every))
+    callbacks = list(callbacks)
+    if callbacks:
+        monitors.append(Callbacks(callbacks))
+    if checkpoint is not None:
+        if not settings.checkpoint_every:
+            raise DipError("a checkpoint path needs checkpoint_every (iterations between checkpoints)")
+        monitors.append(Checkpointer(checkpoint, settings.checkpoint_every, checkpoint_meta))
+    return monitors
+
+
+def fit(net: nn.Module, z: torch.Tensor, operator: Callable, target: torch.Tensor,
+        settings: Optional[FitSettings] = None, *, crop: Optional[Sequence[int]] = None,
+        reference: Optional[torch.Tensor] = None, callbacks: Iterable[Callback] = (),
+        monitors: Optional[Sequence[Monitor]] = None, checkpoint=None, checkpoint_meta: Optional[dict] = None,
+        resume_state: Optional[dict] = None, warmup: int = 0, generator: Optional[torch.Generator] = None,
+        progress: bool = True, description: str = "dip") -> FitResult:
     """Fit ``net`` so that ``operator(crop(net(z)))`` matches ``target``.
 
-    ``iterations`` is the number of steps, or with ``early_stopping`` the most
-    it may take: the fit then stops when the moving variance of the outputs
-    has not improved for ``early_stopping.patience`` iterations and returns
-    the image ``early_stopping.select`` names (see :mod:`dip.stopping`).
-    ``crop`` = (top, left, height, width) selects the image inside the padded
-    network output. ``reference`` (same size as the crop) records PSNR per
-    step. ``noise_sigma`` (noise std in [0, 1] units) stops the fit once the
-    data misfit falls to the noise level (the discrepancy principle).
-    ``guard`` rolls back a diverging fit (see :mod:`dip.guard`; None disables
-    it: a non-finite loss then just stops the fit). ``checkpoint`` with
-    ``checkpoint_every`` writes the whole state every that many iterations
-    (``checkpoint_meta`` is stored beside it); ``resume_state``, a loaded
-    checkpoint, continues such a fit exactly where it was.
+    ``settings`` (a :class:`FitSettings` with its iteration count resolved,
+    e.g. by ``FitSettings.for_task``) says how long and how; ``crop`` =
+    (top, left, height, width) selects the image inside the padded network
+    output; ``reference`` (same size as the crop) records PSNR per step;
+    ``checkpoint`` writes the state every ``settings.checkpoint_every`` steps
+    and on Ctrl-C, and ``resume_state`` (a loaded checkpoint) continues such
+    a fit exactly. ``warmup`` ramps the learning rate up over that many steps
+    (warm starts). ``monitors`` replaces the monitors ``settings`` implies.
     A KeyboardInterrupt ends the fit early and still returns the result.
     """
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    callbacks = list(callbacks)
-    history = History()
-    device = z.device
-    losses = torch.empty(iterations, device=device)
-    psnrs = torch.empty((iterations, 2), device=device) if reference is not None else None
-    stopper = VarianceStopper(early_stopping) if early_stopping is not None else None
-    variances = torch.empty(iterations, device=device) if stopper is not None else None
-    watch = DivergenceGuard(guard, net, optimizer) if guard is not None else None
-    ema: Optional[torch.Tensor] = None
-    output: Optional[torch.Tensor] = None
-    stop_reason = StopReason.COMPLETED
-    threshold = None if noise_sigma is None else float(noise_sigma) ** 2
-    done = 0
-    if resume_state is not None:
-        done, ema, output = _resume(resume_state, net, optimizer, generator, stopper, watch,
-                                    losses, psnrs, variances, iterations)
-    if checkpoint is not None and not checkpoint_every:
-        raise DipError("a checkpoint path needs checkpoint_every (iterations between checkpoints)")
+    settings = settings or FitSettings(iterations=3000)
+    if monitors is None:
+        monitors = default_monitors(settings, reference=reference, callbacks=callbacks, checkpoint=checkpoint,
+                                    checkpoint_meta=checkpoint_meta, warmup=warmup)
     net.train()
-    start = time.perf_counter()
-    bar = tqdm(total=iterations, initial=done, desc=description, disable=not progress, leave=False,
-               dynamic_ncols=True)
-    try:
-        while done < iterations:
-            net_in = z
-            if reg_noise_std > 0:
-                net_in = z + reg_noise_std * torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)
-            optimizer.zero_grad(set_to_none=True)
-            out = _crop(net(net_in), crop)
-            loss = torch.mean((operator(out) - target) ** 2)
-            if watch is not None:
-                if watch.is_bad(loss):
-                    if not watch.rollback(done + 1):
-                        stop_reason = StopReason.DIVERGED
-                        break
-                    continue
-                watch.accept(loss, done)
-            elif not bool(torch.isfinite(loss)):
-                stop_reason = StopReason.DIVERGED
-                break
-            loss.backward()
-            optimizer.step()
-            out = out.detach()
-            output = out
-            ema = out.clone() if ema is None else ema.mul_(ema_weight).add_(out, alpha=1 - ema_weight)
-            losses[done] = loss.detach()
-            if psnrs is not None:
-                psnrs[done, 0] = psnr_torch(out, reference)
-                psnrs[done, 1] = psnr_torch(ema, reference)
-            if stopper is not None:
-                variances[done] = stopper.update(out, ema, done + 1)
-            done += 1
-            bar.update(1)
-            if progress and (done % 25 == 0 or done == iterations):
-                _postfix(bar, losses, psnrs, done)
-            step = Step(done, losses[done - 1], out, ema, net, optimizer)
-            if any([bool(cb(step)) for cb in callbacks]):
-                stop_reason = StopReason.CALLBACK
-                break
-            if threshold is not None and float(losses[done - 1]) <= threshold:
-                stop_reason = StopReason.NOISE_LEVEL
-                break
-            if stopper is not None and stopper.should_stop(done):
-                stop_reason = StopReason.AUTO_STOP
-                break
-            if checkpoint is not None and done % checkpoint_every == 0 and done < iterations:
-                save_checkpoint(checkpoint, _state(done, net, optimizer, z, generator, ema, output, losses,
-                                                   psnrs, variances, stopper, watch, checkpoint_meta))
-    except KeyboardInterrupt:
-        stop_reason = StopReason.INTERRUPTED
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    history.loss = losses[:done].tolist()
-    if psnrs is not None:
-        history.psnr = psnrs[:done, 0].tolist()
-        history.psnr_ema = psnrs[:done, 1].tolist()
-    if variances is not None:
-        history.variance = variances[:done].tolist()
-    if watch is not None:
-        history.rollbacks = list(watch.rollbacks)
-    if ema is None:  # nothing finished: hand back the current network output
-        with torch.no_grad():
-            out = _crop(net(z), crop).detach()
-        ema = output = out
-    image, stopped_at, candidates = ema, done, {}
-    if stopper is not None and stopper.best_iteration is not None:
-        image, candidates = stopper.image(ema), stopper.candidates(ema)
-        if early_stopping.select != "ema":
-            stopped_at = stopper.best()
-    return FitResult(ema=ema, output=output, history=history, iterations=done, stop_reason=stop_reason,
-                     seconds=seconds, image=image, stopped_at=stopped_at, candidates=candidates)
+    loop = FitLoop(net, z, operator, target, settings, monitors, crop=crop, generator=generator)
+    if resume_state is not None:
+        loop.load_state_dict(resume_state)
+    return loop.run(progress=progress, description=description)
 
 
 def _crop(out: torch.Tensor, crop: Optional[Sequence[int]]) -> torch.Tensor:
@@ -217,52 +354,14 @@ def _crop(out: torch.Tensor, crop: Optional[Sequence[int]]) -> torch.Tensor:
     return out[:, :, top : top + h, left : left + w]
 
 
-def _state(done, net, optimizer, z, generator, ema, output, losses, psnrs, variances, stopper, watch, meta) -> dict:
-    """Everything that continues the fit exactly: the content of a checkpoint."""
-    return {
-        "iteration": done,
-        "net": net.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "z": z,
-        "generator": generator.get_state() if generator is not None else None,
-        "ema": ema,
-        "output": output,
-        "loss": losses[:done],
-        "psnr": psnrs[:done] if psnrs is not None else None,
-        "variance": variances[:done] if variances is not None else None,
-        "stopper": stopper.state_dict() if stopper is not None else None,
-        "guard": watch.state_dict() if watch is not None else None,
-        "meta": dict(meta or {}),
-    }
-
-
-def _resume(state, net, optimizer, generator, stopper, watch, losses, psnrs, variances, iterations):
-    done = int(state["iteration"])
-    if done > iterations:
-        raise DipError(f"the checkpoint is at iteration {done}, past the {iterations} iterations asked for")
-    device = losses.device
-    net.load_state_dict(state["net"])
-    optimizer.load_state_dict(state["optimizer"])
-    if generator is not None and state.get("generator") is not None:
-        generator.set_state(state["generator"])
-    losses[:done] = state["loss"].to(device)
-    if psnrs is not None and state.get("psnr") is not None:
-        psnrs[:done] = state["psnr"].to(device)
-    if variances is not None and state.get("variance") is not None:
-        variances[:done] = state["variance"].to(device)
-    if stopper is not None and state.get("stopper"):
-        stopper.load_state_dict(state["stopper"], device)
-    if watch is not None and state.get("guard"):
-        watch.load_state_dict(state["guard"], device)
-    ema, output = state.get("ema"), state.get("output")
-    return done, None if ema is None else ema.to(device), None if output is None else output.to(device)
-
-
-def _postfix(bar, losses: torch.Tensor, psnrs: Optional[torch.Tensor], done: int) -> None:
-    info = {"loss": f"{float(losses[done - 1]):.2e}"}
-    if psnrs is not None:
-        info["psnr"] = f"{float(psnrs[done - 1, 1]):.2f}"
-    bar.set_postfix(info, refresh=False)
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
 
 
 def make_noise_input(channels: int, height: int, width: int, *, scale: float = 0.1,

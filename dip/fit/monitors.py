@@ -1,30 +1,174 @@
-"""The protocol of the fit's optional features.
+"""The fit's optional features, each a :class:`Monitor` with its own state.
 
-The loop in :mod:`dip.fit.loop` is short: it takes a step, then hands the
-:class:`~dip.fit.loop.Step` to each monitor in turn. A monitor (the variance
-stopper, the divergence guard, the discrepancy stop, the PSNR recorder, the
-checkpointer, the learning-rate warm-up) keeps its own state, and a
-checkpoint is the union of the monitors' ``state_dict()``.
+The loop in :mod:`dip.fit.loop` takes a step and hands the
+:class:`~dip.fit.loop.Step` to every monitor in turn; a monitor may end the fit
+by returning a :class:`StopReason`. Each monitor keeps its own state, and a
+checkpoint is the union of the monitors' ``state_dict()``. Monitors read the
+device only on iterations that are multiples of ``FitSettings.check_every``,
+so a fit synchronises the host with the device only that often.
+
+This module holds the small monitors; the variance stopper lives in
+:mod:`dip.fit.stopping` and the divergence guard in :mod:`dip.fit.guard`.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, runtime_checkable
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
 
 from dip.fit.settings import StopReason
+from dip.metrics import psnr_torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dip.fit.loop import FitLoop, Step
 
 
-@runtime_checkable
-class Monitor(Protocol):
-    """Something the fit consults after every accepted step."""
+class Monitor:
+    """Base of the fit's hooks; every method is optional (the defaults do nothing).
 
-    #: key of this monitor's state in a checkpoint (unique within a fit)
-    name: str
+    ``name`` keys the monitor's state in a checkpoint. ``rolls_back`` says
+    whether the divergence guard restores this monitor's state with the
+    weights (true for anything computed from the outputs).
+    """
 
-    def on_step(self, step) -> Optional[StopReason]:
-        """Look at the finished step; return a :class:`StopReason` to end the fit, else None."""
+    name: str = "monitor"
+    rolls_back: bool = True
+
+    def on_start(self, loop: FitLoop) -> None:
+        """Called once before the first step, after a resumed state is loaded."""
+
+    def on_step(self, step: Step) -> Optional[StopReason]:
+        """Look at the finished step; return a :class:`StopReason` to end the fit."""
+        return None
+
+    def on_end(self, loop: FitLoop, reason: StopReason) -> None:
+        """Called once when the fit ends, for whatever reason."""
 
     def state_dict(self) -> dict:
         """Tensors and plain values that restore this monitor exactly."""
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+class LearningRate(Monitor):
+    """The one owner of the learning rate: a ``LambdaLR`` schedule with an optional linear warm-up.
+
+    A warm-started fit ramps the rate from ``lr / warmup`` to ``lr`` over
+    ``warmup`` steps, so that Adam's first steps (which move every weight by
+    about the learning rate) do not throw the previous fit away. The divergence
+    guard lowers the rate through :meth:`scale_by`, which multiplies the whole
+    schedule, so a later warm-up step cannot undo it.
+    """
+
+    name = "lr"
+    rolls_back = False  # the guard's reductions must outlive its rollbacks
+
+    def __init__(self, warmup: int = 0):
+        self.warmup = int(warmup)
+        self.scale = 1.0
+        self._loop: Optional[FitLoop] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+
+    def factor(self, done: int) -> float:
+        """The multiplier of the base rate for the step after ``done`` finished steps."""
+        ramp = 1.0 if self.warmup <= 0 else min(1.0, (done + 1) / self.warmup)
+        return ramp * self.scale
+
+    def on_start(self, loop: FitLoop) -> None:
+        self._loop = loop
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, lambda _epoch: self.factor(loop.done))
+
+    def on_step(self, step: Step) -> None:
+        self.scheduler.step()
+
+    def scale_by(self, factor: float) -> None:
+        """Multiply the learning rate from now on by ``factor`` (the divergence guard's lever)."""
+        self.scale *= factor
+        for group, base in zip(self._loop.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.factor(self._loop.done)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "warmup": self.warmup}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.warmup = float(state["scale"]), int(state["warmup"])
+
+
+class DiscrepancyStop(Monitor):
+    """Stops once the data misfit falls to the noise level (``loss ≤ noise_sigma²``, the discrepancy principle)."""
+
+    name = "discrepancy"
+
+    def __init__(self, noise_sigma: float, check_every: int):
+        self.threshold = float(noise_sigma) ** 2
+        self.check_every = check_every
+        self._checked = 0
+
+    def on_step(self, step: Step) -> Optional[StopReason]:
+        if step.iteration % self.check_every:
+            return None
+        losses = step.loop.series["loss"][self._checked:step.iteration]
+        self._checked = step.iteration
+        return StopReason.NOISE_LEVEL if bool(losses.min() <= self.threshold) else None
+
+    def state_dict(self) -> dict:
+        return {"checked": self._checked}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._checked = int(state["checked"])
+
+
+class PsnrRecorder(Monitor):
+    """Records the PSNR of the raw and the averaged output against a known clean image (on the device)."""
+
+    name = "psnr"
+
+    def __init__(self, reference: torch.Tensor):
+        self.reference = reference
+
+    def on_step(self, step: Step) -> None:
+        step.loop.series.put("psnr", step.iteration, psnr_torch(step.output, self.reference))
+        step.loop.series.put("psnr_ema", step.iteration, psnr_torch(step.ema, self.reference))
+
+
+class Checkpointer(Monitor):
+    """Writes the whole fit state every ``every`` iterations and when the fit is interrupted (atomically)."""
+
+    name = "checkpoint"
+    rolls_back = False
+
+    def __init__(self, path: Union[str, os.PathLike], every: int, meta: Optional[dict] = None):
+        self.path, self.every, self.meta = path, int(every), dict(meta or {})
+        self.written_at: Optional[int] = None
+
+    def on_step(self, step: Step) -> None:
+        if step.iteration % self.every == 0 and step.iteration < step.loop.budget:
+            self.write(step.loop)
+
+    def on_end(self, loop: FitLoop, reason: StopReason) -> None:
+        if reason is StopReason.INTERRUPTED and loop.done and self.written_at != loop.done:
+            self.write(loop)
+
+    def write(self, loop: FitLoop) -> None:
+        from dip.checkpoint import save_checkpoint
+
+        save_checkpoint(self.path, {**loop.state_dict(), "meta": self.meta})
+        self.written_at = loop.done
+
+
+class Callbacks(Monitor):
+    """The user's callbacks: each is called with the :class:`~dip.fit.loop.Step`; True stops the fit."""
+
+    name = "callbacks"
+    rolls_back = False
+
+    def __init__(self, callbacks):
+        self.callbacks: list[Callable] = list(callbacks)
+
+    def on_step(self, step: Step) -> Optional[StopReason]:
+        stop = [bool(cb(step)) for cb in self.callbacks]  # every callback sees every step
+        return StopReason.CALLBACK if any(stop) else None

@@ -13,8 +13,6 @@ from enum import Enum
 from typing import Optional, Union
 
 from dip.errors import DipError
-from dip.guard import GuardSettings
-from dip.stopping import EarlyStopping
 
 
 class StopReason(str, Enum):
@@ -62,6 +60,97 @@ class Precision(str, Enum):
 
 
 AUTO = "auto"
+#: Iteration counts above this are refused (a typo, not a fit: 10⁷ steps of the smallest net take days).
+MAX_ITERATIONS = 10_000_000
+
+
+class StopMode(str, Enum):
+    """How the automatic stop estimates the variance of recent outputs."""
+
+    EMA = "ema"  # exponentially weighted moving variance: two images of memory
+    WINDOW = "window"  # plain variance over the last ``window`` outputs: a ring buffer
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _enum(kind, value, what: str):
+    try:
+        return kind(value.value if isinstance(value, Enum) else str(value))
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise DipError(f"{what} must be one of {choices}, got {value!r}") from None
+
+
+def _iteration_count(name: str, value, *, allow_none: bool = False) -> Optional[int]:
+    n = _positive_int(name, value, allow_none=allow_none)
+    if n is not None and n > MAX_ITERATIONS:
+        raise DipError(f"{name}={n:,} is more than the {MAX_ITERATIONS:,} a fit may run; "
+                       "DIP needs a few thousand iterations (or use iterations='auto')")
+    return n
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Settings of the no-reference stopping rule (see :mod:`dip.fit.stopping`).
+
+    ``window``: outputs the variance is taken over (the effective window of the
+    exponential average in ``mode="ema"``). ``patience``: iterations without a
+    new variance minimum before the fit stops. ``select``: the returned image
+    (a :class:`Selection`: ``best_ema``, ``best_output``, ``blend`` or ``ema``).
+    """
+
+    window: int = 100
+    patience: int = 500
+    mode: StopMode = StopMode.EMA
+    select: Selection = Selection.BEST_EMA
+
+    def __post_init__(self):
+        for name in ("window", "patience"):
+            object.__setattr__(self, name, _positive_int(f"early stopping {name}", getattr(self, name)))
+        object.__setattr__(self, "mode", _enum(StopMode, self.mode, "early stopping mode"))
+        object.__setattr__(self, "select", _enum(Selection, self.select, "early stopping select"))
+
+    def to_dict(self) -> dict:
+        return {"window": self.window, "patience": self.patience, "mode": self.mode.value,
+                "select": self.select.value}
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """When the divergence guard rolls a fit back (see :mod:`dip.fit.guard`).
+
+    A loss is bad when it is not finite or exceeds the previous loss by more
+    than ``max_jump_db`` decibels (10·log10 of the ratio; 5 dB is the original
+    work's backtracking rule). The guard then restores the last good state
+    (copied about every ``snapshot_every`` iterations, at the fit's checks) and multiplies the learning rate
+    by ``lr_factor``; after ``max_rollbacks`` rollbacks the fit ends
+    :attr:`StopReason.DIVERGED` with the last good state.
+    """
+
+    max_jump_db: float = 5.0
+    snapshot_every: int = 20
+    lr_factor: float = 0.5
+    max_rollbacks: int = 20
+
+    def __post_init__(self):
+        if isinstance(self.max_jump_db, bool) or not isinstance(self.max_jump_db, numbers.Real) \
+                or not float(self.max_jump_db) > 0:
+            raise DipError(f"max_jump_db must be a positive number, got {self.max_jump_db!r}")
+        object.__setattr__(self, "snapshot_every", _positive_int("snapshot_every", self.snapshot_every))
+        object.__setattr__(self, "lr_factor", _real("lr_factor", self.lr_factor, low=0, high=1, low_open=True,
+                                                    high_open=False))
+        if isinstance(self.max_rollbacks, bool) or not isinstance(self.max_rollbacks, numbers.Integral) \
+                or self.max_rollbacks < 0:
+            raise DipError(f"max_rollbacks must be a non-negative integer, got {self.max_rollbacks!r}")
+
+    @classmethod
+    def off(cls) -> GuardSettings:
+        """No rollbacks: the first non-finite loss ends the fit (with the last good state)."""
+        return cls(max_jump_db=math.inf, max_rollbacks=0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _positive_int(name: str, value, *, allow_none: bool = False) -> Optional[int]:
@@ -90,11 +179,13 @@ class FitSettings:
     """Everything a fit takes, validated on construction.
 
     ``iterations``: ``"auto"`` (stop without ground truth, see
-    :mod:`dip.stopping`, after at most ``max_iterations``) or a number of
+    :mod:`dip.fit.stopping`, after at most ``max_iterations``) or a number of
     Adam steps. ``None`` values of ``max_iterations`` and ``reg_noise_std``
     mean "the task's default" and are filled by :meth:`for_task`.
     ``noise_sigma`` is the noise std in [0, 1] units (stop at the discrepancy
-    level). ``guard=None`` turns the divergence guard off.
+    level). ``guard=None`` turns the rollbacks off (a non-finite loss still
+    ends the fit with the last good state). ``check_every``: how often the
+    host reads the device (stopping, guard, progress): the only syncs a fit makes.
     """
 
     iterations: Union[int, str] = AUTO
@@ -109,15 +200,16 @@ class FitSettings:
     checkpoint_every: Optional[int] = None
     precision: Precision = Precision.FLOAT32
     seed: int = 0
+    check_every: int = 10
 
     def __post_init__(self):
         it = self.iterations
         if it is None or (isinstance(it, str) and it.lower().strip() == AUTO):
             object.__setattr__(self, "iterations", AUTO)
         else:
-            object.__setattr__(self, "iterations", _positive_int("iterations", it))
-        object.__setattr__(self, "max_iterations", _positive_int("max_iterations", self.max_iterations,
-                                                                 allow_none=True))
+            object.__setattr__(self, "iterations", _iteration_count("iterations", it))
+        object.__setattr__(self, "max_iterations", _iteration_count("max_iterations", self.max_iterations,
+                                                                    allow_none=True))
         object.__setattr__(self, "lr", _real("learning rate (lr)", self.lr, low=0, low_open=True))
         object.__setattr__(self, "reg_noise_std", _real("reg_noise_std", self.reg_noise_std, low=0, allow_none=True))
         object.__setattr__(self, "ema_weight", _real("ema_weight", self.ema_weight, low=0, high=1))
@@ -127,10 +219,11 @@ class FitSettings:
         object.__setattr__(self, "checkpoint_every", _positive_int("checkpoint_every", self.checkpoint_every,
                                                                    allow_none=True))
         object.__setattr__(self, "precision", Precision.parse(self.precision))
+        object.__setattr__(self, "check_every", _positive_int("check_every", self.check_every))
         if self.early_stopping is not None and not isinstance(self.early_stopping, EarlyStopping):
-            raise DipError(f"early_stopping must be a dip.stopping.EarlyStopping, got {self.early_stopping!r}")
+            raise DipError(f"early_stopping must be a dip.fit.EarlyStopping, got {self.early_stopping!r}")
         if self.guard is not None and not isinstance(self.guard, GuardSettings):
-            raise DipError(f"guard must be a dip.guard.GuardSettings, True or False, got {self.guard!r}")
+            raise DipError(f"guard must be a dip.fit.GuardSettings, True or False, got {self.guard!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not (
                 -(2 ** 63) <= int(self.seed) < 2 ** 64):
             raise DipError(f"seed must be an integer that fits in 64 bits, got {self.seed!r}")

@@ -17,6 +17,9 @@ from torch import nn
 from dip._extension import build_info, has_op
 from dip.errors import DipError
 from dip.ops.conv_block import conv_block
+from dip.ops.lanczos import check_input as check_lanczos_input
+from dip.ops.lanczos import lanczos_downsample, lanczos_filter, lanczos_taps
+from dip.ops.lanczos import padding as lanczos_padding
 
 ACTIVATIONS = ("LeakyReLU", "ReLU", "Swish", "ELU", "none")
 PADDINGS = ("reflection", "zero")
@@ -40,17 +43,35 @@ def make_activation(name: str) -> nn.Module:
 
 
 class LanczosDownsample(nn.Module):
-    """Lanczos downsampling by ``factor`` as a module (used as a stride-2 replacement)."""
+    """Lanczos downsampling by ``factor`` as a module (used as a stride-2 replacement).
 
-    def __init__(self, factor: int, support: int):
+    ``use_op`` (default: whether the compiled operator is loaded) picks what
+    the module runs, eagerly and when scripted: :func:`dip.ops.lanczos_downsample`
+    (``torch.ops.dip.lanczos_downsample`` once scripted), or the pure-PyTorch
+    filter with the module's taps, which needs no dip to run. The taps are a
+    non-persistent buffer, so the state dict is the same either way.
+    """
+
+    __constants__ = ["use_op"]  # a constant, so scripting compiles only the branch it takes
+
+    def __init__(self, factor: int, support: int, *, use_op: bool | None = None):
         super().__init__()
         self.factor = factor
         self.support = support
+        self.before, self.after = lanczos_padding(factor, support)
+        self.use_op = has_op("lanczos_downsample") if use_op is None else use_op
+        self.register_buffer("taps", lanczos_taps(factor, support), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from dip.ops.lanczos import lanczos_downsample
+        if self.use_op:
+            return lanczos_downsample(x, self.factor, self.support)
+        if not torch.jit.is_scripting():
+            check_lanczos_input(x, self.factor, self.support)
+        return lanczos_filter(x, self.taps.to(x.dtype), self.factor, self.before, self.after)
 
-        return lanczos_downsample(x, self.factor, self.support)
+    def unfused(self) -> LanczosDownsample:
+        """This downsampler in pure PyTorch (what export and scripting without dip need)."""
+        return LanczosDownsample(self.factor, self.support, use_op=False).to(self.taps.device)
 
 
 class ConvBlock(nn.Module):
@@ -150,6 +171,14 @@ class FusedConvBlock(ConvBlock):
         # without a layout copy in every forward and backward (values and
         # state_dict are unchanged).
         self.conv.weight.data = self.conv.weight.data.contiguous(memory_format=torch.channels_last)
+
+    def unfused(self) -> ConvBlock:
+        """This block as a plain ``ConvBlock`` holding the same modules (same parameter and buffer names)."""
+        with torch.device("meta"):  # its own new modules are replaced below: no memory, no random draws
+            twin = ConvBlock(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size[0], self.stride,
+                             bias=self.conv.bias is not None, pad=self.pad_mode, act="none")
+        twin.conv, twin.bn, twin.act = self.conv, self.bn, self.act
+        return twin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn

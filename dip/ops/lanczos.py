@@ -16,6 +16,7 @@ the pure-PyTorch ``lanczos_downsample_reference`` otherwise. The operator's
 fake (meta) implementation and autograd formula are registered here, so it
 works under ``torch.compile``/``torch.export`` and ``torch.autograd``; its
 backward is the operator ``torch.ops.dip._lanczos_downsample_backward``.
+Its translation to standard ONNX (``onnx_translations``) lives here too.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ MAX_FACTOR = 32
 
 def lanczos_taps(factor: int, support: int = 2, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
     """The 1-D Lanczos taps (phase 0.5) for ``factor`` and ``support``, normalised to sum 1."""
-    _check_factor_support(factor, support)
+    check_factor_support(factor, support)
     k = 2 * support * factor
     taps = []
     for i in range(k):
@@ -52,7 +53,8 @@ def padding(factor: int, support: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _check_factor_support(factor: int, support: int) -> None:
+def check_factor_support(factor: int, support: int) -> None:
+    """The one check of a Lanczos factor (integer 2–32) and support (2 or 3); a clear error otherwise."""
     if not isinstance(factor, int) or isinstance(factor, bool):
         raise DipError(f"factor must be an integer, got {factor!r}")
     if factor < 2 or factor > MAX_FACTOR:
@@ -63,7 +65,7 @@ def _check_factor_support(factor: int, support: int) -> None:
 
 def check_input(x: torch.Tensor, factor: int, support: int) -> None:
     """Raise a clear error for inputs the downsampler cannot take."""
-    _check_factor_support(factor, support)
+    check_factor_support(factor, support)
     if x.dim() != 4:
         raise DipError(f"lanczos_downsample expects an N×C×H×W tensor, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -79,11 +81,19 @@ def check_input(x: torch.Tensor, factor: int, support: int) -> None:
 def lanczos_downsample_reference(x: torch.Tensor, factor: int, support: int = 2) -> torch.Tensor:
     """Pure-PyTorch Lanczos downsampling (the reference of the fused operator)."""
     check_input(x, factor, support)
-    n, c, h, w = x.shape
-    taps = lanczos_taps(factor, support, dtype=x.dtype, device=x.device)
     before, after = padding(factor, support)
+    return lanczos_filter(x, lanczos_taps(factor, support, dtype=x.dtype, device=x.device), factor, before, after)
+
+
+def lanczos_filter(x: torch.Tensor, taps: torch.Tensor, factor: int, before: int, after: int) -> torch.Tensor:
+    """Replicate padding, separable filtering with ``taps`` and stride ``factor``: the reference's arithmetic.
+
+    Unchecked and TorchScript-compatible: ``dip.nn.LanczosDownsample`` scripts
+    to this (with its stored taps) when the compiled operator is not loaded.
+    """
+    n, c, h, w = x.shape
     y = x.reshape(n * c, 1, h, w)
-    y = F.pad(y, (before, after, before, after), mode="replicate")
+    y = F.pad(y, [before, after, before, after], mode="replicate")
     y = F.conv2d(y, taps.view(1, 1, -1, 1), stride=(factor, 1))
     y = F.conv2d(y, taps.view(1, 1, 1, -1), stride=(1, factor))
     return y.reshape(n, c, h // factor, w // factor)
@@ -169,6 +179,33 @@ def _register_op_python_parts() -> None:
     torch.library.register_autograd(
         "dip::_lanczos_downsample_backward", backward_backward, setup_context=setup_context_backward
     )
+
+
+def _lanczos_downsample_onnx(x, factor: int, support: int = 2):
+    """ONNX translation of ``dip::lanczos_downsample``: edge ``Pad`` and two strided depthwise ``Conv``.
+
+    The image is reshaped to (N·C)×1×H×W so one single-channel filter serves
+    every channel, as in :func:`lanczos_filter`. Standard ONNX only, so the
+    model runs in stock runtimes.
+    """
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    taps = lanczos_taps(factor, support, dtype=torch.float32).numpy()
+    k = taps.size
+    before, after = padding(factor, support)
+    y = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1, 1]), op.Shape(x, start=2), axis=0))
+    y = op.Pad(y, op.Constant(value_ints=[0, 0, before, before, 0, 0, after, after]), mode="edge")
+    y = op.Conv(y, op.Constant(value=ir.tensor(taps.reshape(1, 1, k, 1))), strides=[factor, 1])
+    y = op.Conv(y, op.Constant(value=ir.tensor(taps.reshape(1, 1, 1, k))), strides=[1, factor])
+    return op.Reshape(y, op.Concat(op.Shape(x, start=0, end=2), op.Shape(y, start=2), axis=0))
+
+
+def onnx_translations() -> dict:
+    """``torch.onnx.export(custom_translation_table=…)`` entries for this module's loaded operators."""
+    if not _extension.has_op("lanczos_downsample"):
+        return {}
+    return {torch.ops.dip.lanczos_downsample.default: _lanczos_downsample_onnx}
 
 
 _CUDA_KERNELS = bool(_extension.build_info().get("with_cuda", False))

@@ -6,13 +6,14 @@ vector-Jacobian product of ``A``, which is exact for a linear map.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from dip.errors import DipError
-from dip.ops.lanczos import MAX_FACTOR, lanczos_downsample
+from dip.ops.lanczos import check_factor_support, lanczos_downsample
 
 
 class Operator(nn.Module):
@@ -24,6 +25,23 @@ class Operator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def target(self, observation: torch.Tensor) -> torch.Tensor:
+        """What ``A(x)`` is compared with, given the observed image (the observation itself by default)."""
+        return observation
+
+    def describe(self) -> str:
+        """A short text identifying the operator's parameters (part of a checkpoint's fingerprint)."""
+        return f"{type(self).__name__}(scale={self.scale})"
+
+    def fingerprint(self, observation: torch.Tensor) -> str:
+        """A digest of the observation and the operator: what a checkpoint must have been written for."""
+        from dip.checkpoint import fingerprint
+
+        parts = [observation.detach().flatten().float().cpu()]
+        parts += [t.detach().flatten().float().cpu() for t in self.buffers()]
+        digest = fingerprint(torch.cat(parts))
+        return f"{self.describe()}:{digest}"
 
     def adjoint(self, y: torch.Tensor, input_shape) -> torch.Tensor:
         """``Aᵀ y`` for an input of ``input_shape`` (only for linear operators)."""
@@ -48,16 +66,18 @@ class Downsample(Operator):
 
     def __init__(self, factor: int, support: int = 2):
         super().__init__()
-        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 2 or factor > MAX_FACTOR:
-            raise DipError(
-                f"super-resolution factor must be an integer from 2 to {MAX_FACTOR}, got {factor!r}"
-            )
+        if isinstance(factor, numbers.Integral) and not isinstance(factor, bool):
+            factor = int(factor)  # numpy integers are integers too
+        check_factor_support(factor, support)
         self.factor = factor
         self.support = support
         self.scale = factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lanczos_downsample(x, self.factor, self.support)
+
+    def describe(self) -> str:
+        return f"Downsample(factor={self.factor}, support={self.support})"
 
 
 class Inpaint(Operator):
@@ -75,6 +95,10 @@ class Inpaint(Operator):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.mask.to(x.dtype)
+
+    def target(self, observation: torch.Tensor) -> torch.Tensor:
+        """The known pixels only: the missing ones carry no information."""
+        return self.forward(observation)
 
 
 class Custom(Operator):

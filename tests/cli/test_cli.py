@@ -103,7 +103,6 @@ def test_demo_writes_before_after_picture(tmp_path, capsys):
 
 FIT = ["--iterations", "2", "--network", "small", "-q"]
 IO = "needs dip.io.resolve_mask (issue 12, masks without an image editor)"
-LEAD = "needs restore() to take the progress bar's label (progress_label=/description=)"
 
 
 def test_version(capsys):
@@ -279,7 +278,6 @@ def test_mask_color_marks_the_missing_pixels(rgba_with_hole, tmp_path):
     assert Image.open(out).size == (20, 24)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD)
 def test_progress_bar_names_the_cli_task(tiny_png, tmp_path, capsys):
     assert main(["super-resolve", str(tiny_png), "-o", str(tmp_path / "o.png"), "--factor", "2",
                  "--iterations", "2", "--network", "small"]) == 0

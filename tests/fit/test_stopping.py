@@ -14,10 +14,10 @@ from PIL import Image
 
 import dip
 from dip.errors import DipError
-from dip.guard import GuardSettings
-from dip.stopping import EarlyStopping, VarianceStopper
+from dip.fit import EarlyStopping, GuardSettings, StopReason
+from dip.fit.stopping import VarianceStopper
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- the stopping signal ---------------------------------------------------------------------
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_stopper_finds_the_quietest_stretch(mode):
     """Outputs jitter less and less until step 150, then more: the minimum lies near 150."""
     gen = torch.Generator().manual_seed(0)
-    stopper = VarianceStopper(EarlyStopping(window=20, patience=60, mode=mode, check_every=1))
+    stopper = VarianceStopper(EarlyStopping(window=20, patience=60, mode=mode), check_every=1)
     base = torch.rand(1, 3, 9, 7, generator=gen)
     ema = base.clone()
     stopped = None
@@ -63,7 +63,7 @@ def test_auto_stop_halts_near_the_psnr_peak(make_image, noisy):
     cap, clean = 700, make_image(32)  # a small image: the small net starts fitting the noise within the cap
     result = dip.restore(noisy(clean), network="small", reference=clean, progress=False, max_iterations=cap,
                          early_stopping=EarlyStopping(window=50, patience=150))
-    assert result.stop_reason == "auto stop" and result.iterations < cap
+    assert result.stop_reason is StopReason.AUTO_STOP and result.iterations < cap
     assert result.settings["iterations"] == "auto"
     assert 50 < result.stopped_at <= result.iterations - 150
     assert len(result.history.variance) == result.iterations
@@ -76,7 +76,7 @@ def test_auto_stop_halts_near_the_psnr_peak(make_image, noisy):
 
 def test_integer_iterations_mean_exactly_that_many(clean64):
     result = dip.restore(clean64, iterations=30, network="small", progress=False)
-    assert result.iterations == result.stopped_at == 30 and result.stop_reason == "completed"
+    assert result.iterations == result.stopped_at == 30 and result.stop_reason is StopReason.COMPLETED
     assert result.history.variance == [] and result.candidates == {}
 
 
@@ -90,8 +90,11 @@ def test_bad_iterations(clean64, value):
 
 
 def _corrupt_at(iteration, how):
-    def hook(step):
-        if step.iteration == iteration:
+    fired = []
+
+    def hook(step):  # once: after a rollback the fit passes this iteration again
+        if step.iteration == iteration and not fired:
+            fired.append(iteration)
             with torch.no_grad():
                 head = step.network.head
                 if how == "nan":
@@ -107,7 +110,7 @@ def test_guard_rolls_back_a_corrupted_fit(clean64, noisy, how):
     result = dip.restore(observed, iterations=80, network="small", progress=False, reference=clean64,
                          callbacks=[_corrupt_at(40, how)])
     assert result.history.rollbacks == [41]
-    assert result.stop_reason == "completed" and result.iterations == 80
+    assert result.stop_reason is StopReason.COMPLETED and result.iterations == 80
     assert np.isfinite(result.image).all() and all(math.isfinite(v) for v in result.history.loss)
     # the fit went on from the snapshot and kept improving
     assert result.history.loss[-1] < result.history.loss[39]
@@ -116,7 +119,9 @@ def test_guard_rolls_back_a_corrupted_fit(clean64, noisy, how):
 def test_without_the_guard_a_nan_stops_the_fit(clean64):
     result = dip.restore(clean64, iterations=80, network="small", progress=False, guard=False,
                          callbacks=[_corrupt_at(10, "nan")])
-    assert result.stop_reason == "diverged" and result.iterations == 10
+    # the NaN weights came from step 10's update: the fit hands back the last state known to be sound
+    assert result.stop_reason is StopReason.DIVERGED and result.iterations <= 10
+    assert result.history.rollbacks == [11]
     assert np.isfinite(result.image).all()
 
 
@@ -127,7 +132,7 @@ def test_guard_gives_up_after_max_rollbacks(clean64):
 
     result = dip.restore(clean64, iterations=50, network="small", progress=False,
                          guard=GuardSettings(max_rollbacks=3, snapshot_every=1), callbacks=[poison])
-    assert result.stop_reason == "diverged" and len(result.history.rollbacks) == 4
+    assert result.stop_reason is StopReason.DIVERGED and len(result.history.rollbacks) == 4
     assert np.isfinite(result.image).all()
 
 
@@ -172,7 +177,8 @@ def test_checkpoint_loads_with_weights_only(clean64, tmp_path):
     dip.restore(clean64, iterations=10, network="small", progress=False, checkpoint=ckpt, checkpoint_every=5)
     state = torch.load(ckpt, weights_only=True)
     assert state["iteration"] == 5 and state["meta"]["task"] == "denoise"
-    assert {"net", "optimizer", "z", "generator", "ema", "loss"} <= set(state)
+    assert {"net", "optimizer", "z", "generator", "ema", "series", "monitors"} <= set(state)
+    assert state["series"]["loss"].shape == (5,) and "guard" in state["monitors"]
 
 
 def test_checkpoint_of_another_architecture_or_image_is_refused(clean64, make_image, tmp_path):
@@ -190,7 +196,7 @@ def test_checkpoint_of_another_architecture_or_image_is_refused(clean64, make_im
 def test_not_a_checkpoint(clean64, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(DipError, match="cannot read checkpoint"):
+    with pytest.raises(DipError, match="not a readable dip checkpoint"):
         dip.restore(clean64, iterations=2, network="small", progress=False, resume=bad)
     with pytest.raises(DipError, match="not found"):
         dip.restore(clean64, iterations=2, network="small", progress=False, resume=tmp_path / "none.ckpt")
@@ -273,3 +279,33 @@ def test_sigint_writes_the_image_so_far_and_exits_130(noisy_png, tmp_path):
     with Image.open(out) as img:
         assert img.size == (64, 64)
         assert np.asarray(img).std() > 0
+
+
+def test_empty_and_unsafe_checkpoints_are_refused_with_a_reason(clean64, tmp_path):
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(DipError, match="is empty, not a dip checkpoint"):
+        dip.restore(clean64, iterations=2, network="small", progress=False, resume=empty)
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"meta": {}, "payload": Path("x")}, unsafe)  # a foreign Python object inside
+    with pytest.raises(DipError, match="holds Python objects other than tensors") as info:
+        dip.restore(clean64, iterations=2, network="small", progress=False, resume=unsafe)
+    assert "weights_only=False" not in str(info.value)
+
+
+def test_an_existing_checkpoint_is_not_overwritten_unless_asked(clean64, tmp_path):
+    ckpt = tmp_path / "fit.ckpt"
+    dip.restore(clean64, iterations=4, network="small", progress=False, checkpoint=ckpt, checkpoint_every=2)
+    before = ckpt.read_bytes()
+    with pytest.raises(DipError, match="already holds a checkpoint; continue that fit with resume="):
+        dip.restore(clean64, iterations=4, network="small", progress=False, checkpoint=ckpt, checkpoint_every=2)
+    assert ckpt.read_bytes() == before
+    dip.restore(clean64, iterations=4, network="small", progress=False, checkpoint=ckpt, checkpoint_every=2,
+                overwrite_checkpoint=True)
+
+
+def test_interrupt_writes_a_final_checkpoint(clean64, tmp_path):
+    ckpt = tmp_path / "fit.ckpt"
+    cut = dip.restore(clean64, iterations=50, network="small", progress=False, checkpoint=ckpt,
+                      checkpoint_every=20, callbacks=[_interrupt_at(27)])
+    assert cut.interrupted and torch.load(ckpt, weights_only=True)["iteration"] == 27
