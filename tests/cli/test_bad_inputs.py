@@ -5,6 +5,7 @@ Each case is ``(id, arguments, exit status, fragment of the message)``. Paths in
 a folder of fixtures (see :func:`files`), which is also the working directory. Every case runs with ``FIT``'s options
 before its own, so that one that reaches a fit by mistake asks for a tiny one, so a check that fails to refuse costs seconds, not minutes.
 """
+import argparse
 import hashlib
 import os
 import shlex
@@ -94,6 +95,7 @@ CASES = [
     case("resume-empty", "denoise in.png -o out.png --resume empty.ckpt", 1, "empty"),
     case("resume-not-a-checkpoint", "denoise in.png -o out.png --resume in.png", 1, "not a dip checkpoint"),
     case("resume-foreign-torch-file", "denoise in.png -o out.png --resume foreign.ckpt", 1, "not a dip checkpoint"),
+    case("resume-unsafe-pickle", "denoise in.png -o out.png --resume unsafe.ckpt", 1, "not a dip checkpoint"),
     case("checkpoint-every-alone", "denoise in.png -o out.png --checkpoint-every 5", 1,
      "--checkpoint-every needs --checkpoint"),
     case("overwrite-checkpoint-alone", "denoise in.png -o out.png --overwrite-checkpoint", 1,
@@ -129,6 +131,7 @@ def files(tmp_path, make_image, monkeypatch):
     import torch
 
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.ckpt")
+    torch.save(argparse.Namespace(code="not allowed by weights_only loading"), tmp_path / "unsafe.ckpt")
     (tmp_path / "folder").mkdir()
     os.symlink(tmp_path / "in.png", tmp_path / "link.png")
     os.link(tmp_path / "in.png", tmp_path / "hard.png")
