@@ -102,6 +102,15 @@ class Restoration:
         """Write the restored image to ``path`` (format from the extension), atomically."""
         return save_image(self.image, path)
 
+    def save_uncertainty(self, path: Union[str, os.PathLike]):
+        """Write ``uncertainty`` as a colour-mapped image with its scale (a relative indicator); see :mod:`dip.uncertainty`."""
+        from dip.errors import DipError
+        from dip.uncertainty import save_uncertainty
+
+        if self.uncertainty is None:
+            raise DipError("this restoration has no uncertainty map: use ensemble=K > 1 or iterations='auto'")
+        return save_uncertainty(self.uncertainty, path)
+
     def render(self) -> torch.Tensor:
         """Run the network of the returned iterate on its input: the cropped 1×C×H×W output (no averaging)."""
         self.network.train()  # DIP's BatchNorm uses the statistics of the single image, as in the fit

@@ -176,3 +176,22 @@ def test_deepinv_physics_is_used_through_its_noiseless_A(clean64):
     r = dip.restore(observed, "custom", operator=physics, iterations=30, **TINY)
     assert physics.noisy_calls == 0
     assert r.history.loss[-1] < r.history.loss[0]
+
+
+def test_uncertainty_map_is_written_with_its_scale(tmp_path):
+    from PIL import Image
+
+    from dip.uncertainty import uncertainty_image
+
+    values = np.zeros((20, 30), np.float32)
+    values[:, 15:] = 0.1
+    picture = uncertainty_image(values)
+    assert picture.shape[1] >= 160 and picture.shape[2] == 3
+    zoom = picture.shape[1] // 30
+    assert not np.allclose(picture[0, 0], picture[0, -1])  # 0 and the maximum get different colours
+    np.testing.assert_allclose(picture[0, 0], picture[20 * zoom - 1, 15 * zoom - 1])
+    r = dip.restore(_half_noisy(), iterations=4, ensemble=2, **TINY)
+    path = r.save_uncertainty(tmp_path / "map.png")
+    assert Image.open(path).size == (160, 160 + 3 + 10 + 14)  # the 32² map at ×5, a gap, the bar, its labels
+    with pytest.raises(DipError, match="uncertainty"):
+        dip.restore(_half_noisy(), iterations=2, **TINY).save_uncertainty(tmp_path / "none.png")
