@@ -68,6 +68,8 @@ class MemberVarianceStopper(VarianceStopper):
             self.best_weights = {k: v.clone() for k, v in (self._previous or {}).items()}
             self._keep_previous_weights()
             return score.mean()
+        if self.best_variance is None:  # resumed from a single-fit stopper's checkpoint
+            self.best_variance = self._current_variance.clone()
         better = score < self.best_score
         torch.where(better, score, self.best_score, out=self.best_score)
         torch.where(better, torch.full_like(self.best_iteration, iteration), self.best_iteration,
