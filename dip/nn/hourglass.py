@@ -139,8 +139,9 @@ class _Scale(nn.Module):
         if y.shape[2] != x.shape[2] or y.shape[3] != x.shape[3]:
             y = y[:, :, : x.shape[2], : x.shape[3]]
         if self.has_skip and self.members > 1:  # member by member: [skip₁, deep₁, skip₂, deep₂, …]
-            k = self.members
-            y = torch.cat([self.skip(x).unflatten(1, (k, -1)), y.unflatten(1, (k, -1))], dim=2).flatten(1, 2)
+            n, k, h, w = y.shape[0], self.members, y.shape[2], y.shape[3]
+            skip = self.skip(x).reshape(n, k, -1, h, w)
+            y = torch.cat([skip, y.reshape(n, k, -1, h, w)], dim=2).reshape(n, -1, h, w)
         elif self.has_skip:
             y = torch.cat([self.skip(x), y], dim=1)
         return self.up_1x1(self.up(self.merge_bn(y)))
@@ -164,6 +165,7 @@ class Hourglass(nn.Module):
             raise DipError(f"members must be a positive integer, got {members!r}")
         self.config = cfg
         self.members = members
+        self.out_channels = cfg.out_channels
         body: Optional[nn.Module] = None
         for i in reversed(range(cfg.scales)):
             in_ch = cfg.in_channels if i == 0 else cfg.channels_down[i - 1]
@@ -176,7 +178,7 @@ class Hourglass(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.sigmoid(self.head(self.body(z)))
         if self.members > 1:
-            out = out.reshape(-1, self.config.out_channels, *out.shape[2:])
+            out = out.reshape(-1, self.out_channels, out.shape[2], out.shape[3])
         return out
 
     @classmethod
