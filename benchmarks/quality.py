@@ -38,7 +38,8 @@ from dip.fit import EarlyStopping, Selection  # noqa: E402
 from dip.fit.stopping import VarianceStopper  # noqa: E402
 from dip.metrics import psnr_torch  # noqa: E402
 from dip.ops.lanczos import lanczos_downsample  # noqa: E402
-from dip.pipeline import resolve_device, task_defaults  # noqa: E402
+from dip.pipeline import resolve_device  # noqa: E402
+from dip.tasks import task_defaults  # noqa: E402
 
 SELECTIONS = [s.value for s in Selection]
 

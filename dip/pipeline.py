@@ -12,10 +12,23 @@ from torch import nn
 
 from dip.checkpoint import architecture, check_compatible, load_checkpoint
 from dip.errors import DipError
-from dip.fit import Callback, EarlyStopping, FitSettings, GuardSettings, Precision, fit, make_noise_input
+from dip.fit import (
+    Callback,
+    EarlyStopping,
+    FitSettings,
+    GuardSettings,
+    Precision,
+    default_monitors,
+    fit,
+    make_noise_input,
+)
+from dip.fit.loop import FitResult
+from dip.fit.members import MemberVarianceStopper
+from dip.fit.stopping import VarianceStopper
 from dip.io import MAX_PIXELS, ImageLike, load_image
 from dip.memory import check_fits_in_memory
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
+from dip.noise import estimate_sigma
 from dip.physics import Operator
 from dip.problem import OperatorLike, Problem
 from dip.result import Restoration
@@ -62,7 +75,8 @@ def restore(
     reg_noise_std: Optional[float] = None,
     ema_weight: float = 0.99,
     input_scale: float = 0.1,
-    noise_sigma: Optional[float] = None,
+    noise_sigma: Union[float, str, None] = None,
+    ensemble: int = 1,
     callbacks: Iterable[Callback] = (),
     max_pixels: int = MAX_PIXELS,
     max_memory: Optional[int] = None,
@@ -108,7 +122,16 @@ def restore(
         ema_weight: weight of the moving average of outputs (0 disables averaging).
         input_scale: ``z`` is uniform noise in [0, input_scale).
         noise_sigma: the noise std (in [0, 1] units) if known: the fit stops when
-            its data misfit reaches ``noise_sigma²`` (discrepancy principle).
+            its data misfit reaches ``noise_sigma²`` (discrepancy principle);
+            ``"auto"`` estimates it from the observation (:func:`dip.noise.estimate_sigma`,
+            reported as ``noise_sigma_estimate``). With ``iterations="auto"`` the
+            fit stops at the first of the variance minimum's patience and the
+            noise level, and returns the iterate of the variance minimum so far.
+        ensemble: fit this many networks (seeds ``seed``, ``seed + 1``, …) together
+            as one grouped network (pure-PyTorch blocks: the fused block has no
+            grouped form). Each member keeps its own automatic stop; ``image`` is
+            the mean of the members' returned images and ``uncertainty`` their
+            per-pixel spread. ``network``/``render()`` are member 0's.
         callbacks: functions called with a :class:`dip.fit.Step` after each
             iteration; returning True stops the fit.
         max_pixels: refuse larger images (protects against decompression bombs).
@@ -145,6 +168,9 @@ def restore(
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
     """
     problem = Problem.create(task, image, factor=factor, mask=mask, operator=operator, max_pixels=max_pixels)
+    members = _ensemble_size(ensemble, network, init)
+    sigma_estimate = estimate_sigma(problem.observation())
+    noise_sigma = _noise_sigma(noise_sigma, sigma_estimate)
     settings = FitSettings(
         iterations=iterations, max_iterations=max_iterations, lr=lr, reg_noise_std=reg_noise_std,
         ema_weight=ema_weight, input_scale=input_scale, noise_sigma=noise_sigma,
@@ -157,6 +183,8 @@ def restore(
     net, cfg = make_network(network, problem, settings.seed)
     gen = torch.Generator(device=dev).manual_seed(settings.seed)
     z, crop = make_input(net, cfg, problem, settings, dev, gen, max_memory)
+    if members > 1:
+        net, z = _stack_members(net, z, cfg, problem, settings, dev, max_memory, members)
     warmup = 0
     if init is not None:
         z, warmup = _warm_start(net, init, z), WARMUP_ITERATIONS
@@ -166,15 +194,79 @@ def restore(
     state = _resume_state(resume, checkpoint, overwrite_checkpoint, meta, dev)
     if state is not None:
         z = state["z"].to(dev)
+    monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup)
     result = fit(
         net, z, problem.operator.to(dev), problem.target(dev), settings, crop=crop, reference=ref,
-        callbacks=callbacks, checkpoint=checkpoint, checkpoint_meta=meta, resume_state=state, warmup=warmup,
-        generator=gen, progress=progress, description=description or f"dip {problem.task.cli_name}",
+        monitors=monitors, resume_state=state, generator=gen, progress=progress,
+        description=description or f"dip {problem.task.cli_name}",
     )
     net.load_state_dict(result.weights)  # the network of the returned iterate, not of the end of the fit
     record = {**settings.to_dict(), "task": problem.task.value, "factor": problem.factor, "device": str(dev),
-              "network": cfg.to_dict() if cfg is not None else type(net).__name__}
-    return Restoration.from_fit(result, problem, net, z, crop, record, ref)
+              "network": cfg.to_dict() if cfg is not None else type(net).__name__, "ensemble": members,
+              "blocks": "pure PyTorch (grouped)" if members > 1 else None}
+    stopper = next((m for m in monitors if isinstance(m, MemberVarianceStopper)), None)
+    result, quality = _combine_members(result, stopper, members)
+    if members > 1:
+        net, z = net.member(0), z[:, : z.shape[1] // members]
+        quality["member_iterations"] = stopper.member_iterations() if stopper is not None else None
+    return Restoration.from_fit(result, problem, net, z, crop, record, ref, noise_sigma_estimate=sigma_estimate,
+                                **quality)
+
+
+def _ensemble_size(ensemble, network, init) -> int:
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+        raise DipError(f"ensemble must be a positive integer (networks fitted together), got {ensemble!r}")
+    if ensemble > 1 and isinstance(network, nn.Module):
+        raise DipError("ensemble= needs a preset name or a HourglassConfig as network, not a module")
+    if ensemble > 1 and init is not None:
+        raise DipError("ensemble= and init= cannot be combined; warm-start a single fit")
+    return ensemble
+
+
+def _noise_sigma(noise_sigma, estimate: float) -> Optional[float]:
+    if isinstance(noise_sigma, str):
+        if noise_sigma.lower().strip() != "auto":
+            raise DipError(f"noise_sigma must be a number in [0, 1] units or 'auto', got {noise_sigma!r}")
+        if not estimate > 0:
+            raise DipError("the observation shows no noise (estimated σ is 0); give noise_sigma= or leave it out")
+        return estimate
+    return noise_sigma
+
+
+def _stack_members(net, z, cfg, problem: Problem, settings: FitSettings, dev, max_memory, members: int):
+    """The grouped network of ``members`` seeds (member k: the network and input of seed ``seed + k``)."""
+    nets, inputs = [net], [z]
+    for k in range(1, members):
+        member, _ = make_network(cfg, problem, settings.seed + k)
+        gen = torch.Generator(device=dev).manual_seed(settings.seed + k)
+        inputs.append(make_input(member, cfg, problem, settings, dev, gen, max_memory)[0])
+        nets.append(member)
+    return Hourglass.stack(nets), torch.cat(inputs, dim=1)
+
+
+def _monitors(settings: FitSettings, ref, callbacks, checkpoint, meta, warmup) -> list:
+    """The default monitors, with the per-member stopper (it also keeps the variance at the returned iterate)."""
+    monitors = default_monitors(settings, reference=ref, callbacks=callbacks, checkpoint=checkpoint,
+                                checkpoint_meta=meta, warmup=warmup)
+    return [MemberVarianceStopper(m.config, m.check_every) if type(m) is VarianceStopper else m for m in monitors]
+
+
+def _combine_members(result: FitResult, stopper, members: int) -> tuple[FitResult, dict]:
+    """One image from the members' returned iterates (their mean) and the uncertainty map."""
+    uncertainty = None
+    if members > 1:
+        spread = result.image.std(dim=0, unbiased=False, keepdim=True)
+        uncertainty = spread.mean(dim=1)[0]
+        images = result.image
+        result = FitResult(
+            image=images.mean(0, keepdim=True), ema=result.ema.mean(0, keepdim=True),
+            output=result.output.mean(0, keepdim=True), history=result.history, iterations=result.iterations,
+            stop_reason=result.stop_reason, seconds=result.seconds, stopped_at=result.stopped_at,
+            weights=result.weights, candidates={k: v.mean(0, keepdim=True) for k, v in result.candidates.items()})
+        return result, {"uncertainty": uncertainty, "members": images, "ensemble": members}
+    if stopper is not None and stopper.best_variance is not None:
+        uncertainty = stopper.best_variance.sqrt().mean(dim=1)[0]
+    return result, {"uncertainty": uncertainty}
 
 
 def _set_threads(threads: Optional[int]) -> None:

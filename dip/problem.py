@@ -103,7 +103,7 @@ class Problem:
 
 def _operator(task: Task, source: LoadedImage, factor, mask, operator, max_pixels) -> Operator:
     if operator is not None:
-        op = operator if isinstance(operator, Operator) else Custom(operator)
+        op = operator if isinstance(operator, Operator) else _custom(operator)
         if task is Task.SUPER_RESOLUTION and factor is not None and op.scale == 1:
             op.scale = int(factor)
         return op
@@ -118,3 +118,15 @@ def _operator(task: Task, source: LoadedImage, factor, mask, operator, max_pixel
     if mask is None:
         raise DipError("inpainting needs mask= (same size as the image; white/non-zero marks the known pixels)")
     return Inpaint(load_mask(mask, source.size, max_pixels=max_pixels))
+
+
+def _custom(operator) -> Custom:
+    """A user's operator; a deepinv ``Physics`` (a callable ``A`` besides its call) is used through ``A``.
+
+    ``A`` is deepinv's noiseless forward; calling the physics itself would add
+    fresh noise at every step.
+    """
+    forward = getattr(operator, "A", None)
+    if callable(forward):
+        return Custom(forward, linear=callable(getattr(operator, "A_adjoint", None)))
+    return Custom(operator)

@@ -13,7 +13,7 @@ from torch import nn
 from dip.fit.loop import FitResult, History
 from dip.fit.settings import StopReason
 from dip.io import LoadedImage, save_image, to_pil
-from dip.metrics import psnr
+from dip.metrics import psnr, ssim
 from dip.tasks import Task
 
 
@@ -31,6 +31,17 @@ class Restoration:
     ``crop`` is its raw output there (``image`` is the average of such
     outputs, so the two differ slightly). ``output`` is the last raw output
     the fit computed.
+
+    Quality fields: ``ssim`` (with a reference and scikit-image),
+    ``noise_sigma_estimate`` (the observation's noise std, [0, 1] units,
+    :func:`dip.noise.estimate_sigma`), and ``uncertainty``, an H×W map that is a
+    *relative* indicator of where the restoration is unsure (not a calibrated
+    error): the per-pixel std of the ensemble members' returned images, or for
+    a single automatic fit the moving std of its outputs at the returned
+    iterate (None for a single fit with a fixed iteration count). With
+    ``ensemble`` = K > 1, ``image`` is the mean of the members' returned images
+    (``members``, K×H×W×C, each at its own variance minimum,
+    ``member_iterations``) and ``network``/``net_input`` are member 0's.
     """
 
     image: np.ndarray  # H×W×C float32 in [0, 1]
@@ -49,13 +60,23 @@ class Restoration:
     #: with the automatic stop, every image it can return (see :class:`dip.fit.Selection`), by name
     candidates: dict = field(default_factory=dict)
     source: Optional[LoadedImage] = None  # the input as read (its file's metadata travels to save())
+    ssim: Optional[float] = None  # of ``image`` against the reference (needs scikit-image)
+    noise_sigma_estimate: Optional[float] = None
+    uncertainty: Optional[np.ndarray] = None  # H×W float32, relative
+    ensemble: int = 1
+    members: Optional[np.ndarray] = None  # K×H×W×C, the members' returned images (ensemble > 1)
+    member_iterations: Optional[list] = None
 
     @classmethod
     def from_fit(cls, result: FitResult, problem, network: nn.Module, z: torch.Tensor, crop: tuple,
-                 settings: dict, reference: Optional[torch.Tensor] = None) -> Restoration:
+                 settings: dict, reference: Optional[torch.Tensor] = None, *,
+                 noise_sigma_estimate: Optional[float] = None, uncertainty: Optional[torch.Tensor] = None,
+                 ensemble: int = 1, members: Optional[torch.Tensor] = None,
+                 member_iterations: Optional[list] = None) -> Restoration:
         """Assemble the restoration of ``problem`` from a finished fit (``network`` holds the returned iterate)."""
         image = tensor_to_image(result.image)
         quality = None if reference is None else psnr(image, tensor_to_image(reference))
+        similarity = None if reference is None else ssim(image, tensor_to_image(reference))
         if problem.alpha is not None:
             image = np.concatenate([image, _resize_alpha(problem.alpha, *problem.output_size)[:, :, None]], axis=2)
         return cls(image=image, history=result.history, network=network, net_input=z,
@@ -63,7 +84,10 @@ class Restoration:
                    stop_reason=result.stop_reason, seconds=result.seconds, settings=settings,
                    stopped_at=result.stopped_at, psnr=quality,
                    candidates={name: tensor_to_image(t) for name, t in result.candidates.items()},
-                   source=problem.source)
+                   source=problem.source, ssim=similarity, noise_sigma_estimate=noise_sigma_estimate,
+                   uncertainty=None if uncertainty is None else uncertainty.detach().float().cpu().numpy(),
+                   ensemble=ensemble, member_iterations=member_iterations,
+                   members=None if members is None else np.stack([tensor_to_image(m[None]) for m in members]))
 
     @property
     def interrupted(self) -> bool:
@@ -77,6 +101,15 @@ class Restoration:
     def save(self, path: Union[str, os.PathLike]):
         """Write the restored image to ``path`` (format from the extension), atomically."""
         return save_image(self.image, path)
+
+    def save_uncertainty(self, path: Union[str, os.PathLike]):
+        """Write ``uncertainty`` as a colour-mapped image with its scale (a relative indicator); see :mod:`dip.uncertainty`."""
+        from dip.errors import DipError
+        from dip.uncertainty import save_uncertainty
+
+        if self.uncertainty is None:
+            raise DipError("this restoration has no uncertainty map: use ensemble=K > 1 or iterations='auto'")
+        return save_uncertainty(self.uncertainty, path)
 
     def render(self) -> torch.Tensor:
         """Run the network of the returned iterate on its input: the cropped 1×C×H×W output (no averaging)."""

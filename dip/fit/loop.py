@@ -221,7 +221,11 @@ class FitLoop:
     def _record(self, loss: torch.Tensor, out: torch.Tensor) -> None:
         w = self.settings.ema_weight
         self.output = out
-        self.ema = out.clone() if self.ema is None else self.ema.mul_(w).add_(out, alpha=1 - w)
+        # Bias-corrected like Adam's moments: average of outputs 1..k with weights ∝ w^(k-j), so the
+        # first (grey) output keeps weight (1-w)·w^(k-1)/(1-w^k), not the w^(k-1) of an average started at it.
+        k = self.done + 1
+        kept = w * (1.0 - w ** (k - 1)) / (1.0 - w ** k) if w > 0 else 0.0
+        self.ema = out.clone() if self.ema is None else self.ema.mul_(kept).add_(out, alpha=1.0 - kept)
         self.done += 1
         self.series.put("loss", self.done, loss)
 

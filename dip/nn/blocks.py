@@ -93,6 +93,7 @@ class ConvBlock(nn.Module):
         downsample: str = "stride",
         batch_norm: bool = True,
         act: str = "LeakyReLU",
+        groups: int = 1,
     ):
         super().__init__()
         if pad not in PADDINGS:
@@ -106,7 +107,9 @@ class ConvBlock(nn.Module):
         self.stride = stride
         conv_stride = stride if downsample == "stride" else 1
         zero_pad = self.padding if pad == "zero" else 0
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, conv_stride, padding=zero_pad, bias=bias)
+        # groups > 1: independent networks side by side (seed ensembles, see dip.nn.hourglass)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, conv_stride, padding=zero_pad, bias=bias,
+                              groups=groups)
         self.downsampler: nn.Module = nn.Identity()
         if stride != 1 and downsample != "stride":
             if downsample == "avg":
@@ -130,9 +133,10 @@ _FUSED_SLOPES = {"LeakyReLU": 0.2, "ReLU": 0.0, "none": 1.0}
 
 
 def fusable(stride: int = 1, *, pad: str = "reflection", downsample: str = "stride", batch_norm: bool = True,
-            act: str = "LeakyReLU", bias: bool = True) -> bool:
-    """True when the fused operator covers these ConvBlock options (any padding, with or without bias)."""
-    return batch_norm and act in _FUSED_SLOPES and (stride == 1 or downsample == "stride") and stride in (1, 2)
+            act: str = "LeakyReLU", bias: bool = True, groups: int = 1) -> bool:
+    """True when the fused operator covers these ConvBlock options (any padding, with or without bias; no groups)."""
+    return (batch_norm and act in _FUSED_SLOPES and (stride == 1 or downsample == "stride") and stride in (1, 2)
+            and groups == 1)
 
 
 def fused_default() -> bool:
@@ -194,5 +198,6 @@ def make_conv_block(in_channels: int, out_channels: int, kernel_size: int, strid
     """A ``FusedConvBlock`` when ``fused`` (default: the operator is loaded) and the options allow, else a ``ConvBlock``."""
     use_fused = fused_default() if fused is None else fused
     if use_fused and fusable(stride, **options):
+        options.pop("groups", None)
         return FusedConvBlock(in_channels, out_channels, kernel_size, stride, **options)
     return ConvBlock(in_channels, out_channels, kernel_size, stride, **options)

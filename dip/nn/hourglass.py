@@ -5,6 +5,14 @@ through the deeper scales, and is upsampled ×2; a skip branch (a 1×1 block
 by default) of the same input is concatenated in front of it; the result
 passes a BatchNorm, a block and (optionally) a 1×1 block. A 1×1 convolution
 maps the top scale to the output channels, followed by a sigmoid.
+
+``members=K`` builds K independent hourglasses as one: every channel count is
+multiplied by K and every convolution grouped K ways (BatchNorm, activations,
+padding and resampling act per channel already), so one forward pass is one
+set of larger kernels instead of K networks in a Python loop. Its input is the
+K members' inputs concatenated on channels; its output is K×C×H×W, member by
+member. The fused conv block has no grouped form, so such a network uses the
+pure-PyTorch blocks.
 """
 from __future__ import annotations
 
@@ -101,10 +109,14 @@ class _Scale(nn.Module):
     """One scale of the hourglass, holding the deeper scales inside it."""
 
     def __init__(self, cfg: HourglassConfig, i: int, in_channels: int, deeper: Optional[nn.Module],
-                 fused: Optional[bool] = None):
+                 fused: Optional[bool] = None, members: int = 1):
         super().__init__()
-        down, up, skip = cfg.channels_down[i], cfg.channels_up[i], cfg.channels_skip[i]
+        k = self.members = members
+        down, up, skip = k * cfg.channels_down[i], k * cfg.channels_up[i], k * cfg.channels_skip[i]
+        in_channels *= k
         opts = dict(bias=cfg.bias, pad=cfg.pad, batch_norm=cfg.batch_norm, act=cfg.act, fused=fused)
+        if k > 1:
+            opts.update(groups=k, fused=False)
         self.has_skip = skip > 0
         self.skip = make_conv_block(in_channels, skip, cfg.filter_size_skip, **opts) if skip > 0 else nn.Identity()
         self.down = nn.Sequential(
@@ -112,7 +124,7 @@ class _Scale(nn.Module):
             make_conv_block(down, down, cfg.filter_size_down, **opts),
         )
         self.deeper = deeper if deeper is not None else nn.Identity()
-        deep_out = cfg.channels_up[i + 1] if i + 1 < cfg.scales else down
+        deep_out = k * cfg.channels_up[i + 1] if i + 1 < cfg.scales else down
         align = None if cfg.upsample == "nearest" else False
         self.upsample = nn.Upsample(scale_factor=2, mode=cfg.upsample, align_corners=align)
         merged = skip + deep_out
@@ -126,7 +138,11 @@ class _Scale(nn.Module):
         # Crop only when needed: a no-op slice still costs a zero-fill and a copy in backward.
         if y.shape[2] != x.shape[2] or y.shape[3] != x.shape[3]:
             y = y[:, :, : x.shape[2], : x.shape[3]]
-        if self.has_skip:
+        if self.has_skip and self.members > 1:  # member by member: [skip₁, deep₁, skip₂, deep₂, …]
+            n, k, h, w = y.shape[0], self.members, y.shape[2], y.shape[3]
+            skip = self.skip(x).reshape(n, k, -1, h, w)
+            y = torch.cat([skip, y.reshape(n, k, -1, h, w)], dim=2).reshape(n, -1, h, w)
+        elif self.has_skip:
             y = torch.cat([self.skip(x), y], dim=1)
         return self.up_1x1(self.up(self.merge_bn(y)))
 
@@ -136,26 +152,65 @@ class Hourglass(nn.Module):
 
     ``fused`` selects the conv-block implementation: None (default) uses the
     fused operator when it is loaded, False forces the pure-PyTorch blocks.
-    Both build the same parameters in the same order.
+    Both build the same parameters in the same order. ``members=K`` > 1 fits
+    K networks of configuration ``cfg`` side by side (see the module's text):
+    input N×(K·in)×H×W, output (N·K)×C×H×W; every parameter and buffer holds
+    the members' values one after the other along its first dimension.
     """
 
-    def __init__(self, cfg: HourglassConfig, fused: Optional[bool] = None):
+    def __init__(self, cfg: HourglassConfig, fused: Optional[bool] = None, members: int = 1):
         super().__init__()
         cfg.validate()
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+            raise DipError(f"members must be a positive integer, got {members!r}")
         self.config = cfg
+        self.members = members
+        self.out_channels = cfg.out_channels
         body: Optional[nn.Module] = None
         for i in reversed(range(cfg.scales)):
             in_ch = cfg.in_channels if i == 0 else cfg.channels_down[i - 1]
-            body = _Scale(cfg, i, in_ch, body, fused)
+            body = _Scale(cfg, i, in_ch, body, fused, members)
         self.body = body
-        self.head = nn.Conv2d(cfg.channels_up[0], cfg.out_channels, 1, bias=cfg.bias)
+        self.head = nn.Conv2d(members * cfg.channels_up[0], members * cfg.out_channels, 1, bias=cfg.bias,
+                              groups=members)
         self.sigmoid = nn.Sigmoid() if cfg.sigmoid else nn.Identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.sigmoid(self.head(self.body(z)))
+        out = self.sigmoid(self.head(self.body(z)))
+        if self.members > 1:
+            out = out.reshape(-1, self.out_channels, out.shape[2], out.shape[3])
+        return out
+
+    @classmethod
+    def stack(cls, nets: Sequence[Hourglass]) -> Hourglass:
+        """One grouped network holding copies of ``nets`` (same configuration) as its members."""
+        cfg = nets[0].config
+        if any(n.config.to_dict() != cfg.to_dict() for n in nets):
+            raise DipError("the networks of an ensemble must share one configuration")
+        grouped = cls(cfg, fused=False, members=len(nets))
+        states = [n.state_dict() for n in nets]
+        with torch.no_grad():
+            for key, value in grouped.state_dict().items():
+                if value.dim() == 0:  # num_batches_tracked: the same count in every member
+                    value.copy_(states[0][key])
+                else:
+                    value.copy_(torch.cat([s[key].to(value.dtype) for s in states]).view_as(value))
+        return grouped
+
+    def member(self, index: int, fused: Optional[bool] = None) -> Hourglass:
+        """Member ``index`` of a grouped network as a standalone :class:`Hourglass` (a copy)."""
+        if not 0 <= index < self.members:
+            raise DipError(f"member index {index} out of range for an ensemble of {self.members}")
+        net = Hourglass(self.config, fused=fused)
+        state = {}
+        for key, value in self.state_dict().items():
+            state[key] = value.clone() if value.dim() == 0 else value.unflatten(0, (self.members, -1))[index].clone()
+        net.load_state_dict(state)
+        return net.to(next(self.parameters()).device)
 
 
-def build_network(cfg: HourglassConfig | str = "denoise", *, fused: Optional[bool] = None, **overrides) -> Hourglass:
+def build_network(cfg: HourglassConfig | str = "denoise", *, fused: Optional[bool] = None, members: int = 1,
+                  **overrides) -> Hourglass:
     """Build the hourglass from a config or a preset name (with keyword overrides).
 
     ``fused=False`` forces the pure-PyTorch blocks; the default uses the fused
@@ -165,4 +220,4 @@ def build_network(cfg: HourglassConfig | str = "denoise", *, fused: Optional[boo
         cfg = preset(cfg, **overrides)
     elif overrides:
         cfg = HourglassConfig(**{**cfg.to_dict(), **overrides})
-    return Hourglass(cfg, fused)
+    return Hourglass(cfg, fused, members)

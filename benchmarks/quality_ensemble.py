@@ -1,0 +1,243 @@
+"""Blind denoising quality: automatic stop, blind σ, seed ensembles (issue 15). Not part of CI.
+
+For each crop × noise seed × ensemble size K, one ``dip.restore`` with
+``iterations="auto"`` (no ground truth used by the stop; optionally
+``noise_sigma="auto"``), and on the same trajectory the best iterate picked
+with the ground truth (the oracle: the best PSNR of the members' mean moving
+average or mean raw output over all iterations). Reports PSNR / SSIM of the
+returned image, its gap to that oracle, the σ estimate, seconds, and CBM3D
+(``bm3d`` package, skipped when missing) and non-local means (scikit-image) on
+the same noisy inputs. Noise: ``numpy.random.default_rng(seed).normal(0, σ, shape)``
+added in [0, 1] and clipped.
+
+    python benchmarks/quality_ensemble.py --device cuda --seeds 0,1,2 --ensemble 1,2,4 --time-budget 170 \
+        --json quality_ensemble.json
+    python benchmarks/quality_ensemble.py --device cpu --size 32 --network small --cases astronaut --seeds 0 \
+        --ensemble 1,2 --max-iterations 300        # a smoke test
+
+``--time-budget`` stops starting new fits once that many seconds have passed
+(the runs done so far are written); the order is seed by seed, so a cut keeps
+every crop at the first seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dip  # noqa: E402
+from dip.fit import EarlyStopping  # noqa: E402
+from dip.metrics import psnr_torch, ssim  # noqa: E402
+from dip.noise import estimate_sigma  # noqa: E402
+from dip.pipeline import resolve_device  # noqa: E402
+
+# name: a file under --data, or "skimage:<function>"
+CASES = {
+    "f16": "denoising/F16_GT.png",
+    "kate": "inpainting/kate.png",
+    "astronaut": "skimage:astronaut",
+    "ihc": "skimage:immunohistochemistry",
+    # held out: never used to choose settings
+    "coffee": "skimage:coffee",
+    "chelsea": "skimage:chelsea",
+}
+DEV_SET = "f16,kate,astronaut,ihc"
+
+
+def load(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return arr
+
+
+def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    th, tw = min(size, h), min(size, w)
+    top, left = (h - th) // 2, (w - tw) // 2
+    return arr[top : top + th, left : left + tw]
+
+
+def clean_crop(name: str, data: Path, size: int):
+    source = CASES[name]
+    if source.startswith("skimage:"):
+        from skimage import data as skdata
+
+        arr = getattr(skdata, source.split(":", 1)[1])().astype(np.float32) / 255.0
+        arr = arr[:, :, None] if arr.ndim == 2 else arr[:, :, :3]
+    else:
+        path = data / source
+        if not path.exists():
+            return None
+        arr = load(path)
+    return np.ascontiguousarray(center_crop(arr, size))
+
+
+class Oracle:
+    """Keeps, on the device, the best PSNR any iterate reached (members' mean average or mean raw output)."""
+
+    def __init__(self, reference: np.ndarray, device):
+        self.reference = torch.from_numpy(reference.transpose(2, 0, 1).copy())[None].to(device)
+        self.best = None
+        self.iteration = None
+
+    def __call__(self, step) -> None:
+        for image in (step.ema, step.output):
+            value = psnr_torch(image.mean(0, keepdim=True), self.reference)
+            if self.best is None:
+                self.best = value.clone()
+                self.iteration = torch.full((), step.iteration, dtype=torch.long, device=value.device)
+            better = value > self.best
+            torch.where(better, value, self.best, out=self.best)
+            torch.where(better, torch.full_like(self.iteration, step.iteration), self.iteration, out=self.iteration)
+
+
+def classical(observed: np.ndarray, gt: np.ndarray, sigma: float) -> dict:
+    rows = {}
+    try:
+        import bm3d
+    except ImportError:
+        rows["CBM3D"] = {"note": "bm3d not installed"}
+    else:
+        t = time.perf_counter()
+        out = bm3d.bm3d_rgb(observed, sigma_psd=sigma) if observed.shape[2] == 3 else \
+            bm3d.bm3d(observed[:, :, 0], sigma_psd=sigma)[:, :, None]
+        rows["CBM3D"] = _row(np.clip(out, 0, 1), gt, time.perf_counter() - t)
+    try:
+        from skimage.restoration import denoise_nl_means
+    except ImportError:
+        rows["NLM"] = {"note": "scikit-image not installed"}
+    else:
+        t = time.perf_counter()
+        s = estimate_sigma(observed)
+        out = denoise_nl_means(observed, h=0.8 * s, sigma=s, patch_size=5, patch_distance=6, fast_mode=True,
+                               channel_axis=-1)
+        rows["NLM"] = _row(np.clip(out, 0, 1), gt, time.perf_counter() - t)
+    return rows
+
+
+def _row(image, gt, seconds) -> dict:
+    image = np.asarray(image, dtype=np.float32)
+    return {"psnr": dip.psnr(image, gt), "ssim": ssim(image, gt), "seconds": seconds}
+
+
+def run(name, gt, seed, members, args) -> dict:
+    observed = np.clip(gt + np.random.default_rng(seed).normal(0, args.sigma / 255, gt.shape), 0, 1)
+    observed = observed.astype(np.float32)
+    oracle = Oracle(gt, args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    r = dip.restore(observed, iterations="auto", max_iterations=args.max_iterations, device=args.device,
+                    seed=1000 * seed, network=args.network, reference=gt, progress=False, ensemble=members,
+                    noise_sigma="auto" if args.blind_sigma else None, callbacks=[oracle],
+                    early_stopping=EarlyStopping(window=args.window, patience=args.patience))
+    seconds = time.perf_counter() - t
+    best = float(oracle.best)
+    record = {"case": name, "seed": seed, "ensemble": members, "psnr": r.psnr, "ssim": r.ssim,
+              "oracle_psnr": best, "oracle_iteration": int(oracle.iteration), "gap": r.psnr - best,
+              "stopped_at": r.stopped_at, "iterations": r.iterations, "stop_reason": r.stop_reason.value,
+              "sigma_estimate": r.noise_sigma_estimate * 255, "seconds": seconds,
+              "input_psnr": dip.psnr(observed, gt)}
+    if r.members is not None:
+        record["member_psnr"] = [dip.psnr(m, gt) for m in r.members]
+        record["member_iterations"] = r.member_iterations
+    if members == min(args.ensemble) and not args.no_classical:
+        record["classical"] = classical(observed, gt, args.sigma / 255)
+    return record
+
+
+def summary(records) -> str:
+    lines = ["| case | seed | K | PSNR / SSIM | oracle | gap | stop (iter / ran, reason) | σ̂ | s | CBM3D | NLM |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    classical_of = {(r["case"], r["seed"]): r["classical"] for r in records if "classical" in r}
+    for r in records:
+        c = classical_of.get((r["case"], r["seed"]), {})
+        anchors = [f"{c[k]['psnr']:.2f} / {c[k]['ssim']:.3f}" if "psnr" in c.get(k, {}) else "—"
+                   for k in ("CBM3D", "NLM")]
+        lines.append(f"| {r['case']} | {r['seed']} | {r['ensemble']} | {r['psnr']:.2f} / {r['ssim']:.3f} | "
+                     f"{r['oracle_psnr']:.2f} | {r['gap']:+.2f} | {r['stopped_at']} / {r['iterations']}, "
+                     f"{r['stop_reason']} | {r['sigma_estimate']:.1f} | {r['seconds']:.1f} | "
+                     f"{anchors[0]} | {anchors[1]} |")
+    by_k = {}
+    for r in records:
+        by_k.setdefault(r["ensemble"], []).append(r)
+    for k, rs in sorted(by_k.items()):
+        lines.append(f"\nK={k}: mean PSNR {np.mean([r['psnr'] for r in rs]):.2f}, mean SSIM "
+                     f"{np.mean([r['ssim'] for r in rs]):.3f}, mean gap {np.mean([r['gap'] for r in rs]):+.2f}, "
+                     f"worst gap {min(r['gap'] for r in rs):+.2f}, mean s {np.mean([r['seconds'] for r in rs]):.1f} "
+                     f"({len(rs)} runs)")
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="test image folder")
+    parser.add_argument("--cases", default=DEV_SET, help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--size", type=int, default=128, help="centre crop side")
+    parser.add_argument("--sigma", type=float, default=25.0, help="noise std in 0–255 units")
+    parser.add_argument("--seeds", default="0,1,2", help="noise seeds (the fit's seed is 1000×noise seed)")
+    parser.add_argument("--ensemble", default="1,2,4", help="ensemble sizes K")
+    parser.add_argument("--device", default=None, help="cpu, cuda … (default: CUDA when available)")
+    parser.add_argument("--network", default="denoise", help="network preset")
+    parser.add_argument("--max-iterations", type=int, default=3000, help="cap of the automatic stop")
+    parser.add_argument("--window", type=int, default=EarlyStopping.window)
+    parser.add_argument("--patience", type=int, default=EarlyStopping.patience)
+    parser.add_argument("--blind-sigma", action="store_true",
+                        help="also stop at the estimated noise level (noise_sigma='auto')")
+    parser.add_argument("--no-classical", action="store_true", help="skip CBM3D and NLM")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds after which no new fit starts")
+    parser.add_argument("--json", type=Path, default=None, help="write the records and the machine here")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    args.ensemble = _ints(args.ensemble)
+    device = resolve_device(args.device)
+    args.device = str(device)
+    machine = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    print(f"# dip quality/ensemble: {machine}, size {args.size}, σ {args.sigma}, net {args.network}, "
+          f"window {args.window}, patience {args.patience}, blind σ stop {args.blind_sigma}", flush=True)
+    crops = {n: clean_crop(n, args.data, args.size) for n in names}
+    skipped = [n for n, c in crops.items() if c is None]
+    if skipped:
+        print(f"# skipped (file not under {args.data}): {', '.join(skipped)}", flush=True)
+    start, records, cut = time.perf_counter(), [], False
+    for seed in _ints(args.seeds):
+        for name, gt in crops.items():
+            for members in args.ensemble:
+                if gt is None:
+                    continue
+                if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
+                    cut = True
+                    break
+                record = run(name, gt, seed, members, args)
+                records.append(record)
+                print(json.dumps(record, default=float), flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+                                                     "records": records}, indent=1, default=float))
+    if cut:
+        print(f"# time budget of {args.time_budget:.0f} s reached after {len(records)} fits", flush=True)
+    print(summary(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
