@@ -177,7 +177,8 @@ def test_recursive_batch_mirrors_the_tree_and_skips_its_own_outputs(tmp_path, ma
     assert "0 restored, 2 skipped, 0 failed" in capsys.readouterr().out
 
 
-def test_sigterm_then_rerun_completes_without_truncated_files(tmp_path, make_image):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_stop_signal_then_rerun_completes_without_truncated_files(tmp_path, make_image, signum):
     n = 6
     write_images(tmp_path / "in", make_image, [(32, 32)] * n)
     out = tmp_path / "out"
@@ -189,7 +190,7 @@ def test_sigterm_then_rerun_completes_without_truncated_files(tmp_path, make_ima
         while not list(out.glob("img*.png")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, "the batch ended before it could be interrupted: " + proc.stderr.read()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -204,7 +205,8 @@ def test_sigterm_then_rerun_completes_without_truncated_files(tmp_path, make_ima
             assert img.size == (32, 32)
     assert not list(out.glob(".*.tmp*")), "a temporary file was left behind"
     assert {r["status"] for r in _manifest(out).values()} <= {"ok"}
-
+    if signum != signal.SIGTERM:
+        return
     summary = dip.restore_many(tmp_path / "in", out, "denoise", workers=2, progress=False, network="small",
                                iterations=150)
     assert summary.skipped == len(done) and summary.ok == n - len(done) and summary.failed == 0
