@@ -18,7 +18,7 @@ for this device and dtype" test.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
