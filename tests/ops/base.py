@@ -178,11 +178,11 @@ def check_gradcheck(spec: OpSpec, device: str, max_samples: int = 2) -> None:
             assert torch.autograd.gradgradcheck(call, ins), f"{kind} {sample.label}"
 
 
-def check_opcheck(spec: OpSpec, device: str, dtype: torch.dtype = torch.float64) -> None:
+def check_opcheck(spec: OpSpec, device: str, dtype: torch.dtype = torch.float64, max_samples: int = 1) -> None:
     """``torch.library.opcheck`` (schema, fake tensor, autograd registration) on each registered op."""
     spec.require(device)
     gen = torch.Generator().manual_seed(2)
-    for sample in spec.samples(device, dtype, gen):
+    for sample in list(spec.samples(device, dtype, gen))[:max_samples]:
         args = _cast(sample, device, dtype)
         for op, build in spec.opcheck_ops:
             for requires_grad in (False, True):
