@@ -252,8 +252,9 @@ def run_logged(cmd, report: Report, timeout: float, log_name: str | None = None,
             rc = proc.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
             rc = None
+            kill_tree(proc.pid)  # ninja puts each compiler in a process group of its own
         with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the group's stragglers, or everything at a timeout
+            os.killpg(proc.pid, signal.SIGKILL)  # the group's stragglers
         proc.wait()
         sink.seek(0)
         output = sink.read()
@@ -264,6 +265,28 @@ def run_logged(cmd, report: Report, timeout: float, log_name: str | None = None,
     report.log(f"$ {' '.join(map(str, cmd))}  ->  {'timeout' if rc is None else rc}", echo=False)
     report.log(output[-20000:], echo=False)
     return rc, output
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first listed before their own children."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it, whatever their process groups."""
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
 
 
 def child_cmd(args, stage: str, part: Path, deadline: float, combos: list[dict] | None = None) -> list[str]:
@@ -334,9 +357,11 @@ def stage_build(args, report: Report, timeout: float, workdir: Path) -> dict:
                          log_name="build.log", env=env)
     result = dict(compile_s=round(time.time() - start, 1), toolchain=toolchain)
     if rc != 0:
-        tail = [line for line in out.splitlines() if "error" in line.lower()][:8] or out.splitlines()[-8:]
-        report.log("  build " + ("timed out" if rc is None else f"failed ({rc})") + ":\n    " + "\n    ".join(tail))
-        return dict(result, status="timeout" if rc is None else "failed", reason="; ".join(tail)[:1500])
+        errors = [line.strip() for line in out.splitlines() if re.search(r"\berror\b[:(]|Error:|FAILED:", line)]
+        tail = errors[:8] or [line.strip() for line in out.splitlines() if line.strip()][-6:]
+        what = f"timed out after {timeout - 15:.0f} s" if rc is None else f"failed ({rc})"
+        report.log(f"  build {what}:\n    " + "\n    ".join(tail))
+        return dict(result, status="timeout" if rc is None else "failed", reason=f"{what}: " + " | ".join(tail)[:1500])
     part = workdir / "build.jsonl"
     rc, out = run_logged(child_cmd(args, "verify", part, time.time() + 30), report, 30, env=child_env())
     info = {k: v for rec in read_part(part) for k, v in rec.items()}

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,12 +154,23 @@ def test_a_crashed_child_is_restarted_for_the_groups_left(gc, monkeypatch, tmp_p
 
 
 HANG = r"""
-import json, sys, time
-part, combos = sys.argv[1], json.loads(sys.argv[3])
+import json, subprocess, sys, time
+part, counter, combos = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+# A helper in a session of its own, as ninja's compilers or torch.compile's workers are.
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+open(counter + ".helper", "w").write(str(helper.pid))
 with open(part, "a") as f:
     f.write(json.dumps({"event": "start", "id": combos[0]["id"]}) + "\n")
 time.sleep(60)
 """
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_a_hung_child_is_stopped_at_the_stage_deadline(gc, monkeypatch, tmp_path):
@@ -169,6 +181,12 @@ def test_a_hung_child_is_stopped_at_the_stage_deadline(gc, monkeypatch, tmp_path
     statuses = [r["status"] for r in report.data["bench"]]
     assert statuses[0] == "crashed" and "timed out" in report.data["bench"][0]["reason"]
     assert statuses[1:] == ["skipped"] * 2 and result["not_reached"] == 2
+    helper = int((tmp_path / "attempts.helper").read_text())
+    for _ in range(50):  # SIGKILL takes effect when the process is next scheduled
+        if not _alive(helper):
+            break
+        time.sleep(0.1)
+    assert not _alive(helper), "a helper of the timed-out child survived"
 
 
 def test_summary_table_from_a_report(gc):
