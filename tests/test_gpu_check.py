@@ -99,7 +99,7 @@ def test_benchmark_combinations(gc):
     assert len(bench) == 2 * 2 * 3
     assert {(c["path"], c["precision"]) for c in bench} == {(p, q) for p in ("fused", "eager")
                                                             for q in ("float32", "tf32", "bf16")}
-    assert bench[0]["size"] == 256  # the small size first
+    assert [c["id"] for c in bench[:2]] == ["fused-512-tf32", "eager-512-tf32"]  # the headline pair first
     compiled = gc.bench_combos("compile", [256, 512], "cuda")
     assert [c["id"] for c in compiled][:2] == ["compile-512-tf32", "compile-512-bf16"]
     assert len(compiled) == 6
@@ -145,7 +145,7 @@ def test_a_crashed_child_is_restarted_for_the_groups_left(gc, monkeypatch, tmp_p
     by_status = {}
     for r in report.data["bench"]:
         by_status.setdefault(r["status"], []).append(r["id"])
-    assert by_status["crashed"] == ["fused-256-float32"]
+    assert by_status["crashed"] == ["fused-256-tf32"]
     assert len(by_status["ok"]) == 2 * 5  # the other five groups, without and with a graph
     assert result["status"] == "partial" and result["failed"] == 1
     assert (tmp_path / "attempts").read_text() == "2"
