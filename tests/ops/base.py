@@ -16,9 +16,12 @@ then run the same checks on any device and dtype:
 Parametrize tests with ``DEVICES`` and ``dtypes_for``: the CUDA parameter
 carries the ``cuda`` marker (``pytest -m cuda`` selects it) and skips where no
 GPU is present; on a GPU it fails loudly when the CUDA kernels are missing.
+The checks run with TF32 off (:func:`no_tf32`): they measure the kernels'
+float32 arithmetic, not cuDNN's reduced-precision mode.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -129,6 +132,18 @@ def _cast(sample: Sample, device: str, dtype: torch.dtype, layout: str = "contig
     return sample.with_tensors(tensors)
 
 
+@contextlib.contextmanager
+def no_tf32():
+    """float32 matmuls and convolutions in full float32 (cuDNN's default TF32 rounds to 10 bits)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@no_tf32()
 def check_against_reference(spec: OpSpec, device: str, dtype: torch.dtype, layouts=("contiguous",),
                             seed: int = 0) -> None:
     """Fused op vs reference: outputs and gradients of every sample, inputs in each layout.
@@ -158,6 +173,7 @@ def check_against_reference(spec: OpSpec, device: str, dtype: torch.dtype, layou
                 assert_rel_close(g, e, tol, f"{what} grad {i}", spec.floor)
 
 
+@no_tf32()
 def check_gradcheck(spec: OpSpec, device: str, max_samples: int = 2) -> None:
     """gradcheck and gradgradcheck in float64 on the eager fused op and on the scripted public function."""
     spec.require(device)
@@ -190,6 +206,7 @@ def check_opcheck(spec: OpSpec, device: str, dtype: torch.dtype = torch.float64,
                 torch.library.opcheck(op, build(sample.with_tensors(tensors)))
 
 
+@no_tf32()
 def check_compile(spec: OpSpec, device: str, dtype: torch.dtype = torch.float64) -> None:
     """``torch.compile(fullgraph=True)`` of the public function (aot_eager traces both directions) vs eager."""
     spec.require(device)
