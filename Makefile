@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-test demo test bench cuda-check clean
+.PHONY: install install-test demo test bench cuda-check gpu-check clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)"
@@ -27,6 +27,13 @@ bench: install-test
 # in a temporary build directory; nothing runs, no GPU needed. See the script.
 cuda-check:
 	bash scripts/cuda_check.sh
+
+# On a CUDA machine (torch and nvcc preinstalled, no network): build against its torch, run every
+# CUDA test, time the iteration benchmark and the F16 restoration in under 8 minutes; writes
+# gpu_check.json and gpu_check.log into OUT. `python3 scripts/gpu_check.py --dry-run` checks the plan.
+OUT ?= ./gpu-check-out
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dip/_C*.so *.egg-info .pytest_cache .benchmarks

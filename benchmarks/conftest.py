@@ -1,18 +1,26 @@
-"""Benchmark settings: fixed threads, optional large sizes (``--large`` or DIP_BENCH_LARGE=1)."""
+"""Benchmark settings: threads (DIP_BENCH_THREADS), device (--device / DIP_BENCH_DEVICE), large sizes
+(--large / DIP_BENCH_LARGE=1), and the machine description written into the JSON (--benchmark-json)."""
 import os
 
 import torch
+from bench_settings import THREADS, machine
 
-#: Threads for every benchmark (this project's reference machine has 2 cores).
-THREADS = int(os.environ.get("DIP_BENCH_THREADS", "2"))
 torch.set_num_threads(THREADS)
 
 
 def pytest_addoption(parser):
     parser.addoption("--large", action="store_true", default=False, help="also run the slow large sizes (512²)")
+    parser.addoption("--device", default=None, choices=["cpu", "cuda"],
+                     help="device of the benchmarks that take one (default: $DIP_BENCH_DEVICE or cpu)")
 
 
 def pytest_configure(config):
-    # The benchmark modules read this when they are collected, after configuration.
+    # The benchmark modules read these when they are collected, after configuration.
     if config.getoption("--large"):
         os.environ["DIP_BENCH_LARGE"] = "1"
+    if config.getoption("--device"):
+        os.environ["DIP_BENCH_DEVICE"] = config.getoption("--device")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["dip"] = machine()

@@ -1,7 +1,9 @@
 """One DIP fitting iteration of the ``denoise`` net: fused vs pure eager vs torch.compile(pure).
 
 An iteration is forward, MSE against a fixed target, backward and an Adam
-step, on a 32-channel noise input with 3 outputs, 2 threads, float32.
+step, on a 32-channel noise input with 3 outputs, DIP_BENCH_THREADS threads
+(default 2), float32, on the CPU or (``--device cuda``) the GPU, where the
+timed call ends with ``torch.cuda.synchronize()``.
 
     pytest benchmarks/ --benchmark-only                       # 64², 128², 256²; fused and eager
     DIP_BENCH_LARGE=1 pytest benchmarks/ --benchmark-only     # adds 512²
@@ -24,22 +26,22 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_settings import THREADS, device, timed
 
 from dip._extension import has_op
 from dip.nn import build_network
 
-THREADS = 2
 SIZES = [64, 128, 256] + ([512] if os.environ.get("DIP_BENCH_LARGE") else [])
 PATHS = ["fused", "eager"] + (["compile"] if os.environ.get("DIP_BENCH_COMPILE") else [])
 
 
-def make_step(path: str, size: int, seed: int = 0):
-    """A closure running one fitting iteration of the denoise net on the given path."""
+def make_step(path: str, size: int, seed: int = 0, dev: str = "cpu"):
+    """A closure running one fitting iteration of the denoise net on the given path and device."""
     torch.manual_seed(seed)
-    net = build_network("denoise", fused=None if path == "fused" else False)
+    net = build_network("denoise", fused=None if path == "fused" else False).to(dev)
     g = torch.Generator().manual_seed(seed)
-    z = torch.rand(1, 32, size, size, generator=g)
-    target = torch.rand(1, 3, size, size, generator=g)
+    z = torch.rand(1, 32, size, size, generator=g).to(dev)
+    target = torch.rand(1, 3, size, size, generator=g).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     model = torch.compile(net, fullgraph=True) if path == "compile" else net
 
@@ -77,9 +79,9 @@ def peak_memory_child(path: str, size: int) -> dict:
 def measure_peak_memory(path: str, size: int) -> dict:
     """Peak-memory figures of one path and size, from a fresh Python process."""
     code = (
-        "import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+        f"import json, sys; sys.path.insert(0, {os.getcwd()!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from test_iteration_bench import peak_memory_child\n"
-        "print(json.dumps(peak_memory_child(%r, %d)))" % (os.getcwd(), os.path.dirname(__file__), path, size)
+        f"print(json.dumps(peak_memory_child({path!r}, {size:d})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -96,13 +98,16 @@ def _threads():
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("path", PATHS)
 def test_fit_iteration(benchmark, path, size):
+    dev = device()
     if path == "fused" and not has_op("conv_block"):
         pytest.skip("compiled dip ops not loaded (python setup.py build_ext --inplace)")
-    benchmark.group = f"denoise iteration {size}x{size}"
-    step = make_step(path, size)
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda without a CUDA device")
+    benchmark.group = f"denoise iteration {size}x{size} {dev}"
+    step = timed(make_step(path, size, dev=dev), dev)
     step()  # warm-up (and compilation for torch.compile)
-    rounds = 3 if size >= 256 else 10
+    rounds = (3 if size >= 256 else 10) if dev == "cpu" else 20
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update(threads=THREADS, torch=torch.__version__, path=path, size=size)
-    if os.environ.get("DIP_BENCH_MEMORY"):
+    benchmark.extra_info.update(threads=THREADS, torch=torch.__version__, path=path, size=size, device=dev)
+    if os.environ.get("DIP_BENCH_MEMORY") and dev == "cpu":
         benchmark.extra_info.update(measure_peak_memory(path, size))

@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "dip/conv_block.h"
@@ -14,6 +16,12 @@ namespace dip {
 namespace {
 
 constexpr int kThreads = 256;
+
+// The ATen calls inside the kernels (convolution, mm, addmm) must run in the
+// input's dtype: under torch.autocast they would otherwise return bfloat16 or
+// half tensors that the element-wise kernels below do not take. The operator
+// has no autocast rule, so autocast reaches it with float32 inputs.
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 
 inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8));
@@ -113,6 +121,59 @@ __global__ void bn_act_grad_kernel(const scalar_t* __restrict__ y, const scalar_
   }
 }
 
+// Per-channel statistics and BatchNorm affine in one launch (c threads):
+//   training (s != nullptr): mean = y0 + s/m, var = max(q/m - (s/m)^2, 0) from the shifted sums;
+//   eval:                    mean, var = the given statistics;
+// then invstd = 1/sqrt(var + eps), scale = gamma * invstd, shift = beta - mean * scale.
+template <typename scalar_t>
+__global__ void stats_affine_kernel(const double* __restrict__ s, const double* __restrict__ q,
+                                    const scalar_t* __restrict__ y0, const scalar_t* __restrict__ mean_in,
+                                    const scalar_t* __restrict__ var_in, const scalar_t* __restrict__ gamma,
+                                    const scalar_t* __restrict__ beta, int64_t c, double m, double eps,
+                                    scalar_t* __restrict__ mean_out, scalar_t* __restrict__ var_out,
+                                    scalar_t* __restrict__ invstd, scalar_t* __restrict__ scale,
+                                    scalar_t* __restrict__ shift) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < c; k += int64_t(gridDim.x) * blockDim.x) {
+    scalar_t mu, v;
+    if (s != nullptr) {
+      const double d = s[k] / m;
+      mu = static_cast<scalar_t>(double(y0[k]) + d);
+      v = static_cast<scalar_t>(fmax(q[k] / m - d * d, 0.0));
+    } else {
+      mu = mean_in[k];
+      v = var_in[k];
+    }
+    const scalar_t is = static_cast<scalar_t>(1.0 / sqrt(double(v) + eps));
+    const scalar_t sc = gamma[k] * is;
+    if (mean_out != nullptr) {
+      mean_out[k] = mu;
+      var_out[k] = v;
+    }
+    invstd[k] = is;
+    scale[k] = sc;
+    shift[k] = beta[k] - mu * sc;
+  }
+}
+
+// BatchNorm-backward coefficients from the gradient sums sg = sum(g), sgx = sum(g * xhat):
+// grad_beta = sg, grad_gamma = sgx, conv-bias gradient (0 under batch statistics, scale * sg in eval),
+// and a = -scale * sgx / m, b = -scale * sg / m of grad_y = g * scale + xhat * a + b (0 in eval).
+template <typename scalar_t>
+__global__ void grad_coefficients_kernel(const double* __restrict__ sg, const double* __restrict__ sgx,
+                                         const scalar_t* __restrict__ scale, int64_t c, double m, bool training,
+                                         scalar_t* __restrict__ grad_gamma, scalar_t* __restrict__ grad_beta,
+                                         scalar_t* __restrict__ grad_bias, scalar_t* __restrict__ a,
+                                         scalar_t* __restrict__ b) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < c; k += int64_t(gridDim.x) * blockDim.x) {
+    const scalar_t gb = static_cast<scalar_t>(sg[k]);
+    grad_beta[k] = gb;
+    grad_gamma[k] = static_cast<scalar_t>(sgx[k]);
+    grad_bias[k] = training ? scalar_t(0) : scale[k] * gb;
+    a[k] = training ? static_cast<scalar_t>(-double(scale[k]) * sgx[k] / m) : scalar_t(0);
+    b[k] = training ? static_cast<scalar_t>(-double(scale[k]) * sg[k] / m) : scalar_t(0);
+  }
+}
+
 at::Tensor reflect_pad_cuda(const at::Tensor& x, int64_t pad) {
   auto out = empty_cl({x.size(0), x.size(1), x.size(2) + 2 * pad, x.size(3) + 2 * pad}, x.options());
   if (out.numel() == 0) return out;
@@ -144,8 +205,9 @@ std::tuple<at::Tensor, at::Tensor> channel_sums(const at::Tensor& y, const at::T
                                                 const at::Tensor& shift, const at::Tensor& mean,
                                                 const at::Tensor& invstd, double slope) {
   const int64_t c = y.size(1), m = y.numel() / c;
-  auto opts = y.options().dtype(at::kDouble);
-  auto s = at::zeros({c}, opts), q = at::zeros({c}, opts);
+  auto sums = at::zeros({2, c}, y.options().dtype(at::kDouble));  // one fill for both
+  auto s = sums[0], q = sums[1];
+  if (m == 0) return {s, q};  // an empty grid is an invalid launch
   const dim3 block(32, 8);
   const dim3 grid(static_cast<unsigned>((c + 31) / 32), static_cast<unsigned>(std::min<int64_t>((m + 7) / 8, 1024)));
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
@@ -156,13 +218,35 @@ std::tuple<at::Tensor, at::Tensor> channel_sums(const at::Tensor& y, const at::T
   return {s, q};
 }
 
-// invstd, scale = gamma * invstd, shift = beta - mean * scale (device tensors, input dtype).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_of(const at::Tensor& mean, const at::Tensor& var,
-                                                         const at::Tensor& gamma, const at::Tensor& beta, double eps) {
-  auto invstd = at::rsqrt(var.to(at::kDouble) + eps).to(mean.scalar_type());
-  auto scale = (gamma * invstd).contiguous();
-  auto shift = (beta - mean * scale).contiguous();
-  return {invstd.contiguous(), scale, shift};
+// Launches stats_affine_kernel. Training: pass the sums (s, q) and the conv output y (its first row is
+// the shift of the sums); mean and var are written. Eval / backward: pass mean and var, s undefined.
+// Returns (mean, var, invstd, scale, shift), each c elements of the input dtype.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_affine(
+    const at::Tensor& s, const at::Tensor& q, const at::Tensor& y, const at::Tensor& mean_in,
+    const at::Tensor& var_in, const at::Tensor& gamma, const at::Tensor& beta, double eps) {
+  const int64_t c = gamma.numel(), m = s.defined() ? y.numel() / c : 1;
+  // Explicit types: these would otherwise be dependent on scalar_t and need `.template` at each call.
+  const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const at::TensorOptions opts = gamma.options().dtype(dtype);
+  const at::Tensor coef = at::empty({3, c}, opts);  // invstd, scale, shift (internal)
+  const at::Tensor g = gamma.to(dtype).contiguous(), bt = beta.to(dtype).contiguous();
+  const bool given = !s.defined();
+  const at::Tensor mi = given ? mean_in.to(dtype).contiguous() : at::Tensor();
+  const at::Tensor vi = given ? var_in.to(dtype).contiguous() : at::Tensor();
+  const at::Tensor mean = given ? mi : at::empty({c}, opts);
+  const at::Tensor var = given ? vi : at::empty({c}, opts);
+  if (c > 0) {
+    stats_affine_kernel<scalar_t><<<blocks_for(c), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        given ? nullptr : s.const_data_ptr<double>(), given ? nullptr : q.const_data_ptr<double>(),
+        given ? nullptr : y.const_data_ptr<scalar_t>(), given ? mi.const_data_ptr<scalar_t>() : nullptr,
+        given ? vi.const_data_ptr<scalar_t>() : nullptr, g.const_data_ptr<scalar_t>(), bt.const_data_ptr<scalar_t>(),
+        c, double(m), eps, given ? nullptr : mean.mutable_data_ptr<scalar_t>(),
+        given ? nullptr : var.mutable_data_ptr<scalar_t>(), coef[0].mutable_data_ptr<scalar_t>(),
+        coef[1].mutable_data_ptr<scalar_t>(), coef[2].mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {mean, var, coef[0], coef[1], coef[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
@@ -173,22 +257,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
   const ConvBlockArgs args{stride, padding, reflect};
   check_forward_args(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, args);
   const c10::cuda::CUDAGuard guard(x.device());
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto y = block_conv_forward(x, weight, bias, stride, padding, reflect, reflect_pad_cuda);
   const int64_t c = y.size(1), m = y.numel() / c;
-  at::Tensor mean, var;
+  at::Tensor mean, var, invstd, scale, shift;
   if (training) {
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dip_conv_block_stats_cuda", [&] {
+    TORCH_CHECK(m > 0, "conv_block: batch statistics of an empty batch (output shape ", y.sizes(), ")");
+  }
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dip_conv_block_stats_cuda", [&] {
+    if (training) {
+      // y's first row (canonical channels_last: its first c elements) shifts the sums, for accuracy.
       auto [s, q] = channel_sums<scalar_t, 0>(y, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
                                               at::Tensor(), slope);
-      auto mu = s / double(m);
-      mean = (rows(y)[0].to(at::kDouble) + mu).to(y.scalar_type());
-      var = (q / double(m) - mu * mu).clamp_min(0).to(y.scalar_type());
-    });
-  } else {
-    mean = running_mean->clone();
-    var = running_var->clone();
-  }
-  auto [invstd, scale, shift] = affine_of(mean, var, bn_weight, bn_bias, eps);
+      std::tie(mean, var, invstd, scale, shift) =
+          stats_affine<scalar_t>(s, q, y, at::Tensor(), at::Tensor(), bn_weight, bn_bias, eps);
+    } else {
+      std::tie(mean, var, invstd, scale, shift) = stats_affine<scalar_t>(
+          at::Tensor(), at::Tensor(), y, running_mean->clone(), running_var->clone(), bn_weight, bn_bias, eps);
+    }
+  });
   auto out = empty_cl(y.sizes(), y.options());
   if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dip_conv_block_cuda", [&] {
@@ -208,21 +295,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
   TORCH_CHECK(grad_out.sizes() == y.sizes(), "conv_block_backward: grad_out must have the output's shape ",
               y.sizes(), ", got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(y.device());
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto go = canonical_cl(grad_out);
   const auto yc = canonical_cl(y);
   const int64_t c = y.size(1), m = y.numel() / c;
-  auto [invstd, scale, shift] = affine_of(mean, var, bn_weight, bn_bias, eps);
-  const auto mu = mean.contiguous();
   auto grad_y = empty_cl(y.sizes(), y.options());
   at::Tensor grad_gamma, grad_beta, grad_bias;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dip_conv_block_backward_cuda", [&] {
+    auto [mu, var_used, invstd, scale, shift] =
+        stats_affine<scalar_t>(at::Tensor(), at::Tensor(), yc, mean, var, bn_weight, bn_bias, eps);
     auto [sg, sgx] = channel_sums<scalar_t, 1>(yc, go, scale, shift, mu, invstd, slope);
-    grad_beta = sg.to(y.scalar_type());
-    grad_gamma = sgx.to(y.scalar_type());
-    // Conv bias: exactly zero under batch statistics, scale * sum(g) in eval mode.
-    grad_bias = training ? at::zeros({c}, y.options()) : (scale * grad_beta).contiguous();
-    auto a = training ? (-scale.to(at::kDouble) * sgx / double(m)).to(y.scalar_type()) : at::zeros({c}, y.options());
-    auto b = training ? (-scale.to(at::kDouble) * sg / double(m)).to(y.scalar_type()) : at::zeros({c}, y.options());
+    // grad_gamma, grad_beta, grad_bias (zero under batch statistics, scale * sum(g) in eval): separate
+    // tensors, since the op's outputs must not alias each other; a and b share one internal buffer.
+    grad_gamma = at::empty({c}, y.options());
+    grad_beta = at::empty({c}, y.options());
+    grad_bias = at::empty({c}, y.options());
+    auto ab = at::empty({2, c}, y.options());
+    auto a = ab[0], b = ab[1];
+    if (c > 0) {
+      grad_coefficients_kernel<scalar_t><<<blocks_for(c), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          sg.const_data_ptr<double>(), sgx.const_data_ptr<double>(), scale.const_data_ptr<scalar_t>(), c, double(m),
+          training, grad_gamma.mutable_data_ptr<scalar_t>(), grad_beta.mutable_data_ptr<scalar_t>(),
+          grad_bias.mutable_data_ptr<scalar_t>(), a.mutable_data_ptr<scalar_t>(), b.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (grad_y.numel() > 0) {
       bn_act_grad_kernel<scalar_t><<<blocks_for(grad_y.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           yc.const_data_ptr<scalar_t>(), go.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),

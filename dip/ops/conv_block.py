@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dip._extension import has_op
+from dip.ops import device_check
 
 
 def conv_block_reference(
@@ -102,7 +103,7 @@ def conv_block(
     are updated in place in training mode.
     """
     if not torch.jit.is_scripting():
-        if not fused_available(x):
+        if not (fused_available(x) and device_check.fused_ok("conv_block", x)):
             return conv_block_reference(
                 x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                 training, momentum, eps, stride, padding, reflect, slope,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from dip import _extension
 from dip.errors import DipError
+from dip.ops import device_check
 
 MAX_FACTOR = 32
 
@@ -120,7 +121,7 @@ def lanczos_downsample(x: torch.Tensor, factor: int, support: int = 2) -> torch.
     """
     if not torch.jit.is_scripting():
         check_input(x, factor, support)
-        if not _fused_available(x):
+        if not (_fused_available(x) and device_check.fused_ok("lanczos_downsample", x)):
             return lanczos_downsample_reference(x, factor, support)
     return torch.ops.dip.lanczos_downsample(x, factor, support)
 
@@ -134,7 +135,7 @@ def lanczos_downsample_adjoint(y: torch.Tensor, factor: int, support: int, input
     if y.dim() != 4 or (y.shape[-2], y.shape[-1]) != (h // factor, w // factor):
         raise DipError(f"expected an N×C×{h // factor}×{w // factor} tensor for an input of {h}×{w}, "
                        f"got shape {tuple(y.shape)}")
-    if _fused_available(y):
+    if _fused_available(y) and device_check.fused_ok("lanczos_downsample", y):
         return torch.ops.dip._lanczos_downsample_backward(y, factor, support, h, w)
     x = torch.zeros(*y.shape[:2], h, w, dtype=y.dtype, device=y.device, requires_grad=True)
     with torch.enable_grad():

@@ -1,7 +1,10 @@
 """Lanczos downsampling: the taps, the pure-PyTorch reference, and the fused operator.
 
 Tests of the reference run everywhere; tests of the fused operator skip (with
-the reason) when dip._C is not built, and CUDA tests skip where no GPU is present.
+the reason) when dip._C is not built. The fused-vs-reference, layout,
+gradcheck (eager and scripted), opcheck and compile checks come from
+``tests/ops/base.py`` and run on every device (the CUDA ones carry the
+``cuda`` marker and skip where no GPU is present).
 """
 import math
 import os
@@ -11,6 +14,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from base import (
+    DEVICES,
+    LAYOUTS,
+    OpSpec,
+    Sample,
+    assert_rel_close,
+    check_against_reference,
+    check_compile,
+    check_gradcheck,
+    check_opcheck,
+    dtypes_for,
+)
 
 import dip.ops.lanczos as lanczos_module
 from dip import _extension
@@ -25,23 +40,9 @@ from dip.ops.lanczos import (
 
 FACTORS = [2, 3, 4, 8, 16, 32]
 SUPPORTS = [2, 3]
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 HAS_OP = _extension.has_op("lanczos_downsample")
 needs_op = pytest.mark.skipif(not HAS_OP, reason=f"dip._C is not built or disabled: {_extension.build_info()}")
-HAS_CUDA_OP = HAS_OP and torch.cuda.is_available() and _extension.build_info().get("with_cuda", False)
-needs_cuda = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-]
-
-
-def assert_rel_close(actual, expected, tol):
-    """max |actual − expected| ≤ tol · max(|expected|, 1e-30)."""
-    assert actual.shape == expected.shape
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = max(expected.double().abs().max().item(), 1e-30)
-    assert err <= tol * scale, f"max error {err:.3e} > {tol:.0e} × {scale:.3e}"
 
 
 def sample_shapes(factor):
@@ -51,6 +52,40 @@ def sample_shapes(factor):
         (3, 1, 2 * factor + 1, 4 * factor - 1),
         (1, 7, factor + 1, factor),
     ]
+
+
+class _Scriptable(torch.nn.Module):
+    def forward(self, x: torch.Tensor, factor: int, support: int) -> torch.Tensor:
+        return lanczos_downsample(x, factor, support)
+
+
+def _backward_args(args):
+    x, factor, support = args
+    h, w = x.shape[-2:]
+    g = torch.randn(x.shape[0], x.shape[1], h // factor, w // factor, dtype=x.dtype, device=x.device)
+    return (g.requires_grad_(x.requires_grad), factor, support, h, w)
+
+
+def spec(factor: int = 4, support: int = 2) -> OpSpec:
+    """The operator for the shared checks, on the sample shapes of one factor and support."""
+
+    def samples(device, dtype, gen):
+        for shape in sample_shapes(factor):
+            x = torch.randn(shape, dtype=torch.float64, generator=gen)
+            yield Sample((x, factor, support), 1, f"{tuple(shape)} x{factor} a{support}")
+
+    return OpSpec(
+        name="dip::lanczos_downsample",
+        fused=lambda x, f, a: torch.ops.dip.lanczos_downsample(x, f, a),
+        reference=lanczos_downsample_reference,
+        public=lanczos_downsample,
+        samples=samples,
+        dtypes={"cpu": (torch.float64, torch.float32),
+                "cuda": (torch.float64, torch.float32, torch.float16, torch.bfloat16)},
+        scriptable=_Scriptable,
+        opcheck_ops=((torch.ops.dip.lanczos_downsample.default, tuple),
+                     (torch.ops.dip._lanczos_downsample_backward.default, _backward_args)) if HAS_OP else (),
+    )
 
 
 def dense_original(x, factor, support):
@@ -162,55 +197,27 @@ def test_public_function_uses_fused_op(monkeypatch):
     assert lanczos_downsample(x, 4).shape == (1, 3, 9, 7)
 
 
-@needs_op
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+# --- the fused operator against the reference, on every device (tests/ops/base.py) ---------------
+
+
+@pytest.mark.parametrize("device, dtype", dtypes_for(spec()))
 @pytest.mark.parametrize("support", SUPPORTS)
 @pytest.mark.parametrize("factor", FACTORS)
-def test_forward_and_gradient_match_reference(factor, support, dtype):
-    gen = torch.Generator().manual_seed(factor * 10 + support)
-    for shape in sample_shapes(factor):
-        x = torch.randn(shape, dtype=dtype, generator=gen)
-        x_fused = x.clone().requires_grad_()
-        x_ref = x.clone().requires_grad_()
-        y = torch.ops.dip.lanczos_downsample(x_fused, factor, support)
-        y_ref = lanczos_downsample_reference(x_ref, factor, support)
-        assert y.shape == (shape[0], shape[1], shape[2] // factor, shape[3] // factor)
-        assert y.dtype == dtype
-        assert_rel_close(y, y_ref, TOL[dtype])
-        g = torch.randn(y.shape, dtype=dtype, generator=gen)
-        (gx,) = torch.autograd.grad(y, x_fused, g)
-        (gx_ref,) = torch.autograd.grad(y_ref, x_ref, g)
-        assert_rel_close(gx, gx_ref, TOL[dtype])
+def test_forward_and_gradient_match_reference(factor, support, device, dtype):
+    check_against_reference(spec(factor, support), device, dtype, seed=factor * 10 + support)
 
 
-@needs_op
-@pytest.mark.parametrize("layout", ["channels_last", "strided", "transposed"])
-def test_memory_layouts(layout):
-    base = torch.randn(2, 3, 45, 38, dtype=torch.float64)
-    if layout == "channels_last":
-        x = base.contiguous(memory_format=torch.channels_last)
-    elif layout == "strided":
-        x = torch.randn(2, 6, 90, 38, dtype=torch.float64)[:, ::2, ::2]
-        base = x.contiguous()
-    else:
-        x = base.transpose(2, 3).contiguous().transpose(2, 3)
-    assert not x.is_contiguous()
-    x = x.requires_grad_()
-    y = lanczos_downsample(x, 4, 3)
-    assert_rel_close(y, lanczos_downsample_reference(base, 4, 3), 1e-10)
-    g = torch.randn_like(y).contiguous(memory_format=torch.channels_last)
-    (gx,) = torch.autograd.grad(y, x, g)
-    base_ref = base.clone().requires_grad_()
-    (gx_ref,) = torch.autograd.grad(lanczos_downsample_reference(base_ref, 4, 3), base_ref, g)
-    assert_rel_close(gx, gx_ref, 1e-10)
+@pytest.mark.parametrize("device, dtype", [p for p in dtypes_for(spec()) if p.values[1] == torch.float64])
+@pytest.mark.parametrize("factor, support", [(4, 3), (3, 2)])
+def test_memory_layouts(factor, support, device, dtype):
+    check_against_reference(spec(factor, support), device, dtype, layouts=LAYOUTS)
 
 
-@needs_op
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("factor, support", [(2, 2), (3, 3), (4, 2)])
-def test_gradcheck(factor, support):
-    x = torch.randn(2, 2, 3 * factor + 1, 2 * factor + 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: lanczos_downsample(t, factor, support), (x,))
-    assert torch.autograd.gradgradcheck(lambda t: lanczos_downsample(t, factor, support), (x,))
+def test_gradcheck(factor, support, device):
+    """Eager op and the TorchScript-scripted public function, gradcheck and gradgradcheck."""
+    check_gradcheck(spec(factor, support), device)
 
 
 @needs_op
@@ -227,16 +234,15 @@ def test_adjointness(factor, support):
     assert math.isclose(lhs, rhs, rel_tol=1e-12, abs_tol=1e-12)
 
 
-@needs_op
-def test_opcheck():
-    x = torch.randn(2, 3, 37, 31, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(2, 3, 9, 7, dtype=torch.float64, requires_grad=True)
-    for op, args in [
-        (torch.ops.dip.lanczos_downsample.default, (x, 4, 2)),
-        (torch.ops.dip.lanczos_downsample.default, (x.detach(), 3, 3)),
-        (torch.ops.dip._lanczos_downsample_backward.default, (g, 4, 2, 37, 31)),
-    ]:
-        torch.library.opcheck(op, args)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("factor, support", [(4, 2), (3, 3)])
+def test_opcheck(factor, support, device):
+    check_opcheck(spec(factor, support), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
+    check_compile(spec(4, 2), device)
 
 
 @needs_op
@@ -315,44 +321,3 @@ def test_parallel_matches_single_thread():
         torch.set_num_threads(threads)
     assert torch.equal(y1, y2)
     assert torch.equal(b1, b2)
-
-
-# --- CUDA ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "dtype, tol",
-    [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)],
-    ids=["f64", "f32", "f16", "bf16"],
-)
-@pytest.mark.parametrize("factor", [2, 3, 4, 8, 32])
-@pytest.mark.parametrize("support", SUPPORTS)
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_matches_reference(factor, support, dtype, tol):
-    assert HAS_CUDA_OP, f"a GPU is present but dip._C has no CUDA kernels: {_extension.build_info()}"
-    gen = torch.Generator().manual_seed(factor)
-    for shape in sample_shapes(factor):
-        x = torch.randn(shape, dtype=torch.float64, generator=gen)
-        x_dev = x.to("cuda", dtype).requires_grad_()
-        x_ref = x.clone().requires_grad_()
-        y = torch.ops.dip.lanczos_downsample(x_dev, factor, support)
-        y_ref = lanczos_downsample_reference(x_ref, factor, support)
-        assert y.dtype == dtype and y.is_cuda
-        assert_rel_close(y.cpu(), y_ref, tol)
-        g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
-        (gx,) = torch.autograd.grad(y, x_dev, g.to("cuda", dtype))
-        (gx_ref,) = torch.autograd.grad(y_ref, x_ref, g)
-        assert_rel_close(gx.cpu(), gx_ref, tol)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_opcheck_and_gradcheck():
-    assert HAS_CUDA_OP, f"a GPU is present but dip._C has no CUDA kernels: {_extension.build_info()}"
-    x = torch.randn(2, 3, 37, 31, dtype=torch.float64, device="cuda", requires_grad=True)
-    torch.library.opcheck(torch.ops.dip.lanczos_downsample.default, (x, 4, 2))
-    g = torch.randn(2, 3, 9, 7, dtype=torch.float64, device="cuda")
-    torch.library.opcheck(torch.ops.dip._lanczos_downsample_backward.default, (g, 4, 2, 37, 31))
-    small = x[:1, :2, :13, :11].detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: lanczos_downsample(t, 3, 3), (small,))

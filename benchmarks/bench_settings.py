@@ -1,0 +1,71 @@
+"""Settings every benchmark shares: threads, device, synchronisation of a timed call, machine description.
+
+    DIP_BENCH_THREADS=N    torch threads for every benchmark (default 2, the reference machine's cores)
+    DIP_BENCH_DEVICE=cuda  run the benchmarks that take a device on the GPU (default cpu; also --device)
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+#: Threads for every benchmark (this project's reference machine has 2 cores).
+THREADS = int(os.environ.get("DIP_BENCH_THREADS", "2"))
+
+
+def device() -> str:
+    """The benchmark device: ``DIP_BENCH_DEVICE`` (set by ``--device``), default ``cpu``."""
+    return os.environ.get("DIP_BENCH_DEVICE", "cpu")
+
+
+def synchronize(dev: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, dev: str):
+    """``fn`` followed by a device synchronisation: what a benchmark must time on an asynchronous device."""
+    if torch.device(dev).type != "cuda":
+        return fn
+
+    def call():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    return call
+
+
+def cpu_model() -> dict:
+    """``lscpu``'s model name and whether the AVX-512, AVX512-BF16 and AMX flags are present."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    return {"model": fields.get("Model name", platform.processor() or "?").strip(),
+            "cores": os.cpu_count(), "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "amx_bf16": "amx_bf16" in flags}
+
+
+def commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or os.environ.get("DIP_COMMIT", "unknown")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("DIP_COMMIT", "unknown")
+
+
+def machine() -> dict:
+    """What a result needs beside it: CPU, GPU, torch and CUDA versions, threads, device, commit."""
+    info = {"cpu": cpu_model(), "torch": torch.__version__, "torch_cuda": torch.version.cuda, "threads": THREADS,
+            "device": device(), "commit": commit(), "host": platform.node()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
