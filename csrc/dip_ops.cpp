@@ -17,6 +17,11 @@ TORCH_LIBRARY(dip, m) {
       "_lanczos_downsample_backward(Tensor grad_output, int factor, int support, SymInt input_height, "
       "SymInt input_width) -> Tensor");
 
+  // Bilinear x2 upsampling, align_corners=False (channels_last output), and its
+  // adjoint for an input of height x width. See dip/upsample.h.
+  m.def("upsample_bilinear2x(Tensor x) -> Tensor");
+  m.def("_upsample_bilinear2x_backward(Tensor grad_output, SymInt height, SymInt width) -> Tensor");
+
   // Fused conv block: reflection (or zero) pad -> k x k conv -> BatchNorm -> LeakyReLU.
   // Returns the block output, the conv output y and the statistics used
   // (batch mean / biased variance in training mode, the running ones in eval).

@@ -13,10 +13,12 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dip.errors import DipError
-from dip.nn.blocks import ACTIVATIONS, DOWNSAMPLERS, PADDINGS, UPSAMPLERS, make_conv_block
+from dip.nn.blocks import ACTIVATIONS, DOWNSAMPLERS, PADDINGS, UPSAMPLERS, fused_default, make_conv_block
+from dip.ops.upsample import UpsampleBilinear2x
 
 
 @dataclass
@@ -114,7 +116,12 @@ class _Scale(nn.Module):
         self.deeper = deeper if deeper is not None else nn.Identity()
         deep_out = cfg.channels_up[i + 1] if i + 1 < cfg.scales else down
         align = None if cfg.upsample == "nearest" else False
-        self.upsample = nn.Upsample(scale_factor=2, mode=cfg.upsample, align_corners=align)
+        use_fused = fused_default() if fused is None else fused
+        # No parameters either way, so the state_dict does not depend on the choice.
+        self.upsample: nn.Module = (
+            UpsampleBilinear2x() if use_fused and cfg.upsample == "bilinear"
+            else nn.Upsample(scale_factor=2, mode=cfg.upsample, align_corners=align)
+        )
         merged = skip + deep_out
         self.merge_bn = nn.BatchNorm2d(merged) if cfg.batch_norm else nn.Identity()
         self.up = make_conv_block(merged, up, cfg.filter_size_up, **opts)
@@ -150,9 +157,18 @@ class Hourglass(nn.Module):
         self.body = body
         self.head = nn.Conv2d(cfg.channels_up[0], cfg.out_channels, 1, bias=cfg.bias)
         self.sigmoid = nn.Sigmoid() if cfg.sigmoid else nn.Identity()
+        # The fused blocks hand the head a channels_last map, on which a 1×1
+        # convolution to 3 channels falls to a slow generic kernel; as a GEMM on
+        # the pixels × channels view it runs at matrix speed, forward and backward.
+        self.head_as_gemm = fused_default() if fused is None else bool(fused)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.sigmoid(self.head(self.body(z)))
+        y = self.body(z)
+        if self.head_as_gemm:
+            w = self.head.weight
+            out = F.linear(y.permute(0, 2, 3, 1), w.reshape(w.shape[0], w.shape[1]), self.head.bias)
+            return self.sigmoid(out.permute(0, 3, 1, 2))
+        return self.sigmoid(self.head(y))
 
 
 def build_network(cfg: HourglassConfig | str = "denoise", *, fused: Optional[bool] = None, **overrides) -> Hourglass:
