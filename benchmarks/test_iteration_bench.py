@@ -1,7 +1,10 @@
 """One DIP fitting iteration of the ``denoise`` net: fused vs pure eager vs torch.compile(pure).
 
 An iteration is forward, MSE against a fixed target, backward and an Adam
-step, on a 32-channel noise input with 3 outputs, 2 threads, float32.
+step, on a 32-channel noise input with 3 outputs, ``DIP_BENCH_THREADS``
+threads (default 2), float32. ``benchmarks/iteration_interleaved.py`` runs
+the fused and eager paths alternately in one process, for ratios on a
+shared machine.
 
     pytest benchmarks/ --benchmark-only                       # 64², 128², 256²; fused and eager
     DIP_BENCH_LARGE=1 pytest benchmarks/ --benchmark-only     # adds 512²
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from dip._extension import has_op
 from dip.nn import build_network
 
-THREADS = 2
+#: One thread policy for every benchmark: DIP_BENCH_THREADS (default 2, this project's reference machine).
+THREADS = int(os.environ.get("DIP_BENCH_THREADS", "2"))
 SIZES = [64, 128, 256] + ([512] if os.environ.get("DIP_BENCH_LARGE") else [])
 PATHS = ["fused", "eager"] + (["compile"] if os.environ.get("DIP_BENCH_COMPILE") else [])
 
@@ -77,9 +81,9 @@ def peak_memory_child(path: str, size: int) -> dict:
 def measure_peak_memory(path: str, size: int) -> dict:
     """Peak-memory figures of one path and size, from a fresh Python process."""
     code = (
-        "import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+        f"import json, sys; sys.path.insert(0, {os.getcwd()!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from test_iteration_bench import peak_memory_child\n"
-        "print(json.dumps(peak_memory_child(%r, %d)))" % (os.getcwd(), os.path.dirname(__file__), path, size)
+        f"print(json.dumps(peak_memory_child({path!r}, {size})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

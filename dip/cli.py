@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,9 @@ def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the fit (default: the free cores, counting CPU affinity, container quota "
+                        "and other running processes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -98,9 +102,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that run a fit (and so parallel regions by the thousand).
+_FITTING_COMMANDS = ("denoise", "super-resolve", "inpaint", "demo")
+
+
+def _restart_with_wait_policy() -> None:
+    """Re-run this command once with the OpenMP wait policy of ``dip.threads`` in the environment.
+
+    Importing dip has already loaded torch and its OpenMP runtime, which reads
+    the policy only at start-up; without it, threads spin at every parallel
+    region and a fit beside another busy process slows down many times over.
+    A policy the user set (``OMP_WAIT_POLICY``) is kept, and nothing restarts.
+    """
+    from dip.threads import WAIT_POLICY_ENV
+
+    if os.environ.get("DIP_NO_RESTART") or any(key in os.environ for key in WAIT_POLICY_ENV):
+        return
+    env = dict(os.environ, DIP_NO_RESTART="1", **WAIT_POLICY_ENV)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "dip.cli", *sys.argv[1:]], env)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dip`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if argv is None and os.name == "posix" and args.command in _FITTING_COMMANDS:
+        _restart_with_wait_policy()
     try:
         if args.command == "info":
             return _info()
@@ -136,8 +163,7 @@ def _restore(args) -> int:
         iterations=args.iterations, max_iterations=args.max_iterations, network=args.network, lr=args.lr, reg_noise_std=args.reg_noise_std,
         reference=args.reference, device=args.device, seed=args.seed, progress=not args.quiet,
     )
-    if args.max_pixels is not None:
-        options["max_pixels"] = args.max_pixels
+    options.update({key: getattr(args, key) for key in ("max_pixels", "threads") if getattr(args, key) is not None})
     if args.checkpoint is not None:
         options.update(checkpoint=args.checkpoint,
                        checkpoint_every=100 if args.checkpoint_every is None else args.checkpoint_every)
