@@ -18,6 +18,7 @@ from torch import nn
 
 from dip.errors import DipError
 from dip.nn.blocks import ACTIVATIONS, DOWNSAMPLERS, PADDINGS, UPSAMPLERS, fused_default, make_conv_block
+from dip.ops.merge_bn import merge_bn
 from dip.ops.upsample import UpsampleBilinear2x
 
 
@@ -102,6 +103,9 @@ def preset(name: str, **overrides) -> HourglassConfig:
 class _Scale(nn.Module):
     """One scale of the hourglass, holding the deeper scales inside it."""
 
+    # A constant for TorchScript, which then compiles only the branch taken.
+    __constants__ = ["fused_merge"]
+
     def __init__(self, cfg: HourglassConfig, i: int, in_channels: int, deeper: Optional[nn.Module],
                  fused: Optional[bool] = None):
         super().__init__()
@@ -124,6 +128,8 @@ class _Scale(nn.Module):
         )
         merged = skip + deep_out
         self.merge_bn = nn.BatchNorm2d(merged) if cfg.batch_norm else nn.Identity()
+        # cat + merge_bn as one operator (dip.ops.merge_bn), same parameters and buffers.
+        self.fused_merge = use_fused and cfg.batch_norm and self.has_skip
         self.up = make_conv_block(merged, up, cfg.filter_size_up, **opts)
         self.up_1x1 = make_conv_block(up, up, 1, **opts) if cfg.up_1x1 else nn.Identity()
 
@@ -133,6 +139,11 @@ class _Scale(nn.Module):
         # Crop only when needed: a no-op slice still costs a zero-fill and a copy in backward.
         if y.shape[2] != x.shape[2] or y.shape[3] != x.shape[3]:
             y = y[:, :, : x.shape[2], : x.shape[3]]
+        if self.fused_merge:
+            bn = self.merge_bn
+            y = merge_bn(self.skip(x), y, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                         self.training, bn.momentum, bn.eps)
+            return self.up_1x1(self.up(y))
         if self.has_skip:
             y = torch.cat([self.skip(x), y], dim=1)
         return self.up_1x1(self.up(self.merge_bn(y)))
