@@ -79,7 +79,7 @@ def test_gradcheck_training_and_eval():
     args = [t.detach().requires_grad_() for t in (a, b, bn.weight, bn.bias)]
     rm, rv = torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
     for training in (True, False):
-        def f(a, b, w, bias):
+        def f(a, b, w, bias, training=training):
             return torch.ops.dip.merge_bn(a, b, w, bias, rm, rv, training, 1e-5)[0]
 
         assert torch.autograd.gradcheck(f, tuple(args))
