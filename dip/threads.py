@@ -11,6 +11,8 @@ the policy used by single fits, the demo and the command line:
   keeping busy right now (runnable tasks, sampled for ~0.1 s), at least 1.
 - ``configure_threads(threads)``: applies an explicit count, or the
   recommendation when ``threads`` is None; returns the count in effect.
+- ``ThreadGovernor``: a fit monitor that drops to one thread when the
+  iteration time jumps (a competing process appeared) and probes back up.
 - ``apply_wait_policy()``: for programs that start before torch is imported:
   OpenMP threads that sleep instead of spinning while waiting. The OpenMP
   runtime reads it once, when torch loads it; importing ``dip`` loads torch,
@@ -115,3 +117,73 @@ def apply_wait_policy() -> bool:
             os.environ[key] = value
             applied = True
     return applied
+
+
+class ThreadGovernor:
+    """A fit monitor that drops to one thread when iterations suddenly slow down, and probes back up.
+
+    Another process starting mid-fit makes every parallel region wait for a
+    descheduled thread; one thread keeps the fit at the speed of one core.
+    After ``probe_every`` steps on fewer threads, the count returns to
+    ``recommended_threads()`` when that is higher. Implements the
+    ``dip.fit.monitors.Monitor`` protocol (it never stops the fit and has no
+    state worth checkpointing). ``clock`` and ``set_threads`` are injectable for tests.
+    """
+
+    name = "threads"
+
+    def __init__(self, window: int = 8, jump: float = 2.0, probe_every: int = 200, clock=time.perf_counter,
+                 set_threads=None, recommend=None):
+        self.window, self.jump, self.probe_every = window, jump, probe_every
+        self._clock = clock
+        self._set = set_threads if set_threads is not None else configure_threads
+        self._recommend = recommend if recommend is not None else recommended_threads
+        self._last: Optional[float] = None
+        self._recent: list = []
+        self._best: dict = {}  # threads -> best median step time seen with that many
+        self._since_change = 0
+        self._steps = 0
+        self.threads: Optional[int] = None
+        #: (step index, new thread count) of every change, for the record
+        self.changes: list = []
+
+    def _current(self) -> int:
+        if self.threads is None:
+            import torch
+
+            self.threads = torch.get_num_threads()
+        return self.threads
+
+    def _switch(self, threads: int) -> None:
+        self.threads = self._set(threads)
+        self.changes.append((self._steps, self.threads))
+        self._recent, self._since_change, self._last = [], 0, None
+
+    def on_step(self, step=None):
+        now = self._clock()
+        self._steps += 1
+        threads = self._current()
+        if self._last is not None:
+            self._recent = (self._recent + [now - self._last])[-self.window:]
+        self._last = now
+        self._since_change += 1
+        if len(self._recent) == self.window:
+            median = sorted(self._recent)[self.window // 2]
+            best = min(self._best.get(threads, median), median)
+            self._best[threads] = best
+            if threads > 1 and median > self.jump * best:
+                self._switch(1)
+                return None
+        if self._since_change >= self.probe_every:
+            wanted = self._recommend()
+            if wanted > threads:
+                self._switch(wanted)
+            else:
+                self._since_change = 0
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -137,3 +137,41 @@ def test_cli_does_not_restart(monkeypatch, capsys, env, argv, call_main_with):
         monkeypatch.setattr(sys, "argv", argv)
     cli.main(call_main_with)
     assert calls == []
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_governor_drops_to_one_thread_when_steps_slow_down_and_probes_back():
+    clock, counts = _Clock(), []
+    gov = threads.ThreadGovernor(window=4, jump=2.0, probe_every=10, clock=clock,
+                                 set_threads=lambda n: counts.append(n) or n, recommend=lambda: 2)
+    gov.threads = 2
+    for _ in range(10):  # quiet: 50 ms per step
+        clock.t += 0.05
+        gov.on_step()
+    assert counts == []
+    for _ in range(6):  # a competing process appears: 500 ms per step
+        clock.t += 0.5
+        gov.on_step()
+    assert counts == [1] and gov.threads == 1
+    for _ in range(10):  # at one thread for probe_every steps; the recommendation says 2 cores are free again
+        clock.t += 0.08
+        gov.on_step()
+    assert counts == [1, 2] and gov.threads == 2
+
+
+def test_governor_keeps_threads_when_steps_are_steady():
+    clock, counts = _Clock(), []
+    gov = threads.ThreadGovernor(window=4, probe_every=5, clock=clock, set_threads=lambda n: counts.append(n) or n,
+                                 recommend=lambda: 2)
+    gov.threads = 2
+    for i in range(40):
+        clock.t += 0.05 * (1.3 if i % 3 else 1.0)  # jitter below the jump factor
+        gov.on_step()
+    assert counts == [] and gov.state_dict() == {}
