@@ -1,9 +1,11 @@
 """One DIP fitting iteration of the ``denoise`` net: fused vs pure eager vs torch.compile(pure).
 
 An iteration is forward, MSE against a fixed target, backward and an Adam
-step, on a 32-channel noise input with 3 outputs, DIP_BENCH_THREADS threads
-(default 2), float32, on the CPU or (``--device cuda``) the GPU, where the
-timed call ends with ``torch.cuda.synchronize()``.
+step, on a 32-channel noise input with 3 outputs, ``DIP_BENCH_THREADS``
+threads (default 2), float32, on the CPU or (``--device cuda``) the GPU, where
+the timed call ends with ``torch.cuda.synchronize()``.
+``benchmarks/iteration_interleaved.py`` runs the fused and eager paths
+alternately in one process, for ratios on a shared machine.
 
     pytest benchmarks/ --benchmark-only                       # 64², 128², 256²; fused and eager
     DIP_BENCH_LARGE=1 pytest benchmarks/ --benchmark-only     # adds 512²

@@ -17,6 +17,20 @@ TORCH_LIBRARY(dip, m) {
       "_lanczos_downsample_backward(Tensor grad_output, int factor, int support, SymInt input_height, "
       "SymInt input_width) -> Tensor");
 
+  // Bilinear x2 upsampling, align_corners=False (channels_last output), and its
+  // adjoint for an input of height x width. See dip/upsample.h.
+  m.def("upsample_bilinear2x(Tensor x) -> Tensor");
+  m.def("_upsample_bilinear2x_backward(Tensor grad_output, SymInt height, SymInt width) -> Tensor");
+
+  // The decoder's merge: BatchNorm (no activation) of cat([a, b], dim=1),
+  // written as one channels_last tensor; returns it and the statistics used.
+  m.def(
+      "merge_bn(Tensor a, Tensor b, Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, Tensor? running_var, "
+      "bool training, float eps) -> (Tensor out, Tensor mean, Tensor var)");
+  m.def(
+      "merge_bn_backward(Tensor grad_out, Tensor a, Tensor b, Tensor mean, Tensor var, Tensor bn_weight, "
+      "bool training, float eps) -> (Tensor grad_a, Tensor grad_b, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+
   // Fused conv block: reflection (or zero) pad -> k x k conv -> BatchNorm -> LeakyReLU.
   // Returns the block output, the conv output y and the statistics used
   // (batch mean / biased variance in training mode, the running ones in eval).

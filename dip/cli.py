@@ -99,6 +99,9 @@ def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed, 0 ≤ seed < 2^64 (default 0)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the fit (default: the free cores, counting CPU affinity, container quota "
+                        "and other running processes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -167,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dip`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command in (*RESTORE_COMMANDS, "demo"):
+        # Before torch loads its OpenMP runtime, which reads this once: waiting threads sleep instead of
+        # spinning, so a fit beside another busy process does not slow down many times over.
+        from dip.threads import apply_wait_policy
+
+        apply_wait_policy()
     # A single fit (and the demo) treat SIGTERM, what schedulers and containers send, like Ctrl-C.
     # Batch has its own handling for its worker pool.
     catch_term = args.command in (*RESTORE_COMMANDS, "demo")
@@ -601,8 +610,18 @@ def _restore_options(args, task: Task, mask) -> dict:
         options["factor"] = args.factor
     if mask is not None:
         options["mask"] = mask
-    options.update(description=f"dip {task.cli_name}", overwrite_checkpoint=args.overwrite_checkpoint)
+    options.update(description=f"dip {task.cli_name}", overwrite_checkpoint=args.overwrite_checkpoint,
+                   threads=_threads(args.threads))
     return options
+
+
+def _threads(threads: Optional[int]) -> int:
+    """--threads, or the cores that are free now (dip.threads' policy: affinity, container quota, load)."""
+    from dip.threads import recommended_threads
+
+    if threads is not None and threads < 1:
+        raise DipError(f"--threads must be at least 1, got {threads}")
+    return recommended_threads() if threads is None else threads
 
 
 def _device(name: Optional[str]) -> Optional[str]:

@@ -272,9 +272,11 @@ def _combine_members(result: FitResult, stopper, members: int) -> tuple[FitResul
 def _set_threads(threads: Optional[int]) -> None:
     if threads is None:
         return
+    from dip.threads import configure_threads
+
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise DipError(f"threads must be a positive integer, got {threads!r}")
-    torch.set_num_threads(threads)
+    configure_threads(threads)
 
 
 def make_network(network: Union[str, HourglassConfig, nn.Module, None], problem: Problem,

@@ -21,10 +21,13 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dip.errors import DipError
-from dip.nn.blocks import ACTIVATIONS, DOWNSAMPLERS, PADDINGS, UPSAMPLERS, make_conv_block
+from dip.nn.blocks import ACTIVATIONS, DOWNSAMPLERS, PADDINGS, UPSAMPLERS, fused_default, make_conv_block
+from dip.ops.merge_bn import merge_bn
+from dip.ops.upsample import UpsampleBilinear2x
 
 
 @dataclass
@@ -108,6 +111,9 @@ def preset(name: str, **overrides) -> HourglassConfig:
 class _Scale(nn.Module):
     """One scale of the hourglass, holding the deeper scales inside it."""
 
+    # A constant for TorchScript, which then compiles only the branch taken.
+    __constants__ = ["fused_merge"]
+
     def __init__(self, cfg: HourglassConfig, i: int, in_channels: int, deeper: Optional[nn.Module],
                  fused: Optional[bool] = None, members: int = 1):
         super().__init__()
@@ -126,9 +132,16 @@ class _Scale(nn.Module):
         self.deeper = deeper if deeper is not None else nn.Identity()
         deep_out = k * cfg.channels_up[i + 1] if i + 1 < cfg.scales else down
         align = None if cfg.upsample == "nearest" else False
-        self.upsample = nn.Upsample(scale_factor=2, mode=cfg.upsample, align_corners=align)
+        use_fused = (fused_default() if fused is None else fused) and k == 1  # no grouped fused form
+        # No parameters either way, so the state_dict does not depend on the choice.
+        self.upsample: nn.Module = (
+            UpsampleBilinear2x() if use_fused and cfg.upsample == "bilinear"
+            else nn.Upsample(scale_factor=2, mode=cfg.upsample, align_corners=align)
+        )
         merged = skip + deep_out
         self.merge_bn = nn.BatchNorm2d(merged) if cfg.batch_norm else nn.Identity()
+        # cat + merge_bn as one operator (dip.ops.merge_bn), same parameters and buffers.
+        self.fused_merge = use_fused and cfg.batch_norm and self.has_skip
         self.up = make_conv_block(merged, up, cfg.filter_size_up, **opts)
         self.up_1x1 = make_conv_block(up, up, 1, **opts) if cfg.up_1x1 else nn.Identity()
 
@@ -138,6 +151,11 @@ class _Scale(nn.Module):
         # Crop only when needed: a no-op slice still costs a zero-fill and a copy in backward.
         if y.shape[2] != x.shape[2] or y.shape[3] != x.shape[3]:
             y = y[:, :, : x.shape[2], : x.shape[3]]
+        if self.fused_merge:
+            bn = self.merge_bn
+            y = merge_bn(self.skip(x), y, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                         self.training, bn.momentum, bn.eps)
+            return self.up_1x1(self.up(y))
         if self.has_skip and self.members > 1:  # member by member: [skip₁, deep₁, skip₂, deep₂, …]
             n, k, h, w = y.shape[0], self.members, y.shape[2], y.shape[3]
             skip = self.skip(x).reshape(n, k, -1, h, w)
@@ -174,9 +192,19 @@ class Hourglass(nn.Module):
         self.head = nn.Conv2d(members * cfg.channels_up[0], members * cfg.out_channels, 1, bias=cfg.bias,
                               groups=members)
         self.sigmoid = nn.Sigmoid() if cfg.sigmoid else nn.Identity()
+        # The fused blocks hand the head a channels_last map, on which a 1×1
+        # convolution to 3 channels falls to a slow generic kernel; as a GEMM on
+        # the pixels × channels view it runs at matrix speed, forward and backward.
+        self.head_as_gemm = (fused_default() if fused is None else bool(fused)) and members == 1
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.sigmoid(self.head(self.body(z)))
+        y = self.body(z)
+        if self.head_as_gemm:
+            w = self.head.weight
+            out = self.sigmoid(F.linear(y.permute(0, 2, 3, 1), w.reshape(w.shape[0], w.shape[1]),
+                                        self.head.bias).permute(0, 3, 1, 2))
+        else:
+            out = self.sigmoid(self.head(y))
         if self.members > 1:
             out = out.reshape(-1, self.out_channels, out.shape[2], out.shape[3])
         return out

@@ -153,11 +153,16 @@ def _register() -> None:
         x, weight, bias, bn_weight, bn_bias, _, _, training, stride, padding, reflect, eps, slope = inputs
         _, y, mean, var = output
         ctx.save_for_backward(x, weight, y, mean, var, bn_weight, bn_bias)
+        # Only ``out`` carries a gradient; without this, autograd would zero-fill
+        # a full-size gradient for ``y`` on every backward.
+        ctx.set_materialize_grads(False)
         ctx.opts = (training, stride, padding, reflect, eps, slope)
         ctx.has_bias = bias is not None
 
     def backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
         x, weight, y, mean, var, bn_weight, bn_bias = ctx.saved_tensors
+        if grad_out is None:  # only y, mean or var was used, and they are not differentiable here
+            return (None,) * 13
         training, stride, padding, reflect, eps, slope = ctx.opts
         need_x = ctx.needs_input_grad[0]
         gx, gw, gb, gg, gbeta = torch.ops.dip.conv_block_backward(

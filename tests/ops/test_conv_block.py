@@ -306,3 +306,36 @@ def test_functional_falls_back_without_kernel():
     args = (x, torch.randn(4, 3, 3, 3, dtype=dtype), None, torch.ones(4, dtype=dtype), torch.zeros(4, dtype=dtype),
             None, None, None, True, 0.1, 1e-5, 1, 1, True, 0.2)
     assert conv_block(*args).shape == (1, 4, 7, 7)
+
+
+def test_backward_materialises_no_gradient_for_the_conv_output():
+    """Only ``out`` is differentiated: autograd must not zero-fill a full-size gradient for ``y`` (a regression)."""
+    block = FusedConvBlock(8, 16, 3)
+    x = torch.randn(1, 8, 32, 32, requires_grad=True)
+    out = block(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out.sum().backward()
+    fills = [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zero_", "aten::fill_")
+             and e.input_shapes and list(e.input_shapes[0]) == list(out.shape)]
+    assert not fills, fills
+
+
+def test_fused_net_uses_fused_upsampling_and_a_gemm_head():
+    """The fused net's upsampling and 1×1 head run without NCHW copies and match the pure net."""
+    from dip.ops.upsample import UpsampleBilinear2x
+
+    fused, pure = _small_nets(torch.float64)
+    assert any(isinstance(m, UpsampleBilinear2x) for m in fused.modules())
+    assert not any(isinstance(m, UpsampleBilinear2x) for m in pure.modules())
+    assert list(fused.state_dict()) == list(pure.state_dict())
+    z = torch.rand(1, 4, 24, 24, dtype=torch.float64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = fused(z)
+        out.sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "aten::upsample_bilinear2d" not in names and "aten::upsample_bilinear2d_backward" not in names
+    head_shape = list(fused.head.weight.shape)
+    head_convs = [e.name for e in prof.events() if "conv" in e.name and e.input_shapes
+                  and any(list(s) == head_shape for s in e.input_shapes)]
+    assert not head_convs, head_convs
+    _close(out, pure(z), 1e-9, "net output")

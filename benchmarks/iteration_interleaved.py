@@ -1,0 +1,77 @@
+"""Fused vs pure-eager fitting iterations of the ``denoise`` net, interleaved in one process.
+
+Alternating the two paths (fused, eager, fused, eager, …) exposes both to the
+same machine load, so their ratio stays meaningful on a shared machine where
+absolute times do not. Prints the machine, the load average and one line per
+size: medians, eager ÷ fused, and (``--memory``) the peak memory one
+iteration adds in a fresh process per path.
+
+    DIP_BENCH_THREADS=2 python benchmarks/iteration_interleaved.py --sizes 128 256 512 --rounds 5 --memory
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_iteration_bench import THREADS, make_step, measure_peak_memory  # noqa: E402
+
+
+def machine() -> str:
+    """CPU model, AVX-512/AMX flags, threads and load: printed beside every figure."""
+    text = open("/proc/cpuinfo").read()
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    return (f"{model}; avx512f: {'avx512f' in text}; amx: {'amx_tile' in text}; torch {torch.__version__}; "
+            f"{THREADS} threads; load average {os.getloadavg()[0]:.2f}")
+
+
+def interleaved(size: int, rounds: int) -> dict:
+    """Median seconds per iteration of each path, alternating fused and eager ``rounds`` times."""
+    steps = {path: make_step(path, size) for path in ("fused", "eager")}
+    for step in steps.values():
+        step()
+        step()
+    times: dict = {path: [] for path in steps}
+    for _ in range(rounds):
+        for path, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[path].append(time.perf_counter() - start)
+    med = {path: statistics.median(v) for path, v in times.items()}
+    return {"size": size, "fused_ms": 1e3 * med["fused"], "eager_ms": 1e3 * med["eager"],
+            "ratio": med["eager"] / med["fused"], "load": os.getloadavg()[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--memory", action="store_true", help="also peak memory per iteration (fresh process per path)")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(THREADS)
+    print("#", machine(), flush=True)
+    rows = []
+    for size in args.sizes:
+        row = interleaved(size, args.rounds)
+        line = (f"{size}²: fused {row['fused_ms']:.1f} ms, eager {row['eager_ms']:.1f} ms, "
+                f"eager/fused {row['ratio']:.2f}× (load {row['load']:.2f})")
+        if args.memory:
+            mem = {p: measure_peak_memory(p, size)["iteration_mib"] for p in ("fused", "eager")}
+            row.update(fused_mib=mem["fused"], eager_mib=mem["eager"], memory_ratio=mem["fused"] / mem["eager"])
+            line += f"; memory fused {mem['fused']:.0f} MiB, eager {mem['eager']:.0f} MiB, ratio {row['memory_ratio']:.2f}"
+        print(line, flush=True)
+        rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+// CPU kernels of the decoder's merge: concatenation of two channels_last maps
+// along channels followed by BatchNorm (no activation), written straight into
+// one channels_last output; the backward writes the two inputs' gradients
+// directly, so there is no concatenated copy and no sliced gradient to copy.
+//   forward:  statistics of a and of b (one pass each) | normalise both into out (one pass)
+//   backward: per-channel sums of g and g * xhat (one pass) | both input gradients (one pass)
+#include <torch/library.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "dip/conv_block.h"
+
+namespace dip {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DIP_MB_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DIP_MB_CLONES
+#endif
+
+// Rows are reduced in a fixed number of chunks (same bits whatever the scheduling).
+int64_t chunks_of(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 256));
+}
+
+constexpr int64_t kRun = 16;  // rows summed in T before flushing into double
+
+// Sums over rows [r0, r1) of (x - x0) and (x - x0)^2, x with row stride ld, c channels.
+template <typename T>
+DIP_MB_CLONES void shifted_sums(const T* x, int64_t ld, int64_t c, int64_t r0, int64_t r1, double* s, double* q) {
+  std::vector<T> run(2 * c);
+  T* __restrict rs = run.data();
+  T* __restrict rq = run.data() + c;
+  for (int64_t a = r0; a < r1; a += kRun) {
+    std::fill(run.begin(), run.end(), T(0));
+    for (int64_t r = a; r < std::min(a + kRun, r1); ++r) {
+      const T* __restrict row = x + r * ld;
+      for (int64_t k = 0; k < c; ++k) {
+        const T d = row[k] - x[k];
+        rs[k] += d;
+        rq[k] += d * d;
+      }
+    }
+    for (int64_t k = 0; k < c; ++k) {
+      s[k] += rs[k];
+      q[k] += rq[k];
+    }
+  }
+}
+
+// Sums over rows of g and g * (x - mean) * invstd (g with row stride ldg, x with ldx).
+template <typename T>
+DIP_MB_CLONES void grad_sums(const T* g, int64_t ldg, const T* x, int64_t ldx, const T* mean, const T* invstd,
+                             int64_t c, int64_t r0, int64_t r1, double* s, double* q) {
+  std::vector<T> run(2 * c);
+  T* __restrict rs = run.data();
+  T* __restrict rq = run.data() + c;
+  for (int64_t a = r0; a < r1; a += kRun) {
+    std::fill(run.begin(), run.end(), T(0));
+    for (int64_t r = a; r < std::min(a + kRun, r1); ++r) {
+      const T* __restrict gr = g + r * ldg;
+      const T* __restrict xr = x + r * ldx;
+      for (int64_t k = 0; k < c; ++k) {
+        rs[k] += gr[k];
+        rq[k] += gr[k] * ((xr[k] - mean[k]) * invstd[k]);
+      }
+    }
+    for (int64_t k = 0; k < c; ++k) {
+      s[k] += rs[k];
+      q[k] += rq[k];
+    }
+  }
+}
+
+// out = x * scale + shift on rows [r0, r1) (x row stride ldx, out row stride ldo).
+template <typename T>
+DIP_MB_CLONES void affine_rows(const T* x, int64_t ldx, const T* scale, const T* shift, T* out, int64_t ldo, int64_t c,
+                               int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict xr = x + r * ldx;
+    T* __restrict o = out + r * ldo;
+    for (int64_t k = 0; k < c; ++k) o[k] = xr[k] * scale[k] + shift[k];
+  }
+}
+
+// grad = g * scale + xhat * a + b with xhat = (x - mean) * invstd.
+template <typename T>
+DIP_MB_CLONES void grad_rows(const T* g, int64_t ldg, const T* x, int64_t ldx, const T* mean, const T* invstd,
+                             const T* scale, const T* ca, const T* cb, T* out, int64_t c, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict gr = g + r * ldg;
+    const T* __restrict xr = x + r * ldx;
+    T* __restrict o = out + r * c;
+    for (int64_t k = 0; k < c; ++k) o[k] = gr[k] * scale[k] + ((xr[k] - mean[k]) * invstd[k]) * ca[k] + cb[k];
+  }
+}
+
+// Per-channel reduction of a rows x c block in fixed chunks, partials added in order.
+template <typename F>
+void reduce(int64_t m, int64_t c, std::vector<double>& s, std::vector<double>& q, const F& sums) {
+  const int64_t chunks = chunks_of(m);
+  std::vector<double> part(chunks * 2 * c, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      sums(t * m / chunks, (t + 1) * m / chunks, part.data() + t * 2 * c, part.data() + t * 2 * c + c);
+    }
+  });
+  s.assign(c, 0.0);
+  q.assign(c, 0.0);
+  for (int64_t t = 0; t < chunks; ++t) {
+    for (int64_t k = 0; k < c; ++k) {
+      s[k] += part[t * 2 * c + k];
+      q[k] += part[t * 2 * c + c + k];
+    }
+  }
+}
+
+void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gamma, const at::Tensor& beta) {
+  TORCH_CHECK(a.dim() == 4 && b.dim() == 4, "merge_bn: inputs must be N x C x H x W, got ", a.sizes(), " and ",
+              b.sizes());
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(2) && a.size(3) == b.size(3),
+              "merge_bn: inputs must agree in batch and spatial size, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
+              "merge_bn: only float32 and float64 are supported, got ", a.scalar_type());
+  TORCH_CHECK(b.scalar_type() == a.scalar_type() && gamma.scalar_type() == a.scalar_type() &&
+                  beta.scalar_type() == a.scalar_type(),
+              "merge_bn: all tensors must have the first input's dtype ", a.scalar_type());
+  const int64_t c = a.size(1) + b.size(1);
+  TORCH_CHECK(gamma.numel() == c && beta.numel() == c, "merge_bn: BatchNorm weight and bias need ", c, " elements");
+  TORCH_CHECK(a.numel() > 0 && b.numel() > 0, "merge_bn: empty input");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_bn_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                            const at::Tensor& gamma, const at::Tensor& beta,
+                                                            const c10::optional<at::Tensor>& running_mean,
+                                                            const c10::optional<at::Tensor>& running_var,
+                                                            bool training, double eps) {
+  check_inputs(a, b, gamma, beta);
+  const int64_t ca = a.size(1), cb = b.size(1), c = ca + cb;
+  if (!training) {
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value() && running_mean->numel() == c &&
+                    running_var->numel() == c,
+                "merge_bn: eval mode needs running_mean and running_var of ", c, " elements");
+  }
+  const auto ac = canonical_cl(a), bc = canonical_cl(b);
+  const int64_t m = a.numel() / ca;
+  auto out = empty_cl({a.size(0), c, a.size(2), a.size(3)}, a.options());
+  auto mean = at::empty({c}, a.options()), var = at::empty({c}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dip_merge_bn_cpu", [&] {
+    using T = scalar_t;
+    const T* pa = ac.const_data_ptr<T>();
+    const T* pb = bc.const_data_ptr<T>();
+    if (training) {
+      T* pm = mean.mutable_data_ptr<T>();
+      T* pv = var.mutable_data_ptr<T>();
+      const T* parts[2] = {pa, pb};
+      const int64_t widths[2] = {ca, cb};
+      for (int p = 0, off = 0; p < 2; off += widths[p], ++p) {
+        std::vector<double> s, q;
+        const int64_t w = widths[p];
+        reduce(m, w, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq) {
+          shifted_sums<T>(parts[p], w, w, r0, r1, ps, pq);
+        });
+        for (int64_t k = 0; k < w; ++k) {
+          const double mu = s[k] / m;
+          pm[off + k] = T(double(parts[p][k]) + mu);
+          pv[off + k] = T(std::max(q[k] / m - mu * mu, 0.0));
+        }
+      }
+    } else {
+      mean.copy_(*running_mean);
+      var.copy_(*running_var);
+    }
+    auto g = gamma.contiguous(), bt = beta.contiguous();
+    const T *pm = mean.const_data_ptr<T>(), *pv = var.const_data_ptr<T>();
+    const T *pg = g.const_data_ptr<T>(), *pbt = bt.const_data_ptr<T>();
+    std::vector<T> scale(c), shift(c);
+    for (int64_t k = 0; k < c; ++k) {
+      scale[k] = T(double(pg[k]) / std::sqrt(double(pv[k]) + eps));
+      shift[k] = pbt[k] - pm[k] * scale[k];
+    }
+    T* po = out.mutable_data_ptr<T>();
+    at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+      affine_rows<T>(pa, ca, scale.data(), shift.data(), po, c, ca, r0, r1);
+      affine_rows<T>(pb, cb, scale.data() + ca, shift.data() + ca, po + ca, c, cb, r0, r1);
+    });
+  });
+  return {out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_bn_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& gamma, bool training, double eps) {
+  const int64_t ca = a.size(1), cb = b.size(1), c = ca + cb;
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(1) == c && grad_out.size(0) == a.size(0) &&
+                  grad_out.size(2) == a.size(2) && grad_out.size(3) == a.size(3),
+              "merge_bn_backward: grad_out must be N x ", c, " x H x W like the output, got ", grad_out.sizes());
+  const auto go = canonical_cl(grad_out), ac = canonical_cl(a), bc = canonical_cl(b);
+  const int64_t m = a.numel() / ca;
+  auto grad_a = empty_cl(a.sizes(), a.options()), grad_b = empty_cl(b.sizes(), b.options());
+  auto grad_gamma = at::empty({c}, a.options()), grad_beta = at::empty({c}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dip_merge_bn_backward_cpu", [&] {
+    using T = scalar_t;
+    auto mu = mean.contiguous(), v = var.contiguous(), g = gamma.contiguous();
+    const T *pm = mu.const_data_ptr<T>(), *pv = v.const_data_ptr<T>(), *pg = g.const_data_ptr<T>();
+    std::vector<T> invstd(c), scale(c), ka(c), kb(c);
+    for (int64_t k = 0; k < c; ++k) {
+      invstd[k] = T(1.0 / std::sqrt(double(pv[k]) + eps));
+      scale[k] = pg[k] * invstd[k];
+    }
+    const T* pgo = go.const_data_ptr<T>();
+    const T* parts[2] = {ac.const_data_ptr<T>(), bc.const_data_ptr<T>()};
+    T* grads[2] = {grad_a.mutable_data_ptr<T>(), grad_b.mutable_data_ptr<T>()};
+    const int64_t widths[2] = {ca, cb};
+    T* pgg = grad_gamma.mutable_data_ptr<T>();
+    T* pgb = grad_beta.mutable_data_ptr<T>();
+    for (int p = 0, off = 0; p < 2; off += widths[p], ++p) {
+      const int64_t w = widths[p];
+      std::vector<double> s, q;
+      reduce(m, w, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq) {
+        grad_sums<T>(pgo + off, c, parts[p], w, pm + off, invstd.data() + off, w, r0, r1, ps, pq);
+      });
+      for (int64_t k = 0; k < w; ++k) {
+        pgb[off + k] = T(s[k]);
+        pgg[off + k] = T(q[k]);
+        ka[off + k] = training ? T(-double(scale[off + k]) * q[k] / m) : T(0);
+        kb[off + k] = training ? T(-double(scale[off + k]) * s[k] / m) : T(0);
+      }
+    }
+    at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+      for (int p = 0, off = 0; p < 2; off += widths[p], ++p) {
+        grad_rows<T>(pgo + off, c, parts[p], widths[p], pm + off, invstd.data() + off, scale.data() + off,
+                     ka.data() + off, kb.data() + off, grads[p], widths[p], r0, r1);
+      }
+    });
+  });
+  return {grad_a, grad_b, grad_gamma, grad_beta};
+}
+
+}  // namespace
+}  // namespace dip
+
+TORCH_LIBRARY_IMPL(dip, CPU, m) {
+  m.impl("merge_bn", &dip::merge_bn_cpu);
+  m.impl("merge_bn_backward", &dip::merge_bn_backward_cpu);
+}

@@ -1,0 +1,117 @@
+"""The decoder's merge: BatchNorm of ``cat([skip, upsampled], dim=1)`` in one operator.
+
+``merge_bn`` runs the compiled ``torch.ops.dip.merge_bn`` on CPU when the
+extension is loaded, else ``merge_bn_reference`` (``torch.cat`` then
+``F.batch_norm``). The compiled operator writes the normalised concatenation
+as one channels_last tensor and its backward
+(``torch.ops.dip.merge_bn_backward``) writes the gradients of both inputs
+directly, so no concatenated copy is made and no sliced gradient is copied.
+Running statistics are updated exactly like ``nn.BatchNorm2d``'s.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dip._extension import has_op
+from dip.ops.conv_block import _averaging_factor
+
+
+def merge_bn_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+) -> torch.Tensor:
+    """Pure-PyTorch merge (the reference of the fused operator): cat along channels, then BatchNorm2d."""
+    y = torch.cat([a, b], dim=1)
+    factor = _averaging_factor(training, momentum, running_mean, num_batches_tracked)
+    use_batch_stats = training or running_mean is None
+    return F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, factor, eps)
+
+
+def _fused_available(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        has_op("merge_bn")
+        and a.device.type == "cpu"
+        and b.device.type == "cpu"
+        and a.dtype in (torch.float32, torch.float64)
+        and b.dtype == a.dtype
+        and a.numel() > 0
+        and b.numel() > 0
+    )
+
+
+def merge_bn(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+) -> torch.Tensor:
+    """``BatchNorm2d(cat([a, b], dim=1))`` with the fused operator when available; updates running stats."""
+    if not torch.jit.is_scripting():
+        if not _fused_available(a, b):
+            return merge_bn_reference(a, b, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                                      training, momentum, eps)
+    use_batch_stats = training or running_mean is None
+    out, mean, var = torch.ops.dip.merge_bn(a, b, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps)
+    if training and running_mean is not None and running_var is not None:
+        factor = _averaging_factor(training, momentum, running_mean, num_batches_tracked)
+        count = out.numel() // out.size(1)
+        unbiased = var.detach() * (count / max(count - 1, 1))
+        running_mean.mul_(1.0 - factor).add_(mean.detach(), alpha=factor)
+        running_var.mul_(1.0 - factor).add_(unbiased, alpha=factor)
+    return out
+
+
+def _register() -> None:
+    """Fake (meta) kernels and autograd of the compiled operators."""
+
+    @torch.library.register_fake("dip::merge_bn")
+    def _(a, b, bn_weight, bn_bias, running_mean, running_var, training, eps):
+        n, ca, h, w = a.shape
+        c = ca + b.shape[1]
+        out = a.new_empty((n, c, h, w)).contiguous(memory_format=torch.channels_last)
+        return out, a.new_empty(c), a.new_empty(c)
+
+    @torch.library.register_fake("dip::merge_bn_backward")
+    def _(grad_out, a, b, mean, var, bn_weight, training, eps):
+        c = mean.shape[0]
+        return (a.new_empty(a.shape).contiguous(memory_format=torch.channels_last),
+                b.new_empty(b.shape).contiguous(memory_format=torch.channels_last),
+                a.new_empty(c), a.new_empty(c))
+
+    def setup_context(ctx, inputs, output):
+        a, b, bn_weight, _, _, _, training, eps = inputs
+        _, mean, var = output
+        ctx.save_for_backward(a, b, mean, var, bn_weight)
+        ctx.opts = (training, eps)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        if grad_out is None:
+            return (None,) * 8
+        a, b, mean, var, bn_weight = ctx.saved_tensors
+        training, eps = ctx.opts
+        ga, gb, gw, gbias = torch.ops.dip.merge_bn_backward(grad_out, a, b, mean, var, bn_weight, training, eps)
+        return ga, gb, gw, gbias, None, None, None, None
+
+    torch.library.register_autograd("dip::merge_bn", backward, setup_context=setup_context)
+
+
+if has_op("merge_bn"):
+    _register()

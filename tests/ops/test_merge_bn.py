@@ -1,0 +1,119 @@
+"""The fused merge (cat along channels + BatchNorm2d) against its reference (``torch.cat`` + ``F.batch_norm``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dip._extension import has_op
+from dip.ops.merge_bn import merge_bn, merge_bn_reference
+
+pytestmark = pytest.mark.skipif(
+    not has_op("merge_bn"),
+    reason="compiled dip ops not loaded (run `python setup.py build_ext --inplace`; unset DIP_DISABLE_EXTENSION)",
+)
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+# (N, skip channels, upsampled channels, H, W): odd sizes, a 1-channel part, the hourglass's 4 + 128.
+CASES = [(1, 4, 128, 9, 7), (2, 1, 5, 3, 5), (2, 3, 2, 1, 1), (2, 4, 16, 6, 11)]
+
+
+def _inputs(case, dtype, layout="channels_last"):
+    n, ca, cb, h, w = case
+    g = torch.Generator().manual_seed(sum(case))
+    a = torch.randn(n, ca, h, w, generator=g, dtype=dtype) * 3 + 1
+    b = torch.randn(n, cb, h, w, generator=g, dtype=dtype) - 2
+    if layout == "channels_last":
+        a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+    elif layout == "sliced":  # views with gaps between channels
+        a = torch.repeat_interleave(a, 2, dim=1)[:, ::2]
+        b = torch.cat([b, b], dim=3)[..., :w]
+    bn = nn.BatchNorm2d(ca + cb).to(dtype)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(ca + cb, generator=g, dtype=dtype) + 0.5)
+        bn.bias.copy_(torch.randn(ca + cb, generator=g, dtype=dtype))
+    return a, b, bn
+
+
+def _run(fn, a, b, bn, training=True):
+    return fn(a, b, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, training,
+              bn.momentum, bn.eps)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference_forward_backward_and_running_stats(case, dtype, layout):
+    a, b, bn = _inputs(case, dtype, layout)
+    bn_ref = nn.BatchNorm2d(bn.num_features).to(dtype)
+    bn_ref.load_state_dict(bn.state_dict())
+    a1, b1 = a.detach().requires_grad_(), b.detach().requires_grad_()
+    a2, b2 = a.detach().requires_grad_(), b.detach().requires_grad_()
+    out = _run(merge_bn, a1, b1, bn)
+    expected = _run(merge_bn_reference, a2, b2, bn_ref)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (a1, b1, bn.weight, bn.bias), grad)
+    want = torch.autograd.grad(expected, (a2, b2, bn_ref.weight, bn_ref.bias), grad)
+    scale = max(1.0, max(w.abs().max().item() for w in want))
+    for name, x, y in zip(("a", "b", "weight", "bias"), got, want):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol * scale, msg=name)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn, name), getattr(bn_ref, name), rtol=tol, atol=tol, msg=name)
+
+
+def test_eval_mode_uses_running_stats():
+    a, b, bn = _inputs(CASES[0], torch.float64)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    before = bn.running_mean.clone()
+    out = _run(merge_bn, a, b, bn, training=False)
+    torch.testing.assert_close(out, _run(merge_bn_reference, a, b, bn, training=False), rtol=1e-12, atol=1e-12)
+    assert torch.equal(bn.running_mean, before)
+
+
+def test_gradcheck_training_and_eval():
+    a, b, bn = _inputs((1, 2, 3, 3, 4), torch.float64)
+    args = [t.detach().requires_grad_() for t in (a, b, bn.weight, bn.bias)]
+    rm, rv = torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    for training in (True, False):
+        def f(a, b, w, bias, training=training):
+            return torch.ops.dip.merge_bn(a, b, w, bias, rm, rv, training, 1e-5)[0]
+
+        assert torch.autograd.gradcheck(f, tuple(args))
+
+
+def test_opcheck():
+    a, b, bn = _inputs(CASES[1], torch.float32)
+    args = (a, b, bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, True, 1e-5)
+    torch.library.opcheck(torch.ops.dip.merge_bn.default, args)
+    grad_args = (a.requires_grad_(), b, bn.weight.detach().requires_grad_(), bn.bias.detach()) + args[4:]
+    torch.library.opcheck(torch.ops.dip.merge_bn.default, grad_args)
+    out, mean, var = torch.ops.dip.merge_bn(*args)
+    back = (torch.randn_like(out), a.detach(), b, mean, var, bn.weight.detach(), True, 1e-5)
+    torch.library.opcheck(torch.ops.dip.merge_bn_backward.default, back)
+
+
+def test_torch_compile_fullgraph():
+    a, b, bn = _inputs(CASES[3], torch.float32)
+    a.requires_grad_()
+
+    def f(a, b, w, bias):
+        return torch.ops.dip.merge_bn(a, b, w, bias, None, None, True, 1e-5)[0]
+
+    out = torch.compile(f, fullgraph=True)(a, b, bn.weight, bn.bias)
+    torch.testing.assert_close(out, f(a, b, bn.weight, bn.bias))
+    out.square().sum().backward()
+    assert a.grad is not None and bn.weight.grad is not None
+
+
+def test_bad_arguments():
+    a, b, bn = _inputs(CASES[1], torch.float32)
+    with pytest.raises(RuntimeError, match="spatial size"):
+        torch.ops.dip.merge_bn(a, b[..., :2], bn.weight, bn.bias, None, None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="elements"):
+        torch.ops.dip.merge_bn(a, b, bn.weight[:3], bn.bias[:3], None, None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        torch.ops.dip.merge_bn(a, b, bn.weight, bn.bias, None, None, False, 1e-5)
