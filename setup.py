@@ -25,6 +25,9 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE = os.environ.get("DIP_BUILD_EXTENSION", "").strip()
+#: The compiled operators are built only against torch of this version or newer: with torch 2.11 (CUDA 13,
+#: Python 3.12) they built but crashed in their tests, while the pure-PyTorch path passed.
+MIN_TORCH_FOR_EXTENSION = (2, 13)
 
 
 def _say(message: str) -> None:
@@ -84,14 +87,20 @@ def _extension_and_command():
         _say("torch is not importable in this build environment, so the compiled operators are not built; "
              "to build them, install torch first and use pip install --no-build-isolation")
         return [], {}
+    torch_version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     if not _accepts([], link=False):
         if MODE == "1":
             raise RuntimeError(f"DIP_BUILD_EXTENSION=1 but the C++ compiler {' '.join(_compiler())!r} does not work")
         _say(f"no working C++ compiler ({' '.join(_compiler())!r}): installing without the compiled operators")
         return [], {}
-    std = next((f for f in ("-std=c++20", "-std=c++17") if _accepts([f], link=False)), None)
+    if torch_version < MIN_TORCH_FOR_EXTENSION and MODE != "1":
+        _say(f"torch {torch.__version__} is older than {'.'.join(map(str, MIN_TORCH_FOR_EXTENSION))}, the oldest "
+             "with which the compiled operators pass their tests: installing without them (pure-PyTorch path; "
+             "DIP_BUILD_EXTENSION=1 builds them anyway)")
+        return [], {}
     openmp = _accepts(["-fopenmp"], link=True)
-    cxx = ["-O3"] + ([std] if std else [])  # torch >= 2.14 headers require C++20
+    # No -std flag: torch's build adds the C++ standard its own headers need (C++17 or C++20 by version).
+    cxx = ["-O3"]
     link = []
     if openmp:
         cxx.append("-fopenmp")
@@ -105,7 +114,7 @@ def _extension_and_command():
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu")
         macros.append(("DIP_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++20"]
+        extra["nvcc"] = ["-O3", "--use_fast_math"]
     kind = CUDAExtension if with_cuda else CppExtension
     ext = kind(name="dip._C", sources=sources, include_dirs=[os.path.join(HERE, "csrc", "include")],
                define_macros=macros, extra_compile_args=extra, extra_link_args=link)

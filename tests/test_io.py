@@ -459,20 +459,3 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         dio.atomic_write(tmp_path / "x.png", fail)
     assert list(tmp_path.iterdir()) == []
-
-
-# --------------------------------------------------------------------------------------------- packaging
-
-
-def test_version_is_the_installed_metadata():
-    from importlib import metadata
-
-    try:
-        installed = metadata.version("dip-restore")
-    except metadata.PackageNotFoundError:
-        pytest.skip("dip-restore is not installed (run `make install`)")
-    assert dip.__version__ == installed
-
-
-def test_py_typed_marker_ships():
-    assert os.path.exists(os.path.join(os.path.dirname(dip.__file__), "py.typed"))
