@@ -157,7 +157,7 @@ def decode(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXEL
         _check_pixels(image.size, name, max_pixels)
         array, alpha = _pil_to_array(image)
         decoded = _Decoded(array, alpha, f"{name} (PIL image)", icc=image.info.get("icc_profile"),
-                           dpi=_dpi_of(image))
+                           dpi=_dpi_of(image), orientation=int(image.getexif().get(0x0112, 1) or 1))
     elif isinstance(image, np.ndarray):
         array = _as_hwc(image, name)
         decoded = _Decoded(array, array.shape[2] in (2, 4), f"{name} (numpy array)")

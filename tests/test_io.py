@@ -222,6 +222,13 @@ def test_exif_rotated_jpeg_comes_upright(tmp_path):
     assert top > 0.9 and bottom < 0.1
 
 
+def test_exif_orientation_of_a_pil_image_is_applied(tmp_path):
+    stored = np.zeros((6, 10, 3), np.uint8)
+    Image.fromarray(stored).save(tmp_path / "side.jpg", exif=_exif(8))
+    with Image.open(tmp_path / "side.jpg") as img:
+        assert load_image(img).size == (10, 6)
+
+
 def test_icc_profile_and_dpi_are_kept(tmp_path):
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     src = _ramp(12, 16, 3, np.uint8)
