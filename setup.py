@@ -122,14 +122,15 @@ def _extension_and_command():
     class OptionalBuildExtension(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
         """Builds the extension; unless DIP_BUILD_EXTENSION=1, a failure installs dip without it."""
 
-        def build_extension(self, extension):
+        def build_extensions(self):
             try:
-                super().build_extension(extension)
+                super().build_extensions()
             except Exception as exc:  # compiler and linker failures come in several exception types
                 if MODE == "1":
                     raise
                 _say(f"building the compiled operators failed ({type(exc).__name__}: {exc}); installing without "
                      "them: dip runs on the pure-PyTorch path (set DIP_BUILD_EXTENSION=1 to make this an error)")
+                self.extensions = []  # nothing was built: nothing to copy into the wheel or the source tree
 
     return [ext], {"build_ext": OptionalBuildExtension}
 
