@@ -6,13 +6,29 @@ PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: install install-test demo test bench cuda-check gpu-check clean
 
-install:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)"
-	$(PIP) setuptools wheel ninja numpy
-	$(PIP) --no-build-isolation -e ".[demo]"
+# Installing compiles the C++ operators (a few minutes on 2 cores): it runs once, and again only when
+# setup.py, pyproject.toml or csrc/ change. The stamps live in build/ (`make clean` removes them).
+CSRC := $(shell find csrc -type f 2>/dev/null)
+INSTALLED := build/.stamp-install
+TEST_TOOLS := build/.stamp-test-tools
 
-install-test: install
-	$(PIP) --no-build-isolation -e ".[test,ray]"
+install: $(INSTALLED)
+
+$(INSTALLED): setup.py pyproject.toml $(CSRC)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH)"
+	$(PIP) "setuptools>=77" wheel ninja numpy
+	@# The distribution was called "dip" before (a name PyPI gives to another tool): drop our old install.
+	@$(PYTHON) -c "import importlib.metadata as m, sys; sys.exit('Deep Image Prior' not in (m.metadata('dip')['Summary'] or ''))" \
+		2>/dev/null && $(PYTHON) -m pip uninstall --quiet -y dip || true
+	$(PIP) --no-build-isolation -e ".[demo]"
+	@mkdir -p build && touch $@
+
+# The test tools are installed beside dip, not by reinstalling it, so `make test` after `make demo` compiles nothing.
+install-test: $(TEST_TOOLS)
+
+$(TEST_TOOLS): $(INSTALLED) pyproject.toml
+	$(PIP) $$($(PYTHON) scripts/extras.py test ray)
+	@mkdir -p build && touch $@
 
 demo: install
 	dip demo -o dip-demo.png

@@ -6,6 +6,7 @@ has no kernel, or when ``DIP_DISABLE_EXTENSION=1`` is set in the environment.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -21,6 +22,24 @@ else:
         from dip import _C  # noqa: F811  (loading it registers torch.ops.dip.*)
     except ImportError as exc:  # not built: fall back to the pure-PyTorch path
         _IMPORT_ERROR = str(exc)
+
+
+_warned = False
+
+
+def warn_if_missing() -> None:
+    """Log once per process, on the ``dip`` logger, that the compiled operators are missing.
+
+    Call it where dip starts real work (a fit), not at import: ``dip info`` reports the
+    same fact itself. Nothing is logged when the extension was disabled on purpose.
+    """
+    global _warned
+    if _warned or _C is not None or _DISABLED:
+        return
+    _warned = True
+    logging.getLogger("dip").warning(
+        "the compiled operators are not loaded (%s); running on the pure-PyTorch path, which is slower "
+        "(`dip info` shows the build)", _IMPORT_ERROR)
 
 
 def has_ops() -> bool:

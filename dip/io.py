@@ -1,16 +1,39 @@
-"""Reading and writing images safely.
+"""Reading and writing images without losing what they hold.
 
 Images come in as a path, a PIL image, a numpy array or a tensor and leave as
-a float32 C×H×W tensor in [0, 1] plus the alpha channel, if any, kept aside.
+a float32 C×H×W tensor in [0, 1] (the alpha channel, if any, kept aside) plus
+an :class:`ImageMeta` that remembers what the source was: its sample type
+(8/16-bit, float), the value range when float data lay outside [0, 1], its
+ICC profile and resolution, and whether an EXIF orientation was applied.
+:func:`save_image` uses that record to write the result back as rich as it
+came: a 16-bit PNG stays 16-bit, a float TIFF stays float, values are mapped
+back to their range, the colour profile and DPI are kept where the format can
+hold them. What a format cannot hold (16 bits in a JPEG, alpha in a JPEG,
+five channels in a PNG) is refused by :func:`check_output_format`, which can
+be called before a fit.
+
+Formats: everything Pillow reads; 16-bit PNG (grey, RGB, RGBA); TIFF through
+``tifffile`` when it is installed (16-bit and float colour, stacks of any
+number of channels; without it Pillow's TIFF support: 8-bit, 16-bit and float
+grey); ``.npy`` arrays (H×W or H×W×C). Arrays follow one convention: 2 or 4
+channels mean the last one is alpha; any other count is all data.
+
 Files are untrusted: their pixel count is checked from the header before any
 decoding, so a decompression bomb is refused without being expanded.
 Writes are atomic: a temporary file in the same folder is renamed over the
-target, so a crash never leaves a truncated image.
+target, so a crash never leaves a truncated image; temporaries left by a
+writer that was killed are removed on the next write to the same target.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
+import logging
 import os
+import struct
 import tempfile
+import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -25,58 +48,292 @@ from dip.errors import DipError
 MAX_PIXELS = 64_000_000
 #: Smallest image side accepted.
 MIN_SIDE = 4
+#: Default JPEG quality of :func:`save_image` (Pillow's own default is 75).
+JPEG_QUALITY = 95
+#: A temporary file of :func:`atomic_write` older than this is stale even if its writer's process id is alive.
+STALE_AFTER_S = 3600.0
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+log = logging.getLogger("dip.io")
+
+# What each output format can hold. Pillow formats not listed hold 8-bit grey or RGB without alpha.
+_DEPTHS = {"PNG": ("uint8", "uint16"), "JPEG": ("uint8",), "TIFF": None, "NPY": None}  # None: any dtype
+_ALPHA = {"PNG", "TIFF", "NPY", "WEBP"}
+_ANY_CHANNELS = {"TIFF", "NPY"}
+_DPI = {"PNG", "JPEG", "TIFF"}
+_ICC = {"PNG", "JPEG", "TIFF", "WEBP"}
+_TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What an input image was, so that the result can be written back the same way.
+
+    ``dtype`` is the source's sample type (``"uint8"``, ``"uint16"``,
+    ``"float32"``, ``"bool"``, ...). ``value_range`` is ``(lo, hi)`` when the
+    source's values were mapped to [0, 1] by their own range (float data
+    outside [0, 1], signed or wide integers): a value ``x`` in [0, 1] stands for
+    ``lo + x * (hi - lo)``. ``channels`` counts the data channels, without the
+    alpha channel (``alpha``).
+    """
+
+    dtype: str = "uint8"
+    channels: int = 3
+    alpha: bool = False
+    value_range: Optional[tuple[float, float]] = None
+    icc_profile: Optional[bytes] = None
+    dpi: Optional[tuple[float, float]] = None
+    exif_transposed: bool = False  # an EXIF/TIFF orientation other than "upright" was applied on read
+    format: Optional[str] = None  # the source file's format ("PNG", "TIFF", "NPY", ...); None for arrays
+    frames: int = 1  # frames or pages in the source; only the first is used
+    notes: tuple[str, ...] = ()  # what was done to the data on the way in, in words
+
+    @property
+    def bit_depth(self) -> int:
+        """Bits per sample of the source (1 for bool)."""
+        return 1 if self.dtype == "bool" else np.dtype(self.dtype).itemsize * 8
+
+    def resized(self, factor: float) -> ImageMeta:
+        """The record for the image scaled by ``factor`` (super-resolution): same physical size, so DPI × factor."""
+        dpi = None if self.dpi is None else (self.dpi[0] * factor, self.dpi[1] * factor)
+        return dataclasses.replace(self, dpi=dpi)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (the ICC profile as its length) for results and manifests."""
+        d = dataclasses.asdict(self)
+        d["icc_profile"] = None if self.icc_profile is None else f"{len(self.icc_profile)} bytes"
+        d["value_range"] = None if self.value_range is None else list(self.value_range)
+        d["dpi"] = None if self.dpi is None else list(self.dpi)
+        d["notes"] = list(self.notes)
+        return d
 
 
 @dataclass
 class LoadedImage:
-    """An image as the fit sees it: colour channels in [0, 1] and the alpha channel set aside."""
+    """An image as the fit sees it: data channels in [0, 1], the alpha channel set aside, and its :class:`ImageMeta`."""
 
-    tensor: torch.Tensor  # C×H×W float32, C = 1 or 3
+    tensor: torch.Tensor  # C×H×W float32 in [0, 1]
     alpha: Optional[np.ndarray]  # H×W float32 in [0, 1], or None
     source: str  # a short description for messages
+    meta: ImageMeta = dataclasses.field(default_factory=ImageMeta)
 
     @property
     def size(self) -> tuple[int, int]:
         return tuple(self.tensor.shape[-2:])
 
 
+@dataclass
+class _Decoded:
+    array: np.ndarray  # H×W×C in the source's own dtype
+    alpha: bool  # the last channel is alpha
+    source: str
+    format: Optional[str] = None
+    icc: Optional[bytes] = None
+    dpi: Optional[tuple[float, float]] = None
+    orientation: int = 1
+    frames: int = 1
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
 def load_image(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> LoadedImage:
-    """Read ``image`` (path, PIL image, numpy array or tensor) into a :class:`LoadedImage`."""
+    """Read ``image`` (path, PIL image, numpy array or tensor) into a :class:`LoadedImage`.
+
+    16-bit and float sources keep their precision (as float32); float data
+    outside [0, 1] is mapped to [0, 1] by its own range, which is recorded in
+    ``meta.value_range`` (and logged) so that :func:`save_image` maps it back.
+    """
+    decoded = decode(image, name=name, max_pixels=max_pixels)
+    return _to_loaded(decoded, name, max_pixels)
+
+
+def decode(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> _Decoded:
+    """The image's samples as stored (H×W×C, the source's dtype, upright), before any scaling."""
     if isinstance(image, (str, os.PathLike)):
-        array, source = _read_file(Path(image), name, max_pixels), str(image)
+        decoded = _read_file(Path(image), name, max_pixels)
     elif isinstance(image, Image.Image):
         _check_pixels(image.size, name, max_pixels)
-        array, source = _pil_to_array(image), f"{name} (PIL image)"
+        array, alpha = _pil_to_array(image)
+        decoded = _Decoded(array, alpha, f"{name} (PIL image)", icc=image.info.get("icc_profile"),
+                           dpi=_dpi_of(image), orientation=int(image.getexif().get(0x0112, 1) or 1))
     elif isinstance(image, np.ndarray):
-        array, source = _numpy_to_float(image, name), f"{name} (numpy array)"
+        array = _as_hwc(image, name)
+        decoded = _Decoded(array, array.shape[2] in (2, 4), f"{name} (numpy array)")
     elif isinstance(image, torch.Tensor):
-        array, source = _tensor_to_array(image, name), f"{name} (tensor)"
+        array = _tensor_to_hwc(image, name)
+        decoded = _Decoded(array, array.shape[2] in (2, 4), f"{name} (tensor)")
     else:
         raise DipError(
             f"{name} must be a file path, PIL image, numpy array or tensor, got {type(image).__name__}"
         )
-    return _split_alpha(array, name, source, max_pixels)
+    if decoded.orientation not in (1, None):
+        decoded.array = orient(decoded.array, decoded.orientation)
+    return decoded
 
 
-def _read_file(path: Path, name: str, max_pixels: int) -> np.ndarray:
+def _read_file(path: Path, name: str, max_pixels: int) -> _Decoded:
     if not path.exists():
         raise DipError(f"{name} file not found: {path}")
     if path.is_dir():
         raise DipError(f"{name} path is a folder, not an image file: {path}")
+    suffix = path.suffix.lower()
     try:
-        with Image.open(path) as img:
-            # Image.open reads only the header: check the size before decoding.
-            _check_pixels(img.size, name, max_pixels, path)
-            img.load()
-            return _pil_to_array(img)
+        if suffix == ".npy":
+            return _read_npy(path, name, max_pixels)
+        if suffix in _TIFF_SUFFIXES and _tifffile() is not None:
+            return _read_tiff(path, name, max_pixels)
+        return _read_pil(path, name, max_pixels)
     except DipError:
         raise
     except Image.DecompressionBombError as exc:
         raise DipError(f"{name} {path} is refused as a possible decompression bomb: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DipError(f"cannot read {name} {path}: not an image file PIL can decode ({exc})") from None
+    except (OSError, SyntaxError, ValueError, KeyError, IndexError, EOFError) as exc:
+        raise DipError(f"cannot read {name} {path}: not an image file dip can decode ({exc})") from None
+
+
+def _read_pil(path: Path, name: str, max_pixels: int) -> _Decoded:
+    with Image.open(path) as img:
+        # Image.open reads only the header: check the size before decoding.
+        _check_pixels(img.size, name, max_pixels, path)
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1:
+            log.warning("%s %s is an animated or multi-page %s with %d frames; only the first frame is used",
+                        name, path, img.format, frames)
+        fmt = img.format
+        if fmt == "TIFF" and _tiff_wider_than_pillow(img):
+            raise DipError(f"{name} {path} is a TIFF with {img.tag_v2.get(258)} bits per sample; "
+                           "reading it needs tifffile: pip install tifffile")
+        rawmode = _tile_rawmode(img)  # before getexif(), which decodes a PNG to reach chunks after the pixels
+        if fmt == "PNG" and rawmode in ("RGB;16B", "RGBA;16B"):
+            array = _read_png16(path, img, rawmode)
+            alpha = rawmode.startswith("RGBA")
+        else:
+            if fmt == "PNG" and rawmode == "LA;16B":
+                log.warning("%s %s is a 16-bit grey+alpha PNG, which Pillow decodes at 8 bits; save it as "
+                            "16-bit grey or RGBA to keep the precision", name, path)
+            img.load()
+            array, alpha = _pil_to_array(img)
+        orientation = int(img.getexif().get(0x0112, 1) or 1)
+        icc, dpi = img.info.get("icc_profile"), _dpi_of(img)
+    return _Decoded(array, alpha, str(path), format=fmt, icc=icc, dpi=dpi, orientation=orientation, frames=frames)
+
+
+def _tile_rawmode(img: Image.Image) -> Optional[str]:
+    if not img.tile:
+        return None
+    args = img.tile[0].args
+    return args if isinstance(args, str) else (args[0] if args else None)
+
+
+def _read_png16(path: Path, img: Image.Image, rawmode: str) -> np.ndarray:
+    """Decode a 16-bit colour PNG, which Pillow has no mode for.
+
+    Pillow's "…;16B" unpacker keeps the high byte of each big-endian sample and
+    its "…;16L" unpacker, fed the same bytes, keeps the low one; both consume
+    the full 16 bits per sample, so the PNG row filters are undone correctly.
+    Decoding twice and joining the bytes gives the exact 16-bit values.
+    """
+    img.load()
+    high = np.asarray(img, dtype=np.uint16)
+    with Image.open(path) as again:
+        tile = again.tile[0]
+        args = tile.args
+        low_raw = rawmode.replace(";16B", ";16L")
+        new_args = low_raw if isinstance(args, str) else (low_raw, *args[1:])
+        again.tile = [tile._replace(args=new_args)]
+        again.load()
+        low = np.asarray(again, dtype=np.uint16)
+    return (high << 8) | low
+
+
+def _tiff_wider_than_pillow(img: Image.Image) -> bool:
+    """True for colour TIFFs with more than 8 bits per sample, which Pillow would truncate."""
+    bits = img.tag_v2.get(258) if hasattr(img, "tag_v2") else None
+    if bits is None:
+        return False
+    bits = tuple(bits) if isinstance(bits, (tuple, list)) else (bits,)
+    return len(bits) > 1 and max(bits) > 8
+
+
+def _read_npy(path: Path, name: str, max_pixels: int) -> _Decoded:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise DipError(f"cannot read {name} {path}: not a plain numpy array file ({exc})") from None
+    if arr.ndim in (2, 3):
+        _check_pixels((arr.shape[1], arr.shape[0]), name, max_pixels, path)
+    array = _as_hwc(np.array(arr), name)
+    return _Decoded(array, array.shape[2] in (2, 4), str(path), format="NPY")
+
+
+def _read_tiff(path: Path, name: str, max_pixels: int) -> _Decoded:
+    tifffile = _tifffile()
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        axes, shape = series.axes, series.shape
+        if "Y" not in axes or "X" not in axes:
+            raise DipError(f"{name} {path} has axes {axes!r}; dip needs a 2-D image (Y and X axes)")
+        _check_pixels((shape[axes.index("X")], shape[axes.index("Y")]), name, max_pixels, path)
+        page = tif.pages[0]
+        array = series.asarray()
+        tags = page.tags
+        icc = tags["InterColorProfile"].value if "InterColorProfile" in tags else None
+        orientation = int(tags["Orientation"].value) if "Orientation" in tags else 1
+        dpi = _tiff_dpi(tags)
+        alpha = "S" in axes and any(int(e) in (1, 2) for e in (page.extrasamples or ()))
+        frames = len(tif.pages)
+    array = _tiff_to_hwc(array, axes, name, path)
+    if len(axes.replace("S", "").replace("Y", "").replace("X", "")) == 0 and frames > 1:
+        log.warning("%s %s has %d pages; only the first image is used", name, path, frames)
+    return _Decoded(array, alpha, str(path), format="TIFF", icc=icc, dpi=dpi, orientation=orientation, frames=frames)
+
+
+def _tiff_to_hwc(array: np.ndarray, axes: str, name: str, path: Path) -> np.ndarray:
+    # Drop length-1 axes other than Y and X; what is left besides Y and X becomes the channel axis.
+    keep = [i for i, a in enumerate(axes) if a in "YX" or array.shape[i] > 1]
+    array = array.reshape([array.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    others = [a for a in axes if a not in "YX"]
+    if len(others) > 1:
+        raise DipError(f"{name} {path} is a {len(axes)}-D TIFF (axes {axes!r}); dip restores one 2-D image "
+                       "with channels: save one plane or stack the channels last")
+    order = [axes.index("Y"), axes.index("X")] + [axes.index(a) for a in others]
+    array = np.transpose(array, order)
+    return array[:, :, None] if array.ndim == 2 else np.ascontiguousarray(array)
+
+
+def _tiff_dpi(tags) -> Optional[tuple[float, float]]:
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return None
+    unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+
+    def value(tag):
+        v = tags[tag].value
+        return v[0] / v[1] if isinstance(v, tuple) and v[1] else float(v if not isinstance(v, tuple) else v[0])
+
+    x, y = value("XResolution"), value("YResolution")
+    if unit == 3:  # per centimetre
+        x, y = x * 2.54, y * 2.54
+    elif unit != 2:
+        return None
+    return (x, y)
+
+
+def _dpi_of(img: Image.Image) -> Optional[tuple[float, float]]:
+    dpi = img.info.get("dpi")
+    if not dpi:
+        return None
+    return (float(dpi[0]), float(dpi[1]))
+
+
+def _tifffile():
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    return tifffile
 
 
 def _check_pixels(size, name: str, max_pixels: int, path=None) -> None:
@@ -89,52 +346,49 @@ def _check_pixels(size, name: str, max_pixels: int, path=None) -> None:
         )
 
 
-def _pil_to_array(img: Image.Image) -> np.ndarray:
+def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, bool]:
+    """The samples of a decoded PIL image, H×W×C in their own dtype, and whether the last channel is alpha."""
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return (arr / top).astype(np.float32)
-    if mode == "F":
-        return _numpy_to_float(np.asarray(img), "image")
-    if mode in ("1", "L"):
-        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    if mode in ("LA", "RGBA"):
-        return np.asarray(img, dtype=np.float32) / 255.0
-    if mode == "PA" or (mode == "P" and "transparency" in img.info):
-        return np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    if mode == "1":
+        arr = np.asarray(img, dtype=bool)
+    elif mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.uint16)
+    elif mode == "I":
+        arr = np.asarray(img, dtype=np.int32)
+        if img.format == "PNG":  # older Pillow opens 16-bit grey PNG as "I"
+            arr = arr.astype(np.uint16)
+    elif mode in ("F", "L", "LA", "RGB", "RGBA"):
+        arr = np.asarray(img)
+    elif mode in ("PA", "La") or (mode == "P" and "transparency" in img.info):
+        arr = np.asarray(img.convert("RGBA"))
+    elif mode == "RGBa":
+        arr = np.asarray(img.convert("RGBA"))
+    else:  # P, CMYK, YCbCr, LAB, HSV, RGBX
+        arr = np.asarray(img.convert("RGB"))
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr, arr.shape[2] in (2, 4)
 
 
-def _numpy_to_float(arr: np.ndarray, name: str) -> np.ndarray:
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0
-    if arr.dtype == np.bool_:
-        return arr.astype(np.float32)
-    if np.issubdtype(arr.dtype, np.floating):
-        out = arr.astype(np.float32)
-        _check_finite_range(out, name)
-        return out
-    raise DipError(
-        f"{name} has dtype {arr.dtype}; use uint8, uint16 or floating point in [0, 1]"
-    )
+def _as_hwc(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise DipError(f"{name} must be H×W or H×W×C, got shape {arr.shape}")
+    _check_dtype(arr.dtype, name)
+    return arr
 
 
-def _check_finite_range(arr: np.ndarray, name: str) -> None:
-    if arr.size and not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise DipError(f"{name} has {bad} NaN or infinite values; replace them (or mask them out for inpainting)")
-    if arr.size and (arr.min() < -1e-6 or arr.max() > 1 + 1e-6):
-        raise DipError(
-            f"{name} values span [{arr.min():.3g}, {arr.max():.3g}]; floating-point images must lie in [0, 1] "
-            "(divide 8-bit data by 255)"
-        )
+def _check_dtype(dtype, name: str) -> None:
+    if dtype == np.bool_ or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating):
+        return
+    raise DipError(f"{name} has dtype {dtype}; use unsigned 8/16-bit integers, bool or floating point")
 
 
-def _tensor_to_array(t: torch.Tensor, name: str) -> np.ndarray:
+def _tensor_to_hwc(t: torch.Tensor, name: str) -> np.ndarray:
     t = t.detach()
+    if t.device.type == "meta":
+        raise DipError(f"{name} tensor is on the meta device and holds no values")
     if t.dim() == 4:
         if t.shape[0] != 1:
             raise DipError(f"{name} tensor must hold one image (1×C×H×W), got batch of {t.shape[0]}")
@@ -143,38 +397,89 @@ def _tensor_to_array(t: torch.Tensor, name: str) -> np.ndarray:
         t = t[None]
     if t.dim() != 3:
         raise DipError(f"{name} tensor must be C×H×W or 1×C×H×W, got shape {tuple(t.shape)}")
-    if t.shape[0] not in (1, 2, 3, 4):
-        raise DipError(f"{name} tensor must have 1–4 channels (C×H×W layout), got {t.shape[0]} in shape {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        arr = t.float().div(255.0)
-    elif t.is_floating_point():
-        arr = t.float()
-    else:
-        raise DipError(f"{name} tensor has dtype {t.dtype}; use float in [0, 1] or uint8")
-    arr = arr.cpu().permute(1, 2, 0).numpy()
-    _check_finite_range(arr, name)
-    return arr
+    if t.shape[-1] in (1, 3, 4) and min(t.shape[1], t.shape[2]) < MIN_SIDE <= t.shape[0]:
+        raise DipError(f"{name} tensor of shape {tuple(t.shape)} looks like H×W×C; tensors are C×H×W "
+                       "(use .permute(2, 0, 1)), and a side needs at least 4 pixels")
+    if t.dtype == torch.bfloat16 or t.dtype == torch.float16:
+        t = t.float()
+    if t.is_complex():
+        raise DipError(f"{name} tensor has dtype {t.dtype}; use float or uint8")
+    return t.cpu().permute(1, 2, 0).numpy()
 
 
-def _split_alpha(arr: np.ndarray, name: str, source: str, max_pixels: int) -> LoadedImage:
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3:
-        raise DipError(f"{name} must be H×W or H×W×C, got shape {arr.shape}")
+def orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF/TIFF orientation (1–8) to an H×W×C array: the upright image, as a viewer shows it."""
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+        8: lambda a: np.rot90(a, 1),
+    }
+    op = ops.get(int(orientation))
+    return array if op is None else np.ascontiguousarray(op(array))
+
+
+def _to_loaded(decoded: _Decoded, name: str, max_pixels: int) -> LoadedImage:
+    arr = decoded.array
     h, w, c = arr.shape
     if h * w == 0:
         raise DipError(f"{name} is empty (shape {arr.shape})")
-    if c not in (1, 2, 3, 4):
-        raise DipError(f"{name} must have 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA) channels, got {c} in shape {arr.shape}")
     if h * w > max_pixels:
         raise DipError(f"{name} has {h}×{w} = {h * w:,} pixels, more than the limit of {max_pixels:,}; crop or downscale it")
     if min(h, w) < MIN_SIDE:
         raise DipError(f"{name} is {h}×{w}; dip needs at least {MIN_SIDE}×{MIN_SIDE} pixels")
+    data = arr[:, :, :-1] if decoded.alpha else arr
+    values, value_range = to_unit_range(data, name)
+    notes = []
+    if value_range is not None:
+        notes.append(f"values in [{value_range[0]:.6g}, {value_range[1]:.6g}] were mapped to [0, 1] for the fit "
+                     "and are mapped back when saved")
+        log.warning("%s: %s", decoded.source, notes[-1])
+    if decoded.orientation not in (1, None):
+        notes.append(f"EXIF orientation {decoded.orientation} applied: the image is upright")
+    if decoded.frames > 1:
+        notes.append(f"only the first of {decoded.frames} frames was used")
     alpha = None
-    if c in (2, 4):
-        alpha, arr = np.ascontiguousarray(arr[:, :, -1]), arr[:, :, :-1]
-    tensor = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().clamp_(0, 1)
-    return LoadedImage(tensor=tensor, alpha=alpha, source=source)
+    if decoded.alpha:
+        alpha = np.ascontiguousarray(to_unit_range(arr[:, :, -1:], f"{name} alpha channel")[0][:, :, 0])
+    tensor = torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1))).float().clamp_(0, 1)
+    meta = ImageMeta(
+        dtype=str(np.dtype(arr.dtype)), channels=data.shape[2], alpha=decoded.alpha, value_range=value_range,
+        icc_profile=decoded.icc, dpi=decoded.dpi, exif_transposed=decoded.orientation not in (1, None),
+        format=decoded.format, frames=decoded.frames, notes=tuple(notes),
+    )
+    return LoadedImage(tensor=tensor, alpha=alpha, source=decoded.source, meta=meta)
+
+
+def to_unit_range(arr: np.ndarray, name: str = "image") -> tuple[np.ndarray, Optional[tuple[float, float]]]:
+    """Samples → float32 in [0, 1] and the ``(lo, hi)`` mapping used, or None for the type's natural range.
+
+    uint8 and uint16 are divided by 255 and 65535, bool becomes 0/1, float data
+    inside [0, 1] is kept; any other data (float outside [0, 1], signed or wide
+    integers) is mapped by its own minimum and maximum.
+    """
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0, None
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0, None
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32), None
+    _check_dtype(arr.dtype, name)
+    values = arr.astype(np.float64)
+    if values.size and not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise DipError(f"{name} has {bad} NaN or infinite values; replace them (or mask them out for inpainting)")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if np.issubdtype(arr.dtype, np.floating) and lo >= -1e-6 and hi <= 1 + 1e-6:
+        return np.clip(values, 0, 1).astype(np.float32), None
+    span = hi - lo if hi > lo else 1.0
+    return ((values - lo) / span).astype(np.float32), (lo, lo + span)
+
+
+# ----------------------------------------------------------------------------------------------- writing
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -183,7 +488,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
-    """An H×W×C float image in [0, 1] (C = 1, 2, 3 or 4) as a PIL image."""
+    """An H×W×C float image in [0, 1] (C = 1, 2, 3 or 4) as a PIL image (8 bits per channel)."""
     arr = to_uint8(image)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
@@ -191,19 +496,266 @@ def to_pil(image: np.ndarray) -> Image.Image:
 
 
 def check_folder(path: Union[str, os.PathLike]) -> Path:
-    """Raise a clear error unless the folder that would hold ``path`` exists; returns the folder."""
+    """Raise a clear error unless the folder that would hold ``path`` exists and is writable; returns the folder."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise DipError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DipError(f"cannot write {path}: folder {folder} is not writable")
+    if path.is_dir():
+        raise DipError(f"cannot write {path}: it is a folder; name a file")
     return folder
 
 
+def output_format(path: Union[str, os.PathLike]) -> str:
+    """The image format an output path's extension names (``"PNG"``, ``"TIFF"``, ``"NPY"``, ...)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return "NPY"
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None:
+        raise DipError(f"cannot tell the image format of {path}: use an extension such as .png, .jpg, .tif or .npy")
+    return fmt
+
+
+def _target_dtype(fmt: str, meta: ImageMeta) -> str:
+    """The sample type a file of format ``fmt`` gets for an image described by ``meta``."""
+    if fmt in ("TIFF", "NPY"):
+        return "uint8" if meta.dtype == "bool" else meta.dtype
+    if fmt == "PNG" and (meta.dtype == "uint16" or np.issubdtype(np.dtype(meta.dtype), np.floating)):
+        return "uint16"
+    return "uint8"
+
+
+def check_output_format(path: Union[str, os.PathLike], meta: Optional[ImageMeta] = None) -> str:
+    """Refuse, with one line saying what to use instead, a result the format of ``path`` cannot hold.
+
+    Call it before a fit with the input's :class:`ImageMeta`. Refused: 16-bit
+    data in an 8-bit format (JPEG, BMP, ...), alpha in a format without it
+    (JPEG, BMP, GIF), other than 1 or 3 data channels outside TIFF/.npy, and
+    data mapped from a range other than [0, 1] in a format that holds only
+    integers. Float data in [0, 1] is written at the format's depth (16-bit PNG).
+    Returns the format name.
+    """
+    fmt = output_format(path)
+    if meta is None:
+        return fmt
+    if meta.value_range is not None and fmt not in ("TIFF", "NPY"):
+        lo, hi = meta.value_range
+        raise DipError(f"cannot write {path}: the image's values span [{lo:.6g}, {hi:.6g}], which {fmt} cannot "
+                       "hold; save as .tif or .npy to keep them")
+    if fmt not in _ANY_CHANNELS and meta.channels not in (1, 3):
+        raise DipError(f"cannot write {path}: {fmt} holds grey or RGB images, not {meta.channels} channels; "
+                       "save as .tif or .npy")
+    if meta.alpha and fmt not in _ALPHA:
+        raise DipError(f"cannot write {path}: {fmt} cannot store the alpha channel; save as .png or .tif instead")
+    target = _target_dtype(fmt, meta)
+    if meta.dtype == "uint16" and target != "uint16":
+        raise DipError(f"cannot write {path}: the input is 16-bit and {fmt} holds 8 bits per channel; "
+                       "save as .png or .tif to keep 16 bits")
+    if fmt == "TIFF" and _tifffile() is None and not _pillow_tiff_can_hold(target, meta.channels, meta.alpha):
+        raise DipError(f"cannot write {path}: a {target} TIFF with {meta.channels} channel(s) needs tifffile "
+                       "(pip install tifffile); or save as .npy")
+    return fmt
+
+
+def _pillow_tiff_can_hold(dtype: str, channels: int, alpha: bool) -> bool:
+    if dtype == "uint8":
+        return channels in (1, 3)
+    return dtype in ("uint16", "float32") and channels == 1 and not alpha
+
+
+def check_output_path(path: Union[str, os.PathLike], meta: Optional[ImageMeta] = None) -> Path:
+    """Check, before any work, that an image can be written to ``path`` (folder, format, what the format
+    can hold when ``meta`` is given); returns it as a Path."""
+    path = Path(path)
+    check_output_format(path, meta)
+    check_folder(path)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_image(image: np.ndarray, path: Union[str, os.PathLike], *, meta: Optional[ImageMeta] = None,
+               jpeg_quality: int = JPEG_QUALITY) -> Path:
+    """Write an H×W×C float image in [0, 1] to ``path`` atomically, in the format its extension names.
+
+    With ``meta`` (the input's :class:`ImageMeta`, e.g. ``load_image(...).meta``)
+    the file keeps the input's depth (16-bit, float), value range, ICC profile
+    and DPI where the format can hold them; ``image`` then has
+    ``meta.channels`` channels, plus the alpha channel last when ``meta.alpha``.
+    Without it: 8-bit (float32 for .npy), and 2 or 4 channels mean alpha last.
+    ``jpeg_quality``: 1–100 (default 95).
+    """
+    path = Path(path)
+    if isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, (int, np.integer)) or not 1 <= jpeg_quality <= 100:
+        raise DipError(f"JPEG quality must be an integer from 1 to 100, got {jpeg_quality!r}")
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3:
+        raise DipError(f"save_image needs an H×W×C array, got shape {image.shape}")
+    meta = _meta_for(image, meta, output_format(path))
+    fmt = check_output_format(path, meta)
+    check_folder(path)
+    native = _from_unit_range(image, _target_dtype(fmt, meta), meta)
+    icc = meta.icc_profile if fmt in _ICC else None
+    dpi = meta.dpi if fmt in _DPI else None
+    if fmt == "NPY":
+        writer = lambda tmp: np.save(tmp, native[:, :, 0] if native.shape[2] == 1 else native)
+    elif fmt == "TIFF" and _tifffile() is not None:
+        writer = lambda tmp: _write_tiff(tmp, native, meta.alpha, icc, dpi)
+    elif fmt == "PNG" and native.dtype == np.uint16 and native.shape[2] > 1:
+        writer = lambda tmp: _write_png16(tmp, native, icc, dpi)
+    else:
+        pil = _native_to_pil(native)
+        options = {"icc_profile": icc, "dpi": dpi}
+        if fmt == "JPEG":
+            options["quality"] = int(jpeg_quality)
+        options = {k: v for k, v in options.items() if v is not None}
+        writer = lambda tmp: pil.save(tmp, format=fmt, **options)
+    return atomic_write(path, writer)
+
+
+def _meta_for(image: np.ndarray, meta: Optional[ImageMeta], fmt: str) -> ImageMeta:
+    """The record that describes ``image`` as it will be written (channels and alpha from its shape)."""
+    c = image.shape[2]
+    if meta is None:
+        alpha = c in (2, 4)
+        return ImageMeta(dtype="float32" if fmt == "NPY" else "uint8", channels=c - alpha, alpha=alpha)
+    alpha = meta.alpha and c == meta.channels + 1
+    return dataclasses.replace(meta, channels=c - alpha, alpha=alpha)
+
+
+def _from_unit_range(image: np.ndarray, dtype: str, meta: ImageMeta) -> np.ndarray:
+    x = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
+    dt = np.dtype(dtype)
+    if meta.value_range is not None:
+        lo, hi = meta.value_range
+        data = x[:, :, : meta.channels] * (hi - lo) + lo
+        if meta.alpha:  # the alpha channel is always in [0, 1] of the data type
+            top = float(np.iinfo(dt).max) if np.issubdtype(dt, np.integer) else 1.0
+            data = np.concatenate([data, x[:, :, -1:] * top], axis=2)
+        if np.issubdtype(dt, np.integer):
+            info = np.iinfo(dt)
+            data = np.clip(np.rint(data), info.min, info.max)
+        return data.astype(dt)
+    if dt == np.uint8 or dt == np.uint16:
+        return np.rint(x * np.iinfo(dt).max).astype(dt)
+    if np.issubdtype(dt, np.floating):
+        return x.astype(dt)
+    return (x > 0.5) if dt == np.bool_ else np.rint(x * np.iinfo(dt).max).astype(dt)
+
+
+def _native_to_pil(native: np.ndarray) -> Image.Image:
+    # fromarray picks the mode from the dtype: uint8 → L/LA/RGB/RGBA, uint16 → I;16, float32 → F.
+    if native.shape[2] == 1:
+        plane = native[:, :, 0]
+        return Image.fromarray(plane.astype(np.float32) if plane.dtype.kind == "f" else plane)
+    return Image.fromarray(native.astype(np.uint8))
+
+
+def _write_tiff(tmp: str, native: np.ndarray, alpha: bool, icc: Optional[bytes], dpi) -> None:
+    tifffile = _tifffile()
+    c = native.shape[2]
+    data = native[:, :, 0] if c == 1 else native
+    options = dict(photometric="rgb" if c - alpha == 3 else "minisblack")
+    if c > 1:
+        options["planarconfig"] = "contig"
+    if alpha:
+        options["extrasamples"] = ["unassalpha"]
+    if icc:
+        options["iccprofile"] = icc
+    if dpi:
+        options.update(resolution=(float(dpi[0]), float(dpi[1])), resolutionunit="INCH")
+    tifffile.imwrite(tmp, data, **options)
+
+
+def _write_png16(tmp: str, native: np.ndarray, icc: Optional[bytes], dpi) -> None:
+    """A 16-bit grey+alpha, RGB or RGBA PNG (Pillow writes only 16-bit grey)."""
+    h, w, c = native.shape
+    colour_type = {2: 4, 3: 2, 4: 6}[c]
+    rows = native.astype(">u2").reshape(h, w * c).view(np.uint8)
+    filtered = np.empty((h, 1 + rows.shape[1]), np.uint8)
+    filtered[:, 0] = 2  # PNG filter "Up": each row minus the row above
+    filtered[0, 1:] = rows[0]
+    filtered[1:, 1:] = rows[1:] - rows[:-1]  # uint8 arithmetic wraps modulo 256, as the filter wants
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    parts = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))]
+    if icc:
+        parts.append(chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
+    if dpi:
+        per_metre = [int(round(d / 0.0254)) for d in dpi]
+        parts.append(chunk(b"pHYs", struct.pack(">IIB", per_metre[0], per_metre[1], 1)))
+    parts += [chunk(b"IDAT", zlib.compress(filtered.tobytes(), 6)), chunk(b"IEND", b"")]
+    with open(tmp, "wb") as f:
+        f.write(b"".join(parts))
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+
+def _temporary_pattern(path: Path) -> str:
+    return f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"
+
+
+def remove_stale_temporaries(path: Union[str, os.PathLike]) -> list[Path]:
+    """Remove temporaries of :func:`atomic_write` for ``path`` left by a writer that was killed.
+
+    A temporary is ``.<name>.<pid>.<random>.tmp<suffix>`` beside the target; it
+    is stale when its process is gone (same machine) or it is older than
+    :data:`STALE_AFTER_S`. Returns the files removed.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    removed = []
+    now = time.time()
+    prefix_len = len(path.name) + 2
+    for tmp in folder.glob(_temporary_pattern(path)):
+        middle = tmp.name[prefix_len:].split(".", 1)[0]
+        try:
+            old = now - tmp.stat().st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        pid = int(middle) if middle.isdigit() else None
+        if old or (pid is not None and pid != os.getpid() and not _process_alive(pid)):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate the process there; rely on the age alone
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def atomic_write(path: Union[str, os.PathLike], write) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path``."""
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path``.
+
+    Stale temporaries of earlier, killed writes to the same ``path`` are removed first.
+    """
     path = Path(path)
     folder = check_folder(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=folder)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + path.suffix, dir=folder)
     os.close(fd)
     try:
         write(tmp)
@@ -217,46 +769,10 @@ def atomic_write(path: Union[str, os.PathLike], write) -> Path:
     return path
 
 
-def check_output_path(path: Union[str, os.PathLike]) -> Path:
-    """Check, before any work, that an image can be written to ``path``; returns it as a Path."""
-    path = Path(path)
-    if Image.registered_extensions().get(path.suffix.lower()) is None:
-        raise DipError(f"cannot tell the image format of {path}: use an extension such as .png, .jpg or .tif")
-    check_folder(path)
-    return path
+def __getattr__(name: str):
+    # The mask readers live in dip.masks (which imports this module); keep the old names importable from here.
+    if name in ("load_mask", "resolve_mask", "mask_from_alpha", "mask_from_color"):
+        from dip import masks
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_image(image: np.ndarray, path: Union[str, os.PathLike]) -> Path:
-    """Write an H×W×C float image in [0, 1] to ``path`` atomically (format from the extension)."""
-    path = check_output_path(path)
-    fmt = Image.registered_extensions()[path.suffix.lower()]
-    pil = to_pil(image)
-    if fmt == "JPEG" and pil.mode in ("RGBA", "LA"):
-        raise DipError(f"{path}: JPEG cannot store the alpha channel; save as .png instead")
-    return atomic_write(path, lambda tmp: pil.save(tmp, format=fmt))
-
-
-def load_mask(mask: ImageLike, size: tuple[int, int], *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Read an inpainting mask (non-zero = known pixel) as a 1×H×W or C×H×W float tensor of 0/1."""
-    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
-        mask = mask.float()
-    if isinstance(mask, np.ndarray) and mask.dtype == np.bool_:
-        mask = mask.astype(np.float32)
-    loaded = load_image(mask, name="mask", max_pixels=max_pixels)
-    m = loaded.tensor
-    if tuple(m.shape[-2:]) != tuple(size):
-        raise DipError(
-            f"mask is {m.shape[-2]}×{m.shape[-1]} but the image is {size[0]}×{size[1]}; they must match"
-        )
-    m = (m > 0.5).float()
-    if m.shape[0] == 3 and torch.equal(m[0], m[1]) and torch.equal(m[1], m[2]):
-        m = m[:1]
-    if m.sum() == 0:
-        raise DipError("mask marks no pixel as known (all zero); white (non-zero) must mark the known pixels")
-    return m
+        return getattr(masks, name)
+    raise AttributeError(f"module 'dip.io' has no attribute {name!r}")

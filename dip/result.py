@@ -98,9 +98,13 @@ class Restoration:
         """The restored image as a PIL image (8 bits per channel)."""
         return to_pil(self.image)
 
-    def save(self, path: Union[str, os.PathLike]):
-        """Write the restored image to ``path`` (format from the extension), atomically."""
-        return save_image(self.image, path)
+    def save(self, path: Union[str, os.PathLike], *, jpeg_quality: int = 95):
+        """Write the restored image to ``path`` (format from the extension), atomically.
+
+        With the input's :class:`dip.io.ImageMeta` in ``meta``, the file keeps the input's depth, value
+        range, ICC profile and DPI where the format can hold them (see :func:`dip.io.save_image`).
+        """
+        return save_image(self.image, path, meta=getattr(self, "meta", None), jpeg_quality=jpeg_quality)
 
     def save_uncertainty(self, path: Union[str, os.PathLike]):
         """Write ``uncertainty`` as a colour-mapped image with its scale (a relative indicator); see :mod:`dip.uncertainty`."""
