@@ -63,9 +63,9 @@ class Stage:
 STAGES = (
     Stage("env", 30, 10, "GPU, driver, nvcc, torch/CUDA versions"),
     Stage("build", 200, 60, "setup.py build_ext --inplace, DIP_BUILD_CUDA=1"),
-    Stage("tests", 150, 45, "pytest -k cuda tests (TF32 off)"),
-    Stage("bench", 120, 40, "denoise iteration: fused/eager x float32/tf32/bf16 x graph"),
-    Stage("f16", 90, 45, "F16 512x512 sigma=25, automatic stop"),
+    Stage("tests", 150, 30, "pytest -k cuda tests (TF32 off)"),
+    Stage("bench", 120, 15, "denoise iteration: fused/eager x float32/tf32/bf16 x graph"),
+    Stage("f16", 90, 35, "F16 512x512 sigma=25, automatic stop"),
     Stage("compile", 150, 0, "denoise iteration: torch.compile x precision x graph"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -347,7 +347,8 @@ def stage_build(args, report: Report, timeout: float, workdir: Path) -> dict:
     suffix = _ext_suffix()
     for stale in (ROOT / "dip").glob("_C" + suffix):
         stale.unlink()  # a failed build must not leave an old extension to be tested
-    env = dict(os.environ, DIP_BUILD_CUDA="1" if args.device == "cuda" else "0", TORCH_CUDA_ARCH_LIST="9.0",
+    env = dict(os.environ, DIP_BUILD_CUDA="1" if args.device == "cuda" else "0", DIP_BUILD_EXTENSION="1",
+               TORCH_CUDA_ARCH_LIST="9.0",
                MAX_JOBS=os.environ.get("MAX_JOBS", "16"))
     toolchain = {}
     if args.device == "cuda":
