@@ -116,6 +116,8 @@ def check_fitted(net: nn.Module) -> None:
 
 def _unfuse(net: nn.Module) -> None:
     """Replace, in place, every submodule that has an ``unfused()`` twin by that twin."""
+    if callable(getattr(net, "unfused", None)):
+        net.unfused()  # the root changes in place
     for name, module in list(net.named_modules()):
         if name and callable(getattr(module, "unfused", None)):
             parent, _, child = name.rpartition(".")

@@ -47,6 +47,10 @@ class UpsampleBilinear2x(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return upsample_bilinear2x(x)
 
+    def unfused(self) -> nn.Module:
+        """The standard-operator twin (exports hold standard operators only)."""
+        return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+
 
 def _register() -> None:
     """Fake (meta) kernels and autograd of the compiled operators."""

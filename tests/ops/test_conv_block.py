@@ -172,7 +172,10 @@ def test_gradcheck(k, stride, reflect, mode, device):
     def f(x, w, b, gamma, beta):
         return torch.ops.dip.conv_block(x, w, b, gamma, beta, *args[5:])[0]
 
-    assert torch.autograd.gradcheck(f, tuple(args[:5]))
+    # The CUDA kernels sum the batch statistics with atomics, so two backward passes may differ in the
+    # last bits (seen on an H200: "Backward is not reentrant"); deterministic mode routes to the reference.
+    nondet_tol = 1e-10 if device == "cuda" else 0.0
+    assert torch.autograd.gradcheck(f, tuple(args[:5]), nondet_tol=nondet_tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
