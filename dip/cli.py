@@ -529,15 +529,11 @@ def _inpaint_mask(args, task: Task, image):
         return image, None
     if args.mask is not None and args.mask != "alpha":
         return image, args.mask
-    import dip.io
-
-    resolve = getattr(dip.io, "resolve_mask", None)
-    if resolve is None:
-        what = "--mask alpha" if args.mask == "alpha" else "--mask-color"
-        raise DipError(f"{what} is not available in this version of dip; give --mask MASK.png")
     if args.mask == "alpha":
-        return resolve(image, "alpha")
-    return resolve(image, None, color=args.mask_color)
+        return image, "alpha"  # restore() reads the transparent pixels as the missing ones
+    from dip.io import resolve_mask
+
+    return image, resolve_mask(None, image, mask_color=args.mask_color)
 
 
 def _check_output_format(output: _Output, image) -> None:

@@ -10,14 +10,15 @@ in one place.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from dip.errors import DipError
-from dip.io import MAX_PIXELS, ImageLike, LoadedImage, load_image, load_mask
+from dip.io import MAX_PIXELS, ImageLike, LoadedImage, load_image
+from dip.masks import ALPHA, resolve_mask
 from dip.physics import Custom, Denoise, Downsample, Inpaint, Operator
 from dip.tasks import Task, TaskDefaults, task_defaults
 
@@ -47,6 +48,8 @@ class Problem:
         source = load_image(image, name="image", max_pixels=max_pixels)
         h, w = source.size
         op = _operator(task, source, factor, mask, operator, max_pixels)
+        if isinstance(mask, str) and mask == ALPHA:  # the holes were the transparent pixels: they are filled now
+            source = replace(source, alpha=None)
         out_h, out_w = h * op.scale, w * op.scale
         if out_h * out_w > max_pixels:
             raise DipError(
@@ -116,8 +119,9 @@ def _operator(task: Task, source: LoadedImage, factor, mask, operator, max_pixel
             raise DipError("super-resolution needs factor= (an integer from 2 to 32)")
         return Downsample(factor)
     if mask is None:
-        raise DipError("inpainting needs mask= (same size as the image; white/non-zero marks the known pixels)")
-    return Inpaint(load_mask(mask, source.size, max_pixels=max_pixels))
+        raise DipError("inpainting needs mask= (same size as the image; white/non-zero marks the known pixels), "
+                       "or mask='alpha' for an image whose transparent pixels are the missing ones")
+    return Inpaint(resolve_mask(mask, source, max_pixels=max_pixels))
 
 
 def _custom(operator) -> Custom:

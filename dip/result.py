@@ -90,6 +90,14 @@ class Restoration:
                    members=None if members is None else np.stack([tensor_to_image(m[None]) for m in members]))
 
     @property
+    def meta(self):
+        """What the input file carried (bit depth, value range, ICC, DPI …): :meth:`save` writes it back."""
+        if self.source is None or getattr(self.source, "meta", None) is None:
+            return None
+        scale = self.image.shape[0] // max(1, self.source.size[0])
+        return self.source.meta.resized(scale) if scale > 1 else self.source.meta
+
+    @property
     def interrupted(self) -> bool:
         """True when the fit was stopped by Ctrl-C before it finished."""
         return self.stop_reason is StopReason.INTERRUPTED

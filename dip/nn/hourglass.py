@@ -145,7 +145,7 @@ class _Scale(nn.Module):
         self.up = make_conv_block(merged, up, cfg.filter_size_up, **opts)
         self.up_1x1 = make_conv_block(up, up, 1, **opts) if cfg.up_1x1 else nn.Identity()
 
-    def unfused(self) -> "_Scale":
+    def unfused(self) -> _Scale:
         """This scale with concat + merge BatchNorm as standard operators (in place; for exports)."""
         self.fused_merge = False
         return self
@@ -202,7 +202,7 @@ class Hourglass(nn.Module):
         # the pixels × channels view it runs at matrix speed, forward and backward.
         self.head_as_gemm = (fused_default() if fused is None else bool(fused)) and members == 1
 
-    def unfused(self) -> "Hourglass":
+    def unfused(self) -> Hourglass:
         """This network with its head as a plain convolution (in place; the blocks are swapped by dip.export)."""
         self.head_as_gemm = False
         return self

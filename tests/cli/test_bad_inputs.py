@@ -18,7 +18,6 @@ from dip.cli import main
 
 FIT = "--iterations 2 --network small -q"
 
-IO = "needs dip.io to read .npy files (issue 12, scientific data)"
 
 def case(name, args, status, fragment, xfail=None):
     marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
@@ -32,7 +31,7 @@ CASES = [
     case("not-an-image", "denoise text.png -o out.png", 1, "not an image"),
     case("empty-file", "denoise empty.png -o out.png", 1, "not an image"),
     case("one-pixel", "denoise one.png -o out.png", 1, "at least 4×4"),
-    case("nan-npy", "denoise nan.npy -o out.png", 1, "NaN", xfail=IO),
+    case("nan-npy", "denoise nan.npy -o out.png", 1, "NaN"),
     case("too-many-pixels", "denoise in.png -o out.png --max-pixels 100", 1, "--max-pixels"),
     case("sr-result-too-large", "super-resolve in.png -o out.png --factor 4 --max-pixels 1000", 1, "limit of 1,000"),
     # where the result goes: never over a file dip reads, never lost after the fit

@@ -102,7 +102,6 @@ def test_demo_writes_before_after_picture(tmp_path, capsys):
 # ---- issue 11 / 12: conventions, lost work, exit statuses -----------------------------------------------------
 
 FIT = ["--iterations", "2", "--network", "small", "-q"]
-IO = "needs dip.io.resolve_mask (issue 12, masks without an image editor)"
 
 
 def test_version(capsys):
@@ -264,14 +263,12 @@ def rgba_with_hole(tmp_path, make_image):
     return path
 
 
-@pytest.mark.xfail(strict=True, reason=IO)
 def test_mask_alpha_fills_the_transparent_pixels(rgba_with_hole, tmp_path):
     out = tmp_path / "filled.jpg"  # no alpha left once the holes are filled, so JPEG holds it
     assert main(["inpaint", str(rgba_with_hole), "--mask", "alpha", "-o", str(out), *FIT]) == 0
     assert Image.open(out).mode == "RGB"
 
 
-@pytest.mark.xfail(strict=True, reason=IO)
 def test_mask_color_marks_the_missing_pixels(rgba_with_hole, tmp_path):
     out = tmp_path / "filled.png"
     assert main(["inpaint", str(rgba_with_hole), "--mask-color", "255,0,255", "-o", str(out), *FIT]) == 0
