@@ -300,7 +300,7 @@ def _restore(args) -> int:
     image, input_format = _read_input(args.input)
     output = _output_target(args, input_format)
     image, mask = _inpaint_mask(args, task, image)
-    _check_output_format(output, image)
+    _check_output_format(output, image, mask)
     exports = _export_targets(args)
     if args.plot is not None:
         _check_plot_path(args.plot)
@@ -536,55 +536,16 @@ def _inpaint_mask(args, task: Task, image):
     return image, resolve_mask(None, image, mask_color=args.mask_color)
 
 
-def _check_output_format(output: _Output, image) -> None:
-    """Refuse, before the fit, an output format that cannot hold the result (alpha into JPEG …)."""
-    import dip.io
+def _check_output_format(output: _Output, image, mask) -> None:
+    """Refuse, before the fit, an output format that cannot hold the result (alpha or 16 bits into JPEG …)."""
+    import dataclasses
 
-    check = getattr(dip.io, "check_output_format", None)
-    if check is not None:
-        check(output.path or Path("stdout" + output.suffix), image)
-        return
-    _check_output_format_locally(output, _input_mode(image))
+    from dip.io import check_output_format, load_image
 
-
-def _input_mode(image) -> Optional[str]:
-    """The PIL mode the result will be written in (L, LA, RGB, RGBA), read from the input's header only."""
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(image, np.ndarray):
-        channels = 1 if image.ndim == 2 else image.shape[-1]
-        return {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}.get(channels)
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as img:
-                return _mode_of(img)
-        except Exception:  # not an image PIL reads: load_image says why, with the file's name
-            return None
-    return _mode_of(image) if isinstance(image, Image.Image) else None
-
-
-def _mode_of(img) -> str:
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-    gray = img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-    return ("L" if gray else "RGB") + ("A" if has_alpha else "")
-
-
-def _check_output_format_locally(output: _Output, mode: Optional[str]) -> None:
-    """Stand-in for dip.io's own check (issue 12): ask Pillow to write a tiny image of the result's mode."""
-    if mode is None:
-        return
-    from PIL import Image
-
-    fmt = Image.registered_extensions().get(output.suffix)
-    if fmt is None:
-        return
-    try:
-        Image.new(mode, (4, 4)).save(io.BytesIO(), format=fmt)
-    except (OSError, ValueError, KeyError):
-        what = "the alpha channel of the input" if mode.endswith("A") else f"a {mode} image"
-        raise DipError(f"{fmt} cannot store {what} ({mode}), so -o {output.name} would fail after the fit; "
-                       "use .png or .tif" + (", or --mask alpha for inpainting" if mode.endswith("A") else "")) from None
+    meta = load_image(image).meta
+    if isinstance(mask, str) and mask == "alpha":  # the transparent holes are filled: no alpha comes back
+        meta = dataclasses.replace(meta, alpha=False)
+    check_output_format(output.path or Path("stdout" + output.suffix), meta)
 
 
 def _restore_options(args, task: Task, mask) -> dict:

@@ -69,7 +69,7 @@ def restore(
     reference: Optional[ImageLike] = None,
     device=None,
     seed: int = 0,
-    progress: bool = True,
+    progress: Optional[bool] = None,
     network: Union[str, HourglassConfig, nn.Module, None] = None,
     lr: float = 0.01,
     reg_noise_std: Optional[float] = None,
@@ -114,7 +114,7 @@ def restore(
         reference: the clean image, if known, to record PSNR at every step.
         device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
         seed: seeds the network weights, the input ``z`` and the perturbations.
-        progress: show a progress bar.
+        progress: show a progress bar (default: only when stderr is a terminal).
         network: a preset name (``denoise``, ``sr``, ``inpaint``, ``small``),
             a :class:`HourglassConfig`, or your own module mapping z to an image.
         lr: Adam learning rate.

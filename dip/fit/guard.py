@@ -12,6 +12,7 @@ schedule, and the fit goes on from there.
 """
 from __future__ import annotations
 
+import logging
 from enum import Enum
 from typing import TYPE_CHECKING, Optional
 
@@ -22,6 +23,8 @@ from dip.fit.settings import GuardSettings, StopReason
 
 if TYPE_CHECKING:  # pragma: no cover
     from dip.fit.loop import FitLoop, Step
+
+log = logging.getLogger("dip")
 
 
 class GuardVerdict(Enum):
@@ -86,8 +89,12 @@ class DivergenceGuard(Monitor):
         self.rollbacks.append(bad)
         self._roll_back(bad)
         if len(self.rollbacks) > self.settings.max_rollbacks:
+            log.warning("the loss diverged at iteration %d again; the fit ends with the state of iteration %d",
+                        bad, self._loop.done)
             return GuardVerdict.GAVE_UP
         self._loop.learning_rate.scale_by(self.settings.lr_factor)
+        log.warning("the loss diverged at iteration %d: rolled back to iteration %d, learning rate × %g",
+                    bad, self._loop.done, self.settings.lr_factor)
         return GuardVerdict.ROLLED_BACK
 
     def _roll_back(self, bad: int) -> None:

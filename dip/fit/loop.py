@@ -189,13 +189,15 @@ class FitLoop:
         self.optimizer.step()
         return loss.detach(), out.detach()
 
-    def run(self, *, progress: bool = True, description: str = "dip") -> FitResult:
+    def run(self, *, progress: Optional[bool] = None, description: str = "dip") -> FitResult:
         """Take steps until the budget is spent or a monitor stops the fit; Ctrl-C ends it early."""
         for m in self.monitors:
             m.on_start(self)
         reason = StopReason.COMPLETED
         start = time.perf_counter()
-        bar = tqdm(total=self.budget, initial=self.done, desc=description, disable=not progress, leave=False,
+        # None: a bar only when stderr is a terminal. An automatic stop has no known end: no total, no ETA.
+        bar = tqdm(total=None if self.settings.auto else self.budget, initial=self.done, desc=description,
+                   disable=None if progress is None else not progress, leave=False,
                    dynamic_ncols=True)
         try:
             while self.done < self.budget:
@@ -203,7 +205,7 @@ class FitLoop:
                 self._record(loss, out)
                 bar.update(1)
                 reason = self._after_step(Step(self.done, loss, out, self.ema, self.net, self.optimizer, self))
-                if progress and self.done % self.settings.check_every == 0:
+                if not bar.disable and self.done % self.settings.check_every == 0:
                     bar.set_postfix(self._postfix(), refresh=False)
                 if reason is not None:
                     break
@@ -327,7 +329,7 @@ def fit(net: nn.Module, z: torch.Tensor, operator: Callable, target: torch.Tenso
         reference: Optional[torch.Tensor] = None, callbacks: Iterable[Callback] = (),
         monitors: Optional[Sequence[Monitor]] = None, checkpoint=None, checkpoint_meta: Optional[dict] = None,
         resume_state: Optional[dict] = None, warmup: int = 0, generator: Optional[torch.Generator] = None,
-        progress: bool = True, description: str = "dip") -> FitResult:
+        progress: Optional[bool] = None, description: str = "dip") -> FitResult:
     """Fit ``net`` so that ``operator(crop(net(z)))`` matches ``target``.
 
     ``settings`` (a :class:`FitSettings` with its iteration count resolved,

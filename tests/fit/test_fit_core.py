@@ -118,3 +118,23 @@ def test_bfloat16_compute_keeps_float32_results(clean64, precision):
                          progress=False, precision=precision)
     assert result.image.dtype == np.float32 and np.isfinite(result.image).all()
     assert result.settings["precision"] == "bfloat16"
+
+
+def test_rollbacks_are_logged_on_the_dip_logger(clean64, caplog):
+    fired = []
+
+    def corrupt_once(step):
+        if step.iteration == 12 and not fired:
+            fired.append(True)
+            with torch.no_grad():
+                step.network.head.weight.fill_(float("nan"))
+
+    with caplog.at_level("WARNING", logger="dip"):
+        result = dip.restore(clean64, iterations=30, network="small", progress=False, callbacks=[corrupt_once])
+    assert result.history.rollbacks == [13]
+    assert any("diverged at iteration 13: rolled back" in r.getMessage() for r in caplog.records)
+
+
+def test_library_calls_draw_no_bar_when_stderr_is_not_a_terminal(clean64, capsys):
+    dip.restore(clean64[:16, :16], iterations=12, network="small")
+    assert "it/s" not in capsys.readouterr().err
