@@ -704,6 +704,7 @@ def _batch_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: each worker's GPU when there are GPUs)")
     p.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it and its name")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
+    _sigma_option(p, "every input's")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -716,6 +717,10 @@ def _batch(args) -> int:
                    reg_noise_std=args.reg_noise_std, device=args.device)
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
+    if args.sigma is not None:
+        if not args.sigma > 0:
+            raise DipError(f"--sigma must be positive (noise std in 0–255 units), got {args.sigma}")
+        options["noise_sigma"] = args.sigma / 255.0
     if task is Task.SUPER_RESOLUTION:
         if args.factor is None:
             raise DipError("super-resolve needs --factor (an integer from 2 to 32)")

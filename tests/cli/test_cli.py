@@ -301,3 +301,24 @@ def test_demo_noise_level(tmp_path, capsys):
     out = tmp_path / "demo.png"
     assert main(["demo", "-o", str(out), "--size", "32", "--iterations", "2", "--sigma", "50", "-q"]) == 0
     assert "σ=50" in capsys.readouterr().out
+
+
+def test_batch_takes_sigma_in_0_255_units(tmp_path, monkeypatch):
+    import dip
+
+    seen = {}
+
+    class Summary:
+        interrupted, failed, records, manifest = False, 0, [], tmp_path / "manifest.jsonl"
+
+    def fake_restore_many(*args, **kwargs):
+        seen.update(kwargs)
+        return Summary()
+
+    monkeypatch.setattr(dip, "restore_many", fake_restore_many)
+    (tmp_path / "in").mkdir()
+    assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise", "--sigma", "25",
+                 "-q"]) == 0
+    assert seen["noise_sigma"] == pytest.approx(25 / 255)
+    assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise", "--sigma", "-1",
+                 "-q"]) == 1
