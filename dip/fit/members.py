@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 
-from dip.fit.settings import StopMode
 from dip.fit.stopping import VarianceStopper
 
 
@@ -36,22 +35,8 @@ class MemberVarianceStopper(VarianceStopper):
         self.best_variance: Optional[torch.Tensor] = None  # K×C×H×W moving variance at each member's minimum
 
     def _score(self, out: torch.Tensor, iteration: int) -> torch.Tensor:
-        if self.config.mode is StopMode.EMA:
-            if self._mean is None:
-                self._mean, self._var = out.clone(), torch.zeros_like(out)
-            else:
-                a = self._alpha
-                diff = out - self._mean
-                self._mean.add_(diff, alpha=a)
-                self._var.mul_(1 - a).addcmul_(diff, diff, value=a * (1 - a))
-            variance = self._var
-        else:
-            if self._ring is None:
-                self._ring = out.new_zeros((self.config.window,) + tuple(out.shape))
-            self._ring[(iteration - 1) % self.config.window].copy_(out)
-            variance = self._ring.var(dim=0, unbiased=False)
-        self._current_variance = variance
-        return variance.mean(dim=(1, 2, 3))
+        self._current_variance = self._variance(out, iteration)
+        return self._current_variance.mean(dim=(1, 2, 3))
 
     def update(self, output: torch.Tensor, ema: torch.Tensor, iteration: int) -> torch.Tensor:
         """Add iteration ``iteration``'s outputs (K×C×H×W); returns the mean of the members' scores (0-d)."""

@@ -67,7 +67,8 @@ class VarianceStopper(Monitor):
             return False
         return iteration - self.best() >= self.config.patience
 
-    def _score(self, out: torch.Tensor, iteration: int) -> torch.Tensor:
+    def _variance(self, out: torch.Tensor, iteration: int) -> torch.Tensor:
+        """The per-pixel moving variance of the outputs, shaped like ``out`` (updated with ``out``)."""
         if self.config.mode is StopMode.EMA:
             if self._mean is None:
                 self._mean, self._var = out.clone(), torch.zeros_like(out)
@@ -77,11 +78,14 @@ class VarianceStopper(Monitor):
                 self._mean.add_(diff, alpha=a)
                 # West's update of the exponentially weighted variance: stable in float32.
                 self._var.mul_(1 - a).addcmul_(diff, diff, value=a * (1 - a))
-            return self._var.mean()
+            return self._var
         if self._ring is None:
-            self._ring = out.new_zeros((self.config.window,) + tuple(out.shape[1:]))
-        self._ring[(iteration - 1) % self.config.window].copy_(out[0])
-        return self._ring.var(dim=0, unbiased=False).mean()
+            self._ring = out.new_zeros((self.config.window,) + tuple(out.shape))
+        self._ring[(iteration - 1) % self.config.window].copy_(out)
+        return self._ring.var(dim=0, unbiased=False)
+
+    def _score(self, out: torch.Tensor, iteration: int) -> torch.Tensor:
+        return self._variance(out, iteration).mean()
 
     def update(self, output: torch.Tensor, ema: torch.Tensor, iteration: int) -> torch.Tensor:
         """Add iteration ``iteration``'s output (1-based); returns the score as a 0-d device tensor."""
@@ -112,11 +116,12 @@ class VarianceStopper(Monitor):
         """Copy the current weights: the next step's output comes from them (its update follows)."""
         if self._net is None or self.config.select is Selection.EMA:
             return
+        state = self._net.state_dict()
         if self._previous is None:
-            self._previous = {k: v.detach().clone() for k, v in self._net.state_dict().items()}
+            self._previous = {k: v.detach().clone() for k, v in state.items()}
             return
-        for k, v in self._net.state_dict().items():
-            self._previous[k].copy_(v)
+        # One fused copy instead of a launch per tensor: this runs every step.
+        torch._foreach_copy_(list(self._previous.values()), [state[k] for k in self._previous])
 
     def best(self) -> int:
         """The iteration of the smallest variance so far (0 while the window is filling); syncs."""
