@@ -31,9 +31,17 @@ def machine() -> str:
             f"{THREADS} threads; load average {os.getloadavg()[0]:.2f}")
 
 
-def interleaved(size: int, rounds: int) -> dict:
-    """Median seconds per iteration of each path, alternating fused and eager ``rounds`` times."""
-    steps = {path: make_step(path, size) for path in ("fused", "eager")}
+def interleaved(size: int, rounds: int, precisions=("float32",)) -> dict:
+    """Median seconds per iteration of each path, alternating fused and eager ``rounds`` times.
+
+    With several ``precisions`` every (path, precision) pair joins the rotation; the keys of the
+    extra pairs are ``<path>_<precision>_ms`` and their ratios are taken against float32 eager.
+    """
+    steps = {}
+    for precision in precisions:
+        for path in ("fused", "eager"):
+            key = path if precision == "float32" else f"{path}_{precision}"
+            steps[key] = make_step(path, size, precision=precision)
     for step in steps.values():
         step()
         step()
@@ -44,8 +52,14 @@ def interleaved(size: int, rounds: int) -> dict:
             step()
             times[path].append(time.perf_counter() - start)
     med = {path: statistics.median(v) for path, v in times.items()}
-    return {"size": size, "fused_ms": 1e3 * med["fused"], "eager_ms": 1e3 * med["eager"],
-            "ratio": med["eager"] / med["fused"], "load": os.getloadavg()[0]}
+    row = {"size": size, "load": os.getloadavg()[0]}
+    row.update({f"{key}_ms": 1e3 * value for key, value in med.items()})
+    if "fused" in med and "eager" in med:
+        row["ratio"] = med["eager"] / med["fused"]
+    for key, value in med.items():
+        if key not in ("fused", "eager") and "eager" in med:
+            row[f"eager_over_{key}"] = med["eager"] / value
+    return row
 
 
 def main() -> None:
@@ -53,15 +67,21 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--memory", action="store_true", help="also peak memory per iteration (fresh process per path)")
+    ap.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="also time bf16 autocast (what precision='bfloat16' runs)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     print("#", machine(), flush=True)
     rows = []
     for size in args.sizes:
-        row = interleaved(size, args.rounds)
+        row = interleaved(size, args.rounds, args.precisions)
         line = (f"{size}²: fused {row['fused_ms']:.1f} ms, eager {row['eager_ms']:.1f} ms, "
                 f"eager/fused {row['ratio']:.2f}× (load {row['load']:.2f})")
+        for key in row:
+            if key.startswith("eager_over_"):
+                name = key[len("eager_over_"):]
+                line += f"; {name} {row[name + '_ms']:.1f} ms, eager/{name} {row[key]:.2f}×"
         if args.memory:
             mem = {p: measure_peak_memory(p, size)["iteration_mib"] for p in ("fused", "eager")}
             row.update(fused_mib=mem["fused"], eager_mib=mem["eager"], memory_ratio=mem["fused"] / mem["eager"])

@@ -37,8 +37,12 @@ SIZES = [64, 128, 256] + ([512] if os.environ.get("DIP_BENCH_LARGE") else [])
 PATHS = ["fused", "eager"] + (["compile"] if os.environ.get("DIP_BENCH_COMPILE") else [])
 
 
-def make_step(path: str, size: int, seed: int = 0, dev: str = "cpu"):
-    """A closure running one fitting iteration of the denoise net on the given path and device."""
+def make_step(path: str, size: int, seed: int = 0, dev: str = "cpu", precision: str = "float32"):
+    """A closure running one fitting iteration of the denoise net on the given path and device.
+
+    ``precision="bfloat16"`` runs the forward under bf16 autocast, as a fit with that precision does
+    (float32 weights, loss and Adam).
+    """
     torch.manual_seed(seed)
     net = build_network("denoise", fused=None if path == "fused" else False).to(dev)
     g = torch.Generator().manual_seed(seed)
@@ -47,9 +51,13 @@ def make_step(path: str, size: int, seed: int = 0, dev: str = "cpu"):
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     model = torch.compile(net, fullgraph=True) if path == "compile" else net
 
+    bf16 = precision == "bfloat16"
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(model(z), target)
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(z)
+        loss = F.mse_loss(out.float(), target)
         loss.backward()
         opt.step()
         return loss
