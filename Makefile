@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-test demo test bench cuda-check gpu-check clean
+.PHONY: install install-test demo test test-pure test-torch-floor bench cuda-check gpu-check clean
 
 # Installing compiles the C++ operators (a few minutes on 2 cores): it runs once, and again only when
 # setup.py, pyproject.toml or csrc/ change. The stamps live in build/ (`make clean` removes them).
@@ -35,6 +35,17 @@ demo: install
 
 test: install-test
 	$(PYTHON) -m pytest -q tests
+
+# The pure-PyTorch path (the extension disabled): the restore, fit, export, batch and operator-fallback tests.
+PURE_TESTS := tests/fit tests/test_restore.py tests/test_export.py tests/batch/test_batch_planning.py \
+	tests/ops/test_lanczos.py tests/nn
+test-pure: install-test
+	DIP_DISABLE_EXTENSION=1 $(PYTHON) -m pytest -q $(PURE_TESTS)
+
+# The oldest torch pyproject.toml allows (torch>=X.Y), in .venv-torch-floor: build, make test, make test-pure.
+# It downloads several GB (PyPI's torch wheel for Linux brings CUDA), so .ci/run does not run it. See the script.
+test-torch-floor:
+	PYTHON=$(PYTHON) bash scripts/check_torch_floor.sh
 
 bench: install-test
 	$(PYTHON) -m pytest benchmarks/ --benchmark-only

@@ -10,12 +10,15 @@ Environment switches:
   DIP_BUILD_EXTENSION=0  never build the extension (pure-PyTorch install)
   DIP_BUILD_EXTENSION=1  the extension must build: fail the install if it cannot
   (unset)                build it when possible, else install without it
-  DIP_BUILD_CUDA=1       compile the CUDA kernels (fails if torch has no CUDA or nvcc is missing)
+  DIP_BUILD_CUDA=1       compile the CUDA kernels (fails if torch has no CUDA, nvcc is missing, or there is
+                         no target: no visible GPU and no TORCH_CUDA_ARCH_LIST)
   DIP_BUILD_CUDA=0       never compile CUDA kernels
-  (unset)                compile them when torch was built with CUDA and CUDA_HOME is found
+  (unset)                compile them when torch was built with CUDA, CUDA_HOME is found, and a GPU is
+                         visible or TORCH_CUDA_ARCH_LIST names the architectures
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,10 +26,31 @@ import tempfile
 
 from setuptools import setup
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: setuptools puts its vendored copy of the same parser on sys.path
+    import tomli as tomllib
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODE = os.environ.get("DIP_BUILD_EXTENSION", "").strip()
-#: The oldest torch the compiled operators are built against (the GPU machines' 2.11 is checked by make gpu-check).
-MIN_TORCH_FOR_EXTENSION = (2, 11)
+
+
+def _torch_floor() -> tuple:
+    """``(major, minor)`` of the ``torch>=X.Y`` dependency in pyproject.toml, the one place the floor is written.
+
+    It is also the oldest torch the compiled operators are built against (make test-torch-floor runs the
+    suite there; the GPU machines' torch is checked by make gpu-check).
+    """
+    with open(os.path.join(HERE, "pyproject.toml"), "rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    for requirement in dependencies:
+        match = re.fullmatch(r"torch\s*>=\s*(\d+)\.(\d+)(\.\d+)?", requirement.strip())
+        if match:
+            return int(match[1]), int(match[2])
+    raise RuntimeError(f"pyproject.toml declares no torch>=X.Y dependency (got {dependencies})")
+
+
+MIN_TORCH_FOR_EXTENSION = _torch_floor()
 
 
 def _say(message: str) -> None:
@@ -57,15 +81,31 @@ def _accepts(flags, *, link: bool) -> bool:
 
 
 def _want_cuda(torch, cuda_home) -> bool:
+    """Whether to compile the CUDA kernels: as DIP_BUILD_CUDA says, else when torch has CUDA, nvcc and a target.
+
+    torch's build compiles for the architectures in TORCH_CUDA_ARCH_LIST, else for the visible GPUs; with neither
+    it fails, which would install dip without any compiled operator. So a CUDA build of torch on a machine with
+    nvcc but no GPU (PyPI's torch for Linux is one) builds the CPU kernels only, and says so.
+    """
     flag = os.environ.get("DIP_BUILD_CUDA")
     available = torch.version.cuda is not None and cuda_home is not None
-    if flag is None:
-        return available
-    if flag == "1" and not available:
-        raise RuntimeError(
-            "DIP_BUILD_CUDA=1 but torch has no CUDA (torch.version.cuda is None) or nvcc/CUDA_HOME was not found"
-        )
-    return flag == "1"
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    has_target = arch_list not in ("", "native") or (available and torch.cuda.device_count() > 0)
+    if flag == "1":
+        if not available:
+            raise RuntimeError(
+                "DIP_BUILD_CUDA=1 but torch has no CUDA (torch.version.cuda is None) or nvcc/CUDA_HOME was not found"
+            )
+        if not has_target:
+            raise RuntimeError("DIP_BUILD_CUDA=1 but no GPU is visible and TORCH_CUDA_ARCH_LIST is not set: set it to "
+                               "the GPU architectures to compile for, e.g. TORCH_CUDA_ARCH_LIST=9.0")
+        return True
+    if flag is not None:
+        return False
+    if available and not has_target:
+        _say("torch has CUDA and nvcc is found, but no GPU is visible and TORCH_CUDA_ARCH_LIST is not set: building "
+             "the CPU kernels only (set TORCH_CUDA_ARCH_LIST, e.g. 9.0, to compile the CUDA kernels too)")
+    return available and has_target
 
 
 def _sources(pattern):
@@ -140,7 +180,9 @@ def _drop_stale_extension() -> None:
         os.remove(stale)
 
 
-ext_modules, cmdclass = _extension_and_command()
-if not ext_modules:
-    _drop_stale_extension()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# setuptools runs this file as __main__; tests load it under another name to reach the helpers above.
+if __name__ == "__main__":
+    ext_modules, cmdclass = _extension_and_command()
+    if not ext_modules:
+        _drop_stale_extension()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

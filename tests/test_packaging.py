@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,6 +35,42 @@ def test_license_file_matches_the_declared_licence():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0" in text
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+
+
+def _setup_helpers() -> dict:
+    """The functions and constants of setup.py, loaded without running setup()."""
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="dip_setup")
+
+
+def test_torch_floor_has_one_owner():
+    floor = subprocess.run([sys.executable, str(ROOT / "scripts" / "extras.py"), "--torch-floor"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    assert f'"torch>={floor}"' in (ROOT / "pyproject.toml").read_text()
+    assert ".".join(map(str, _setup_helpers()["MIN_TORCH_FOR_EXTENSION"])) == floor
+
+
+def _torch_with_cuda(gpus: int) -> SimpleNamespace:
+    return SimpleNamespace(version=SimpleNamespace(cuda="13.0"), cuda=SimpleNamespace(device_count=lambda: gpus))
+
+
+def test_cuda_torch_without_a_gpu_builds_the_cpu_kernels(monkeypatch, capsys):
+    """PyPI's torch for Linux has CUDA; with nvcc but no GPU and no TORCH_CUDA_ARCH_LIST, torch's build of CUDA
+    kernels fails (no architecture to compile for), which installed dip without any compiled operator."""
+    want_cuda = _setup_helpers()["_want_cuda"]
+    monkeypatch.delenv("DIP_BUILD_CUDA", raising=False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert not want_cuda(_torch_with_cuda(gpus=0), "/usr/local/cuda")
+    assert "CPU kernels only" in capsys.readouterr().err
+    assert want_cuda(_torch_with_cuda(gpus=1), "/usr/local/cuda")
+    assert not want_cuda(_torch_with_cuda(gpus=1), None)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert want_cuda(_torch_with_cuda(gpus=0), "/usr/local/cuda")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")
+    monkeypatch.setenv("DIP_BUILD_CUDA", "1")
+    with pytest.raises(RuntimeError, match="TORCH_CUDA_ARCH_LIST"):
+        want_cuda(_torch_with_cuda(gpus=0), "/usr/local/cuda")
+    monkeypatch.setenv("DIP_BUILD_CUDA", "0")
+    assert not want_cuda(_torch_with_cuda(gpus=1), "/usr/local/cuda")
 
 
 @pytest.mark.slow
