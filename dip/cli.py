@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from dip import __version__
 from dip.errors import DipError
@@ -101,7 +101,7 @@ def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the fit (default: the free cores, counting CPU affinity, container quota "
-                        "and other running processes)")
+                        "and other running processes, and one thread while another process competes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=None, metavar="S",
                    help="std of the noise added to the example, 0–255 units (default 25)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: automatic, as for a fit)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -170,12 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dip`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.command in (*RESTORE_COMMANDS, "demo"):
-        # Before torch loads its OpenMP runtime, which reads this once: waiting threads sleep instead of
-        # spinning, so a fit beside another busy process does not slow down many times over.
-        from dip.threads import apply_wait_policy
-
-        apply_wait_policy()
     # A single fit (and the demo) treat SIGTERM, what schedulers and containers send, like Ctrl-C.
     # Batch has its own handling for its worker pool.
     catch_term = args.command in (*RESTORE_COMMANDS, "demo")
@@ -572,13 +567,13 @@ def _restore_options(args, task: Task, mask) -> dict:
     return options
 
 
-def _threads(threads: Optional[int]) -> int:
-    """--threads, or the cores that are free now (dip.threads' policy: affinity, container quota, load)."""
-    from dip.threads import recommended_threads
+def _threads(threads: Optional[int]) -> Union[int, str]:
+    """--threads, or "auto": the cores free now, fewer while another process competes (dip.threads' policy)."""
+    from dip.threads import AUTO
 
     if threads is not None and threads < 1:
         raise DipError(f"--threads must be at least 1, got {threads}")
-    return recommended_threads() if threads is None else threads
+    return AUTO if threads is None else threads
 
 
 def _device(name: Optional[str]) -> Optional[str]:
@@ -767,7 +762,7 @@ def _demo(args) -> int:
     _check_writable(args.output, "-o")
     return run_demo(output=args.output, size=args.size, iterations=args.iterations,
                     device=_device(args.device), progress=not args.quiet,
-                    sigma=25.0 if args.sigma is None else args.sigma)
+                    sigma=25.0 if args.sigma is None else args.sigma, threads=_threads(args.threads))
 
 
 def _check_plot_path(path: str) -> None:

@@ -89,7 +89,7 @@ def restore(
     resume: Union[str, os.PathLike, None] = None,
     overwrite_checkpoint: bool = False,
     precision: Union[str, Precision] = Precision.FLOAT32,
-    threads: Optional[int] = None,
+    threads: Union[int, str, None] = None,
     description: Optional[str] = None,
 ) -> Restoration:
     """Restore a degraded image with Deep Image Prior.
@@ -161,7 +161,10 @@ def restore(
             float32 weights, loss, average and output) or ``"auto"`` (bf16
             only where the hardware runs it fast: Ampere+ GPUs, CPUs with AMX
             or AVX512-BF16).
-        threads: CPU threads for this fit (default: torch's current setting).
+        threads: CPU threads for this fit: a count, ``"auto"`` (the cores free
+            now, dropping to one thread while another process competes for
+            them; see :mod:`dip.threads`; the command line's default) or
+            None (default: torch's current setting, unchanged).
         description: label of the progress bar (default ``dip <task>``).
 
     Returns:
@@ -177,8 +180,8 @@ def restore(
         early_stopping=early_stopping, guard=guard,
         checkpoint_every=checkpoint_every, precision=precision, seed=seed,
     ).for_task(problem.defaults)
-    _set_threads(threads)
     dev = resolve_device(device)
+    governor = _set_threads(threads, dev)
     ref = _load_reference(reference, problem, max_pixels, dev)
     net, cfg = make_network(network, problem, settings.seed)
     gen = torch.Generator(device=dev).manual_seed(settings.seed)
@@ -194,7 +197,7 @@ def restore(
     state = _resume_state(resume, checkpoint, overwrite_checkpoint, meta, dev)
     if state is not None:
         z = state["z"].to(dev)
-    monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup)
+    monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup) + ([governor] if governor else [])
     result = fit(
         net, z, problem.operator.to(dev), problem.target(dev), settings, crop=crop, reference=ref,
         monitors=monitors, resume_state=state, generator=gen, progress=progress,
@@ -269,14 +272,19 @@ def _combine_members(result: FitResult, stopper, members: int) -> tuple[FitResul
     return result, {"uncertainty": uncertainty}
 
 
-def _set_threads(threads: Optional[int]) -> None:
-    if threads is None:
-        return
-    from dip.threads import configure_threads
+def _set_threads(threads: Union[int, str, None], device: torch.device):
+    """Apply ``threads=``; with ``"auto"`` on the CPU, also return the governor that adapts it during the fit."""
+    from dip.threads import AUTO, ThreadGovernor, configure_threads
 
+    if threads is None:
+        return None
+    if isinstance(threads, str) and threads.strip().lower() == AUTO:
+        count = configure_threads(None)
+        return ThreadGovernor() if device.type == "cpu" and count > 1 else None
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise DipError(f"threads must be a positive integer, got {threads!r}")
+        raise DipError(f"threads must be a positive integer or 'auto', got {threads!r}")
     configure_threads(threads)
+    return None
 
 
 def make_network(network: Union[str, HourglassConfig, nn.Module, None], problem: Problem,
