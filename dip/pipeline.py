@@ -24,9 +24,11 @@ from dip.fit import (
 )
 from dip.fit.loop import FitResult
 from dip.fit.members import MemberVarianceStopper
+from dip.fit.settings import is_auto
 from dip.fit.stopping import VarianceStopper
 from dip.io import MAX_PIXELS, ImageLike, load_image
 from dip.memory import check_fits_in_memory
+from dip.nn.blocks import GROUPED_PATH
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
 from dip.noise import estimate_sigma
 from dip.physics import Operator
@@ -171,7 +173,7 @@ def restore(
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
     """
     problem = Problem.create(task, image, factor=factor, mask=mask, operator=operator, max_pixels=max_pixels)
-    members = _ensemble_size(ensemble, network, init)
+    members = ensemble_size(ensemble, network, init)
     sigma_estimate = estimate_sigma(problem.observation())
     noise_sigma = _noise_sigma(noise_sigma, sigma_estimate)
     settings = FitSettings(
@@ -206,7 +208,7 @@ def restore(
     net.load_state_dict(result.weights)  # the network of the returned iterate, not of the end of the fit
     record = {**settings.to_dict(), "task": problem.task.value, "factor": problem.factor, "device": str(dev),
               "network": cfg.to_dict() if cfg is not None else type(net).__name__, "ensemble": members,
-              "blocks": "pure PyTorch (grouped)" if members > 1 else None}
+              "blocks": GROUPED_PATH if members > 1 else None}
     stopper = next((m for m in monitors if isinstance(m, MemberVarianceStopper)), None)
     result, quality = _combine_members(result, stopper, members)
     if members > 1:
@@ -216,9 +218,10 @@ def restore(
                                 **quality)
 
 
-def _ensemble_size(ensemble, network, init) -> int:
+def ensemble_size(ensemble, network=None, init=None) -> int:
+    """``restore()``'s ``ensemble`` checked (with the ``network`` and ``init`` it is combined with): the member count."""
     if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-        raise DipError(f"ensemble must be a positive integer (networks fitted together), got {ensemble!r}")
+        raise DipError(f"ensemble={ensemble!r}: must be a positive integer (the networks fitted together)")
     if ensemble > 1 and isinstance(network, nn.Module):
         raise DipError("ensemble= needs a preset name or a HourglassConfig as network, not a module")
     if ensemble > 1 and init is not None:
@@ -228,7 +231,7 @@ def _ensemble_size(ensemble, network, init) -> int:
 
 def _noise_sigma(noise_sigma, estimate: float) -> Optional[float]:
     if isinstance(noise_sigma, str):
-        if noise_sigma.lower().strip() != "auto":
+        if not is_auto(noise_sigma):
             raise DipError(f"noise_sigma must be a number in [0, 1] units or 'auto', got {noise_sigma!r}")
         if not estimate > 0:
             raise DipError("the observation shows no noise (estimated σ is 0); give noise_sigma= or leave it out")

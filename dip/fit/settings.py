@@ -61,6 +61,13 @@ class Precision(str, Enum):
 
 
 AUTO = "auto"
+
+
+def is_auto(value) -> bool:
+    """True for the word ``"auto"`` (any case, surrounding spaces allowed): iterations, noise_sigma."""
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
 #: Iteration counts above this are refused (a typo, not a fit: 10⁷ steps of the smallest net take days).
 MAX_ITERATIONS = 10_000_000
 
@@ -207,7 +214,7 @@ class FitSettings:
 
     def __post_init__(self):
         it = self.iterations
-        if it is None or (isinstance(it, str) and it.lower().strip() == AUTO):
+        if it is None or is_auto(it):
             object.__setattr__(self, "iterations", AUTO)
         else:
             object.__setattr__(self, "iterations", _iteration_count("iterations", it))
