@@ -80,7 +80,7 @@ def test_cli_and_demo_ask_for_automatic_threads():
 
 def test_auto_threads_drop_to_one_when_a_fit_slows_down(monkeypatch):
     """Regression: the governor existed but no fit used it, so a fit beside a new busy process kept 2 threads."""
-    import time
+    import functools
 
     import numpy as np
 
@@ -88,11 +88,13 @@ def test_auto_threads_drop_to_one_when_a_fit_slows_down(monkeypatch):
 
     previous = torch.get_num_threads()
     monkeypatch.setattr(threads, "recommended_threads", lambda busy=None: 2)
+    # The governor's clock advances with the fit's steps (not the wall), so the machine's load cannot blur it.
+    clock = _Clock()
+    monkeypatch.setattr(threads, "ThreadGovernor", functools.partial(threads.ThreadGovernor, clock=clock))
     slow_from = 30
 
-    def competing_process(step):  # steps become ~10× slower, as when a peer thread is descheduled
-        if step.iteration > slow_from:
-            time.sleep(0.05)
+    def competing_process(step):  # steps become 10× slower, as when a peer thread is descheduled
+        clock.t += 0.5 if step.iteration > slow_from else 0.05
 
     img = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
     try:
