@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -16,12 +15,6 @@ namespace dip {
 namespace {
 
 constexpr int kThreads = 256;
-
-// The ATen calls inside the kernels (convolution, mm, addmm) must run in the
-// input's dtype: under torch.autocast they would otherwise return bfloat16 or
-// half tensors that the element-wise kernels below do not take. The operator
-// has no autocast rule, so autocast reaches it with float32 inputs.
-using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 
 inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8));
@@ -257,7 +250,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
   const ConvBlockArgs args{stride, padding, reflect};
   check_forward_args(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, args);
   const c10::cuda::CUDAGuard guard(x.device());
-  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto y = block_conv_forward(x, weight, bias, stride, padding, reflect, reflect_pad_cuda);
   const int64_t c = y.size(1), m = y.numel() / c;
   at::Tensor mean, var, invstd, scale, shift;
@@ -295,7 +287,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
   TORCH_CHECK(grad_out.sizes() == y.sizes(), "conv_block_backward: grad_out must have the output's shape ",
               y.sizes(), ", got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(y.device());
-  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto go = canonical_cl(grad_out);
   const auto yc = canonical_cl(y);
   const int64_t c = y.size(1), m = y.numel() / c;

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #ifdef __CUDACC__
 #define DIP_HOST_DEVICE __host__ __device__ __forceinline__
@@ -56,6 +57,15 @@ inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
   out.copy_(t);
   return out;
 }
+
+// The ATen calls inside the kernels (convolution, mm, addmm) must run in the
+// dtypes the kernel hands them: the operator has no autocast rule, so under
+// torch.autocast the autocast keys are still active when its kernels run, and
+// those calls would otherwise return bfloat16 or half tensors that the
+// element-wise kernels do not take. Hold one of these around them.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 struct ConvBlockArgs {
   int64_t stride;
@@ -152,6 +162,7 @@ inline std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y
 template <typename ReflectPad>
 at::Tensor block_conv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                               int64_t stride, int64_t padding, bool reflect, ReflectPad reflect_pad) {
+  const NoAutocast no_autocast;
   const auto xin = reflect && padding > 0 ? reflect_pad(x, padding) : canonical_cl(x);
   return conv_forward(xin, weight, bias, stride, reflect ? 0 : padding);
 }
@@ -164,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor> block_conv_backward(const at::Tensor& grad_y,
                                                        const at::Tensor& weight, int64_t stride, int64_t padding,
                                                        bool reflect, bool need_grad_input, ReflectPad reflect_pad,
                                                        ReflectUnpad reflect_unpad) {
+  const NoAutocast no_autocast;
   const bool pad_here = reflect && padding > 0;
   const auto xin = pad_here ? reflect_pad(x, padding) : canonical_cl(x);
   auto [grad_xin, grad_weight] = conv_backward(grad_y, xin, weight, stride, reflect ? 0 : padding, need_grad_input);
