@@ -7,6 +7,9 @@ background, so that one fit yields, on the same trajectory:
 - the image the automatic stop returns and when it would have stopped,
 - the oracle peak (the best PSNR any iterate reached; needs ground truth),
 - the image after the fixed iteration count of the original work,
+- every image the rule can return (the ``selections`` table: one column per
+  ``dip.fit.Selection``, the network with the moving average of its weights,
+  ``weight_ema``, included),
 
 and compares them with classical methods computed here: CBM3D (the ``bm3d``
 package) and non-local means (scikit-image) for denoising, bicubic
@@ -14,6 +17,7 @@ interpolation for super-resolution.
 
     python benchmarks/quality.py                                  # every case, full size (GPU)
     python benchmarks/quality.py --size 256 --cases f16,zebra4 --device cpu --network small
+    python benchmarks/quality.py --selections-only                 # the selections table only (no classical)
 
 The data folder defaults to ``../shared/data`` beside the repository root.
 """
@@ -24,6 +28,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +119,14 @@ class Shadow:
 
     It records the iteration and time at which ``restore(iterations="auto")``
     would have stopped and every image that rule could return then, and keeps
-    the iterate with the best PSNR (the oracle), all on the fit's device.
+    the iterate with the best PSNR (the oracle), all on the fit's device. Its
+    stopper tracks the weight average (``select="weight_ema"``) so that every
+    selection is among the images; the stop itself does not depend on ``select``.
     """
 
     def __init__(self, config: EarlyStopping, reference: np.ndarray, device):
-        self.stopper = VarianceStopper(config, check_every=10)
+        self.stopper = VarianceStopper(replace(config, select=Selection.WEIGHT_EMA), check_every=10)
+        self.loop = None
         self.reference = to_tensor(reference).to(device)
         self.start = time.perf_counter()
         self.stop = None  # (iteration, detected iteration, seconds, {name: image})
@@ -127,9 +135,13 @@ class Shadow:
         self.best_iteration = None
 
     def __call__(self, step) -> None:
+        if self.loop is None:
+            self.loop = step.loop
+            self.stopper.on_start(step.loop)  # before its first update: the weight average starts at step 1
         if self.stop is None:
             self.stopper.update(step.output, step.ema, step.iteration)
             if self.stopper.should_stop(step.iteration):
+                self.stopper.render_average(step.loop)
                 images = {k: to_array(v) for k, v in self.stopper.candidates(step.ema).items()}
                 self.stop = (step.iteration, self.stopper.best(), time.perf_counter() - self.start, images)
         for image in (step.ema, step.output):
@@ -201,16 +213,28 @@ def run_case(name, args) -> dict:
         record["auto"] = dict(_row(images[config.select], gt, seconds), iteration=detected, stopped=stopped)
         record["selections"] = {k: dip.psnr(v, gt) for k, v in images.items()}
     else:  # the rule never fired: restore(iterations="auto") would run to the cap and pick the best iterate
+        shadow.stopper.render_average(shadow.loop)
         images = {k: to_array(v) for k, v in shadow.stopper.candidates(to_tensor(result.image)).items()}
         record["auto"] = dict(_row(images[config.select], gt, result.seconds), iteration=shadow.stopper.best(),
                               stopped=result.iterations)
         record["selections"] = {k: dip.psnr(v, gt) for k, v in images.items() if k != "ema"}
-    record["classical"] = classical(task, observed, gt, options.get("factor"))
+    record["classical"] = {} if args.selections_only else classical(task, observed, gt, options.get("factor"))
     record["input_psnr"] = dip.psnr(observed, gt) if task != "super_resolution" else None
     return record
 
 
-def table(records) -> str:
+def table(records, selections_only: bool = False) -> str:
+    """The markdown tables: the automatic stop against the oracle, the fixed count and classical methods; the selections."""
+    lines = [] if selections_only else [*_comparison(records), ""]
+    lines.append("| case: PSNR of each selection | " + " | ".join(SELECTIONS) + " |")
+    lines.append("| --- |" + " --- |" * len(SELECTIONS))
+    for r in records:
+        s = r["selections"]
+        lines.append(f"| {r['case']} | " + " | ".join(f"{s[k]:.2f}" if k in s else "—" for k in SELECTIONS) + " |")
+    return "\n".join(lines)
+
+
+def _comparison(records) -> list:
     lines = [
         "| case | size | net | auto stop: PSNR / SSIM (iter, stopped at, s) | oracle peak: PSNR / SSIM (iter) "
         "| gap | fixed count: PSNR / SSIM (iter, s) | classical: PSNR / SSIM |",
@@ -228,13 +252,7 @@ def table(records) -> str:
             f"({a['iteration']}, {a['stopped']}, {a['seconds']:.0f}) | {o['psnr']:.2f} / {o['ssim']:.3f} "
             f"({o['iteration']}) | {a['psnr'] - o['psnr']:+.2f} | {f['psnr']:.2f} / {f['ssim']:.3f} "
             f"({f['iteration']}{fixed_note}, {f['seconds']:.0f}) | {anchors} |")
-    lines.append("")
-    lines.append("| case | " + " | ".join(SELECTIONS) + " |")
-    lines.append("| --- |" + " --- |" * len(SELECTIONS))
-    for r in records:
-        s = r["selections"]
-        lines.append(f"| {r['case']} | " + " | ".join(f"{s[k]:.2f}" if k in s else "—" for k in SELECTIONS) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> int:
@@ -251,6 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the records here")
+    parser.add_argument("--selections-only", action="store_true",
+                        help="skip the classical baselines and print only the selections table (PSNR per Selection)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
@@ -273,7 +293,7 @@ def main(argv=None) -> int:
         print(json.dumps(record, default=float), flush=True)
         if args.json:
             args.json.write_text(json.dumps(records, indent=1, default=float))
-    print(table(records))
+    print(table(records, args.selections_only))
     return 0
 
 

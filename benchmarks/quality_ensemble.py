@@ -22,6 +22,7 @@ every crop at the first seeds.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -130,7 +131,7 @@ def _row(image, gt, seconds) -> dict:
     return {"psnr": dip.psnr(image, gt), "ssim": ssim(image, gt), "seconds": seconds}
 
 
-def run(name, gt, seed, members, args) -> dict:
+def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
     observed = np.clip(gt + np.random.default_rng(seed).normal(0, args.sigma / 255, gt.shape), 0, 1)
     observed = observed.astype(np.float32)
     oracle = Oracle(gt, args.device)
@@ -139,11 +140,12 @@ def run(name, gt, seed, members, args) -> dict:
     t = time.perf_counter()
     r = dip.restore(observed, iterations="auto", max_iterations=args.max_iterations, device=args.device,
                     seed=1000 * seed, network=args.network, reference=gt, progress=False, ensemble=members,
-                    noise_sigma="auto" if args.blind_sigma else None, callbacks=[oracle],
+                    noise_sigma="auto" if args.blind_sigma else None, callbacks=[oracle], precision=precision,
                     early_stopping=EarlyStopping(window=args.window, patience=args.patience))
     seconds = time.perf_counter() - t
     best = float(oracle.best)
-    record = {"case": name, "seed": seed, "ensemble": members, "psnr": r.psnr, "ssim": r.ssim,
+    record = {"case": name, "seed": seed, "ensemble": members, "precision": precision, "psnr": r.psnr,
+              "ssim": r.ssim,
               "oracle_psnr": best, "oracle_iteration": int(oracle.iteration), "gap": r.psnr - best,
               "stopped_at": r.stopped_at, "iterations": r.iterations, "stop_reason": r.stop_reason.value,
               "sigma_estimate": r.noise_sigma_estimate * 255, "seconds": seconds,
@@ -151,28 +153,30 @@ def run(name, gt, seed, members, args) -> dict:
     if r.members is not None:
         record["member_psnr"] = [dip.psnr(m, gt) for m in r.members]
         record["member_iterations"] = r.member_iterations
-    if members == min(args.ensemble) and not args.no_classical:
+    if members == min(args.ensemble) and precision == args.precision[0] and not args.no_classical:
         record["classical"] = classical(observed, gt, args.sigma / 255)
     return record
 
 
 def summary(records) -> str:
-    lines = ["| case | seed | K | PSNR / SSIM | oracle | gap | stop (iter / ran, reason) | σ̂ | s | CBM3D | NLM |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| case | seed | K | precision | PSNR / SSIM | oracle | gap | stop (iter / ran, reason) | σ̂ | s | CBM3D "
+             "| NLM |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     classical_of = {(r["case"], r["seed"]): r["classical"] for r in records if "classical" in r}
     for r in records:
         c = classical_of.get((r["case"], r["seed"]), {})
         anchors = [f"{c[k]['psnr']:.2f} / {c[k]['ssim']:.3f}" if "psnr" in c.get(k, {}) else "—"
                    for k in ("CBM3D", "NLM")]
-        lines.append(f"| {r['case']} | {r['seed']} | {r['ensemble']} | {r['psnr']:.2f} / {r['ssim']:.3f} | "
+        lines.append(f"| {r['case']} | {r['seed']} | {r['ensemble']} | {r.get('precision', 'float32')} | "
+                     f"{r['psnr']:.2f} / {r['ssim']:.3f} | "
                      f"{r['oracle_psnr']:.2f} | {r['gap']:+.2f} | {r['stopped_at']} / {r['iterations']}, "
                      f"{r['stop_reason']} | {r['sigma_estimate']:.1f} | {r['seconds']:.1f} | "
                      f"{anchors[0]} | {anchors[1]} |")
     by_k = {}
     for r in records:
-        by_k.setdefault(r["ensemble"], []).append(r)
-    for k, rs in sorted(by_k.items()):
-        lines.append(f"\nK={k}: mean PSNR {np.mean([r['psnr'] for r in rs]):.2f}, mean SSIM "
+        by_k.setdefault((r["ensemble"], r.get("precision", "float32")), []).append(r)
+    for (k, precision), rs in sorted(by_k.items()):
+        lines.append(f"\nK={k}, {precision}: mean PSNR {np.mean([r['psnr'] for r in rs]):.2f}, mean SSIM "
                      f"{np.mean([r['ssim'] for r in rs]):.3f}, mean gap {np.mean([r['gap'] for r in rs]):+.2f}, "
                      f"worst gap {min(r['gap'] for r in rs):+.2f}, mean s {np.mean([r['seconds'] for r in rs]):.1f} "
                      f"({len(rs)} runs)")
@@ -196,6 +200,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-iterations", type=int, default=3000, help="cap of the automatic stop")
     parser.add_argument("--window", type=int, default=EarlyStopping.window)
     parser.add_argument("--patience", type=int, default=EarlyStopping.patience)
+    parser.add_argument("--precision", default="float32",
+                        help="comma-separated fit precisions, e.g. float32,bfloat16 (each case runs in each)")
     parser.add_argument("--blind-sigma", action="store_true",
                         help="also stop at the estimated noise level (noise_sigma='auto')")
     parser.add_argument("--no-classical", action="store_true", help="skip CBM3D and NLM")
@@ -207,6 +213,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     args.ensemble = _ints(args.ensemble)
+    args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
     device = resolve_device(args.device)
     args.device = str(device)
     machine = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
@@ -221,13 +228,13 @@ def main(argv=None) -> int:
     start, records, cut = time.perf_counter(), [], False
     for seed in _ints(args.seeds):
         for name, gt in crops.items():
-            for members in args.ensemble:
+            for members, precision in itertools.product(args.ensemble, args.precision):
                 if gt is None:
                     continue
                 if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
                     cut = True
                     break
-                record = run(name, gt, seed, members, args)
+                record = run(name, gt, seed, members, args, precision)
                 records.append(record)
                 print(json.dumps(record, default=float), flush=True)
                 if args.json:

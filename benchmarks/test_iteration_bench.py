@@ -13,7 +13,7 @@ alternately in one process, for ratios on a shared machine.
     DIP_BENCH_MEMORY=1 pytest benchmarks/ --benchmark-only    # adds peak-memory runs
 
 Peak memory is measured in a fresh subprocess per path and size: the
-process's peak RSS (``resource.getrusage(...).ru_maxrss``) after two
+process's peak RSS (``VmHWM`` in ``/proc/self/status``) after two
 iterations, minus its RSS once the net, input and optimiser exist, i.e.
 what one iteration adds (activations saved for backward, gradients, Adam
 state, workspace). The figure is attached to the benchmark's ``extra_info``.
@@ -65,24 +65,25 @@ def make_step(path: str, size: int, seed: int = 0, dev: str = "cpu", precision: 
     return step
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in MiB (VmRSS: now; VmHWM: this process image's peak)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def peak_memory_child(path: str, size: int) -> dict:
     """Run in a subprocess: one warm-up and one timed iteration; report peak RSS growth in MiB."""
-    import resource
-
     torch.set_num_threads(THREADS)
     step = make_step(path, size)
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     step()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak RSS across fork + exec into ru_maxrss, so a child
+    # started by a big benchmark process would report the parent's peak for every path.
+    peak = _status_mib("VmHWM")
     return {"path": path, "size": size, "base_mib": base, "peak_mib": peak, "iteration_mib": peak - base}
 
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from dip import __version__
 from dip.errors import DipError
@@ -56,6 +56,15 @@ def _iterations(text: str):
         raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
 
 
+def _sigma(text: str):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a noise std in 0–255 units or 'auto', got {text!r}") from None
+
+
 def _color(text: str) -> tuple:
     parts = text.replace(" ", "").split(",")
     try:
@@ -68,9 +77,15 @@ def _color(text: str) -> tuple:
 
 
 def _sigma_option(p: argparse.ArgumentParser, what: str = "the input's") -> None:
-    p.add_argument("--sigma", type=float, default=None, metavar="S",
-                   help=f"std of {what} noise in 0–255 units (the API's noise_sigma=S/255), if known: "
-                        "the fit stops once it fits the image to that level")
+    p.add_argument("--sigma", type=_sigma, default=None, metavar="S",
+                   help=f"std of {what} noise in 0–255 units (the API's noise_sigma=S/255), if known, or 'auto' "
+                        "to estimate it from the image: the fit stops once it fits the image to that level")
+
+
+def _ensemble_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ensemble", type=int, default=1, metavar="K",
+                   help="fit K networks of consecutive seeds together and average their images (default 1); "
+                        "they run on the pure-PyTorch blocks")
 
 
 def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
@@ -95,13 +110,17 @@ def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     p.add_argument("--network", default=None, help="network preset: denoise, sr, inpaint or small (default: the task's)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
     p.add_argument("--reg-noise-std", type=float, default=None, help="std of the input perturbation (default: the task's)")
-    p.add_argument("--reference", default=None, help="clean image, if known: PSNR is reported")
+    p.add_argument("--reference", default=None, help="clean image, if known: PSNR (and SSIM) are reported")
+    _ensemble_option(p)
+    p.add_argument("--uncertainty", default=None, metavar="MAP.png",
+                   help="write where the restoration is unsure (the ensemble's spread, or the automatic stop's "
+                        "moving std) as a colour map with its scale; needs --ensemble K ≥ 2 or --iterations auto")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed, 0 ≤ seed < 2^64 (default 0)")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the fit (default: the free cores, counting CPU affinity, container quota "
-                        "and other running processes)")
+                        "and other running processes, and one thread while another process competes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -159,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=None, metavar="S",
                    help="std of the noise added to the example, 0–255 units (default 25)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: automatic, as for a fit)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -170,12 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dip`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.command in (*RESTORE_COMMANDS, "demo"):
-        # Before torch loads its OpenMP runtime, which reads this once: waiting threads sleep instead of
-        # spinning, so a fit beside another busy process does not slow down many times over.
-        from dip.threads import apply_wait_policy
-
-        apply_wait_policy()
     # A single fit (and the demo) treat SIGTERM, what schedulers and containers send, like Ctrl-C.
     # Batch has its own handling for its worker pool.
     catch_term = args.command in (*RESTORE_COMMANDS, "demo")
@@ -255,12 +269,13 @@ def _fit_over() -> None:
 
 
 # The library speaks Python (keyword arguments); the command line names its own flags. noise_sigma is not
-# here: its unit differs (API [0, 1], CLI 0–255) and the CLI checks --sigma itself.
+# here: its unit differs (API [0, 1], CLI 0–255) and the CLI checks --sigma itself; only its value-less form
+# ("give noise_sigma=") becomes --sigma.
 _FLAGS = {
     "device": "--device", "mask": "--mask", "masks": "--mask", "factor": "--factor", "iterations": "--iterations",
     "max_iterations": "--max-iterations", "checkpoint_every": "--checkpoint-every", "checkpoint": "--checkpoint",
     "resume": "--resume", "max_pixels": "--max-pixels", "reg_noise_std": "--reg-noise-std", "network": "--network",
-    "reference": "--reference", "seed": "--seed", "lr": "--lr",
+    "reference": "--reference", "seed": "--seed", "lr": "--lr", "ensemble": "--ensemble",
 }
 _KEYWORD = "|".join(sorted(_FLAGS, key=len, reverse=True))
 _SNAKE = "|".join(k for k in _FLAGS if "_" in k)
@@ -271,6 +286,7 @@ def cli_message(message: str) -> str:
     message = re.sub(rf"\b({_KEYWORD})='([^']*)'", lambda m: f"{_FLAGS[m[1]]} {m[2]}", message)  # device='cpu'
     message = re.sub(rf"\b({_KEYWORD})=(?=[\w.+-])", lambda m: f"{_FLAGS[m[1]]} ", message)  # factor=3
     message = re.sub(rf"\b({_KEYWORD})=", lambda m: _FLAGS[m[1]], message)  # "needs mask="
+    message = re.sub(r"\bnoise_sigma=(?![\w.'+-])", "--sigma", message)  # "give noise_sigma=", with no value
     return re.sub(rf"\b({_SNAKE})\b", lambda m: _FLAGS[m[1]], message)  # bare max_pixels, reg_noise_std …
 
 
@@ -304,6 +320,10 @@ def _restore(args) -> int:
     exports = _export_targets(args)
     if args.plot is not None:
         _check_plot_path(args.plot)
+    if args.uncertainty is not None:
+        from dip.io import check_output_path
+
+        check_output_path(args.uncertainty)  # its format (the folder is checked with the other outputs)
     options = _restore_options(args, task, mask)
     info = sys.stderr if output.to_stdout else sys.stdout
 
@@ -312,13 +332,28 @@ def _restore(args) -> int:
     result = dip.restore(image, task, **options)
     _fit_over()
     written = _write_result(result, output)
-    _report(result, written, info)
+    _report(result, written, info, blind=args.sigma == "auto")
     for method, path in exports:
         getattr(result, method)(path)
         print(f"wrote {path}", file=info)
     if args.plot is not None and result.history.loss:
         print(f"wrote {result.plot(args.plot)}", file=info)
-    return _exit_status(result, written, args)
+    status = _exit_status(result, written, args)
+    if args.uncertainty is not None and not _write_uncertainty(result, args.uncertainty, info) and status == 0:
+        return EXIT_ERROR
+    return status
+
+
+def _write_uncertainty(result, path: str, info) -> bool:
+    """Write the uncertainty map; False, with a line on stderr, when the fit ended before it had one."""
+    if result.uncertainty is None:  # an automatic stop that ended before its window filled
+        window = (result.settings.get("early_stopping") or {}).get("window")
+        print(f"dip: error: no uncertainty map to write to {path}: the fit ended after {result.iterations} "
+              f"iterations, before the automatic stop's window of {window} outputs filled; allow more "
+              "iterations (--max-iterations) or use --ensemble K", file=sys.stderr)
+        return False
+    print(f"wrote {result.save_uncertainty(path)}", file=info)
+    return True
 
 
 def _check_arguments(args, task: Task) -> None:
@@ -380,17 +415,23 @@ _NUMBER_RULES = [
     ("--checkpoint-every", "checkpoint_every", lambda v: v >= 1, "a positive number of iterations"),
     ("--lr", "lr", lambda v: math.isfinite(v) and v > 0, "a positive number"),
     ("--reg-noise-std", "reg_noise_std", lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0"),
-    ("--sigma", "sigma", lambda v: math.isfinite(v) and 0 < v < 255, "a noise std in 0–255 units, above 0"),
+    ("--sigma", "sigma", lambda v: v == "auto" or (math.isfinite(v) and 0 < v < 255),
+     "a noise std in 0–255 units, above 0, or 'auto'"),
     ("--max-pixels", "max_pixels", lambda v: v >= 1, "a positive number of pixels"),
     ("--seed", "seed", lambda v: 0 <= v < 2 ** 64, "a whole number from 0 to 2^64 − 1"),
 ]
 
 
-def _check_numbers(args, task: Task) -> None:
+def _check_number_rules(args, flags: Optional[Sequence[str]] = None) -> None:
+    """The rules of :data:`_NUMBER_RULES` (those of ``flags``, or all) for the options ``args`` has."""
     for flag, attr, ok, what in _NUMBER_RULES:
         value = getattr(args, attr, None)
-        if value is not None and not ok(value):
+        if value is not None and (flags is None or flag in flags) and not ok(value):
             raise DipError(f"{flag} must be {what}, got {value}")
+
+
+def _check_numbers(args, task: Task) -> None:
+    _check_number_rules(args)
     if task is Task.SUPER_RESOLUTION and not 2 <= args.factor <= 32:
         raise DipError(f"--factor must be a whole number from 2 to 32, got {args.factor}")
     if args.checkpoint is None:
@@ -400,6 +441,10 @@ def _check_numbers(args, task: Task) -> None:
                 raise DipError(f"{flag} needs --checkpoint PATH")
     if args.max_iterations is not None and args.iterations != "auto":
         raise DipError("--max-iterations caps the automatic stop; with --iterations N the fit runs exactly N steps")
+    # --ensemble itself is checked by restore() (dip.pipeline.ensemble_size), before the fit.
+    if args.uncertainty is not None and args.iterations != "auto" and args.ensemble < 2:
+        raise DipError("--uncertainty needs a map: the spread of --ensemble K (K ≥ 2), or the moving std of "
+                       "--iterations auto; a single fit of a fixed count has none")
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -413,7 +458,7 @@ def _check_written_paths(args) -> None:
     """No file dip writes may be one it reads (or another it writes); every folder must take a new file."""
     reads = {"the input image": args.input, "--mask": getattr(args, "mask", None), "--reference": args.reference}
     reads = {k: v for k, v in reads.items() if v not in (None, STDIO, "alpha")}
-    writes = {"-o": args.output, "--plot": args.plot, "--checkpoint": args.checkpoint,
+    writes = {"-o": args.output, "--plot": args.plot, "--uncertainty": args.uncertainty, "--checkpoint": args.checkpoint,
               "--export-torchscript": args.export_torchscript, "--export-program": args.export_program,
               "--export-onnx": args.export_onnx}
     writes = {k: v for k, v in writes.items() if v is not None and v != STDIO}
@@ -562,7 +607,9 @@ def _restore_options(args, task: Task, mask) -> dict:
     if args.resume is not None:
         options["resume"] = args.resume
     if args.sigma is not None:
-        options["noise_sigma"] = args.sigma / 255.0
+        options["noise_sigma"] = _noise_sigma(args.sigma)
+    if args.ensemble != 1:
+        options["ensemble"] = args.ensemble
     if task is Task.SUPER_RESOLUTION:
         options["factor"] = args.factor
     if mask is not None:
@@ -572,13 +619,18 @@ def _restore_options(args, task: Task, mask) -> dict:
     return options
 
 
-def _threads(threads: Optional[int]) -> int:
-    """--threads, or the cores that are free now (dip.threads' policy: affinity, container quota, load)."""
-    from dip.threads import recommended_threads
+def _noise_sigma(sigma):
+    """--sigma (0–255 units, or 'auto') as restore()'s noise_sigma ([0, 1] units, or 'auto')."""
+    return sigma if sigma == "auto" else sigma / 255.0
+
+
+def _threads(threads: Optional[int]) -> Union[int, str]:
+    """--threads, or "auto": the cores free now, fewer while another process competes (dip.threads' policy)."""
+    from dip.threads import AUTO
 
     if threads is not None and threads < 1:
         raise DipError(f"--threads must be at least 1, got {threads}")
-    return recommended_threads() if threads is None else threads
+    return AUTO if threads is None else threads
 
 
 def _device(name: Optional[str]) -> Optional[str]:
@@ -635,13 +687,17 @@ def _free_name(folder: Path, stem: str, suffix: str) -> Path:
     return target
 
 
-def _report(result, written, info) -> None:
+def _report(result, written, info, *, blind: bool = False) -> None:
     summary = f"wrote {written} ({result.iterations} iterations, {result.stop_reason}"
     if result.stopped_at != result.iterations:
         summary += f", image of iteration {result.stopped_at}"
     summary += f", {result.seconds:.1f} s"
+    if blind and result.noise_sigma_estimate is not None:
+        summary += f", estimated σ {result.noise_sigma_estimate * 255:.1f}"  # in --sigma's 0–255 units
     if result.psnr is not None:
         summary += f", PSNR {result.psnr:.2f} dB"
+    if result.ssim is not None:
+        summary += f", SSIM {result.ssim:.3f}"
     print(summary + ")", file=info)
     if result.history.rollbacks:
         print(f"dip: the loss diverged {len(result.history.rollbacks)} time(s); the fit was rolled back "
@@ -680,7 +736,8 @@ def _batch_parser(sub) -> None:
     p.add_argument("--masks", "--mask-dir", "--mask", dest="masks", default=None, metavar="MASKS",
                    help="for inpaint: a folder of masks named like the images, a pattern such as "
                         "'masks/{stem}_mask.png', or one mask for all")
-    p.add_argument("--reference-dir", default=None, help="clean images named like the inputs: PSNR goes in the manifest")
+    p.add_argument("--reference-dir", default=None,
+                   help="clean images named like the inputs: PSNR and SSIM go in the manifest")
     p.add_argument("-r", "--recursive", action="store_true",
                    help="also restore the images of sub-folders; outputs mirror the folder tree in OUT_DIR")
     p.add_argument("--force", action="store_true",
@@ -705,6 +762,7 @@ def _batch_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="run seed; each image's seed derives from it and its name")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
     _sigma_option(p, "every input's")
+    _ensemble_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -717,10 +775,11 @@ def _batch(args) -> int:
                    reg_noise_std=args.reg_noise_std, device=args.device)
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
+    _check_number_rules(args, ["--sigma"])  # the fit settings are checked by restore_many, before any worker
     if args.sigma is not None:
-        if not args.sigma > 0:
-            raise DipError(f"--sigma must be positive (noise std in 0–255 units), got {args.sigma}")
-        options["noise_sigma"] = args.sigma / 255.0
+        options["noise_sigma"] = _noise_sigma(args.sigma)
+    if args.ensemble != 1:
+        options["ensemble"] = args.ensemble
     if task is Task.SUPER_RESOLUTION:
         if args.factor is None:
             raise DipError("super-resolve needs --factor (an integer from 2 to 32)")
@@ -767,7 +826,7 @@ def _demo(args) -> int:
     _check_writable(args.output, "-o")
     return run_demo(output=args.output, size=args.size, iterations=args.iterations,
                     device=_device(args.device), progress=not args.quiet,
-                    sigma=25.0 if args.sigma is None else args.sigma)
+                    sigma=25.0 if args.sigma is None else args.sigma, threads=_threads(args.threads))
 
 
 def _check_plot_path(path: str) -> None:
@@ -790,7 +849,7 @@ def _info() -> int:
 
     import dip
     from dip._extension import build_info
-    from dip.nn import active_path
+    from dip.nn import GROUPED_PATH, active_path
 
     info = build_info()
     print(f"dip {dip.__version__}")
@@ -802,6 +861,7 @@ def _info() -> int:
     else:
         print(f"C++ extension: not loaded ({info.get('reason')}); using the pure-PyTorch path")
     print(f"compute path: {active_path()}")
+    print(f"ensembles (--ensemble K ≥ 2): {GROUPED_PATH} (the fused block has no grouped form)")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         print(f"CUDA: {torch.version.cuda}, devices: {names}")

@@ -35,10 +35,11 @@ def noisy_example(size: int = DEFAULT_SIZE, seed: int = 0, sigma: float = SIGMA)
 
 
 def run_demo(output: str = "dip-demo.png", size: Optional[int] = None, iterations: Optional[int] = None,
-             device=None, progress: bool = True, sigma: float = 25.0) -> int:
+             device=None, progress: bool = True, sigma: float = 25.0, threads="auto") -> int:
     """Restore the noisy example, print PSNRs and write noisy | restored | clean side by side.
 
-    ``sigma`` is the std of the added noise on the 0–255 scale (the command line's unit).
+    ``sigma`` is the std of the added noise on the 0–255 scale (the command line's unit); ``threads`` is
+    ``restore()``'s (default ``"auto"``, see :mod:`dip.threads`).
     """
     import dip
 
@@ -48,7 +49,7 @@ def run_demo(output: str = "dip-demo.png", size: Optional[int] = None, iteration
     clean, noisy = noisy_example(size, sigma=sigma / 255.0)
     print(f"dip demo: denoising a {size}×{size} photograph with noise σ={sigma:g} ({iterations} iterations)", flush=True)
     result = dip.restore(noisy, "denoise", iterations=iterations, reference=clean, device=device,
-                         network="small", progress=progress)
+                         network="small", progress=progress, threads=threads)
     before, after = psnr(noisy, clean), psnr(result.image, clean)
     print(f"PSNR noisy {before:.2f} dB -> restored {after:.2f} dB  ({result.seconds:.0f} s)")
     panels = [("noisy", noisy), ("restored (DIP)", result.image), ("clean", clean)]

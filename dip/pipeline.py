@@ -24,9 +24,11 @@ from dip.fit import (
 )
 from dip.fit.loop import FitResult
 from dip.fit.members import MemberVarianceStopper
+from dip.fit.settings import is_auto
 from dip.fit.stopping import VarianceStopper
 from dip.io import MAX_PIXELS, ImageLike, load_image
 from dip.memory import check_fits_in_memory
+from dip.nn.blocks import GROUPED_PATH
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
 from dip.noise import estimate_sigma
 from dip.physics import Operator
@@ -89,7 +91,7 @@ def restore(
     resume: Union[str, os.PathLike, None] = None,
     overwrite_checkpoint: bool = False,
     precision: Union[str, Precision] = Precision.FLOAT32,
-    threads: Optional[int] = None,
+    threads: Union[int, str, None] = None,
     description: Optional[str] = None,
 ) -> Restoration:
     """Restore a degraded image with Deep Image Prior.
@@ -161,14 +163,17 @@ def restore(
             float32 weights, loss, average and output) or ``"auto"`` (bf16
             only where the hardware runs it fast: Ampere+ GPUs, CPUs with AMX
             or AVX512-BF16).
-        threads: CPU threads for this fit (default: torch's current setting).
+        threads: CPU threads for this fit: a count, ``"auto"`` (the cores free
+            now, dropping to one thread while another process competes for
+            them; see :mod:`dip.threads`; the command line's default) or
+            None (default: torch's current setting, unchanged).
         description: label of the progress bar (default ``dip <task>``).
 
     Returns:
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
     """
     problem = Problem.create(task, image, factor=factor, mask=mask, operator=operator, max_pixels=max_pixels)
-    members = _ensemble_size(ensemble, network, init)
+    members = ensemble_size(ensemble, network, init)
     sigma_estimate = estimate_sigma(problem.observation())
     noise_sigma = _noise_sigma(noise_sigma, sigma_estimate)
     settings = FitSettings(
@@ -177,8 +182,8 @@ def restore(
         early_stopping=early_stopping, guard=guard,
         checkpoint_every=checkpoint_every, precision=precision, seed=seed,
     ).for_task(problem.defaults)
-    _set_threads(threads)
     dev = resolve_device(device)
+    governor = _set_threads(threads, dev)
     ref = _load_reference(reference, problem, max_pixels, dev)
     net, cfg = make_network(network, problem, settings.seed)
     gen = torch.Generator(device=dev).manual_seed(settings.seed)
@@ -194,7 +199,7 @@ def restore(
     state = _resume_state(resume, checkpoint, overwrite_checkpoint, meta, dev)
     if state is not None:
         z = state["z"].to(dev)
-    monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup)
+    monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup) + ([governor] if governor else [])
     result = fit(
         net, z, problem.operator.to(dev), problem.target(dev), settings, crop=crop, reference=ref,
         monitors=monitors, resume_state=state, generator=gen, progress=progress,
@@ -203,7 +208,7 @@ def restore(
     net.load_state_dict(result.weights)  # the network of the returned iterate, not of the end of the fit
     record = {**settings.to_dict(), "task": problem.task.value, "factor": problem.factor, "device": str(dev),
               "network": cfg.to_dict() if cfg is not None else type(net).__name__, "ensemble": members,
-              "blocks": "pure PyTorch (grouped)" if members > 1 else None}
+              "blocks": GROUPED_PATH if members > 1 else None}
     stopper = next((m for m in monitors if isinstance(m, MemberVarianceStopper)), None)
     result, quality = _combine_members(result, stopper, members)
     if members > 1:
@@ -213,9 +218,10 @@ def restore(
                                 **quality)
 
 
-def _ensemble_size(ensemble, network, init) -> int:
+def ensemble_size(ensemble, network=None, init=None) -> int:
+    """``restore()``'s ``ensemble`` checked (with the ``network`` and ``init`` it is combined with): the member count."""
     if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-        raise DipError(f"ensemble must be a positive integer (networks fitted together), got {ensemble!r}")
+        raise DipError(f"ensemble={ensemble!r}: must be a positive integer (the networks fitted together)")
     if ensemble > 1 and isinstance(network, nn.Module):
         raise DipError("ensemble= needs a preset name or a HourglassConfig as network, not a module")
     if ensemble > 1 and init is not None:
@@ -225,7 +231,7 @@ def _ensemble_size(ensemble, network, init) -> int:
 
 def _noise_sigma(noise_sigma, estimate: float) -> Optional[float]:
     if isinstance(noise_sigma, str):
-        if noise_sigma.lower().strip() != "auto":
+        if not is_auto(noise_sigma):
             raise DipError(f"noise_sigma must be a number in [0, 1] units or 'auto', got {noise_sigma!r}")
         if not estimate > 0:
             raise DipError("the observation shows no noise (estimated σ is 0); give noise_sigma= or leave it out")
@@ -269,14 +275,19 @@ def _combine_members(result: FitResult, stopper, members: int) -> tuple[FitResul
     return result, {"uncertainty": uncertainty}
 
 
-def _set_threads(threads: Optional[int]) -> None:
-    if threads is None:
-        return
-    from dip.threads import configure_threads
+def _set_threads(threads: Union[int, str, None], device: torch.device):
+    """Apply ``threads=``; with ``"auto"`` on the CPU, also return the governor that adapts it during the fit."""
+    from dip.threads import AUTO, ThreadGovernor, configure_threads
 
+    if threads is None:
+        return None
+    if isinstance(threads, str) and threads.strip().lower() == AUTO:
+        count = configure_threads(None)
+        return ThreadGovernor() if device.type == "cpu" and count > 1 else None
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise DipError(f"threads must be a positive integer, got {threads!r}")
+        raise DipError(f"threads must be a positive integer or 'auto', got {threads!r}")
     configure_threads(threads)
+    return None
 
 
 def make_network(network: Union[str, HourglassConfig, nn.Module, None], problem: Problem,

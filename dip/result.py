@@ -29,8 +29,10 @@ class Restoration:
     :meth:`render`, every export and ``init=`` warm starts use the network
     that produced the returned image: ``network(net_input)`` cropped by
     ``crop`` is its raw output there (``image`` is the average of such
-    outputs, so the two differ slightly). ``output`` is the last raw output
-    the fit computed.
+    outputs, so the two differ slightly). With ``select="weight_ema"``
+    ``network`` holds the moving average of the weights at the returned
+    iterate and ``image`` is its output, so :meth:`render` equals ``image``.
+    ``output`` is the last raw output the fit computed.
 
     Quality fields: ``ssim`` (with a reference and scikit-image),
     ``noise_sigma_estimate`` (the observation's noise std, [0, 1] units,

@@ -1,9 +1,13 @@
-"""How many CPU threads a fit uses, and how its OpenMP threads wait.
+"""How many CPU threads a fit uses, and how it reacts when other processes compete for the cores.
 
 On a machine where other processes are running, torch's default (one thread
 per core, threads that spin at every parallel region waiting for their
-peers) collapses: a descheduled peer stalls every region. This module owns
-the policy used by single fits, the demo and the command line:
+peers) collapses: a descheduled peer stalls every region. On a quiet machine
+that same spinning is the fastest choice (measured: making waiting threads
+sleep, ``OMP_WAIT_POLICY=PASSIVE``, costs ~45 % per iteration of the demo
+workload at 2 threads; ``benchmarks/RESULTS.md``). So dip keeps OpenMP's
+default and fixes the thread count instead. This module owns that policy,
+used by single fits, the demo and the command line:
 
 - ``available_cores()``: the cores this process may run on (CPU affinity),
   capped by a cgroup CPU quota (containers).
@@ -13,10 +17,7 @@ the policy used by single fits, the demo and the command line:
   recommendation when ``threads`` is None; returns the count in effect.
 - ``ThreadGovernor``: a fit monitor that drops to one thread when the
   iteration time jumps (a competing process appeared) and probes back up.
-- ``apply_wait_policy()``: for programs that start before torch is imported:
-  OpenMP threads that sleep instead of spinning while waiting. The OpenMP
-  runtime reads it once, when torch loads it; importing ``dip`` loads torch,
-  so the ``dip`` command line restarts itself once with ``WAIT_POLICY_ENV``.
+  ``restore(threads="auto")`` (the command line's default) uses both.
 
 This module imports neither torch nor the rest of dip at import time.
 """
@@ -24,13 +25,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-#: Environment the OpenMP runtime reads at start-up: waiting threads yield the core.
-WAIT_POLICY_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: The ``threads=`` value that asks for the recommended count plus a :class:`ThreadGovernor`.
+AUTO = "auto"
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> Optional[float]:
@@ -103,22 +103,6 @@ def configure_threads(threads: Optional[int] = None) -> int:
     return threads
 
 
-def apply_wait_policy() -> bool:
-    """Make OpenMP threads sleep rather than spin while waiting, unless the user chose a policy already.
-
-    Only effective before torch is imported (the runtime reads the environment once); returns whether
-    it was applied.
-    """
-    if "torch" in sys.modules:
-        return False
-    applied = False
-    for key, value in WAIT_POLICY_ENV.items():
-        if key not in os.environ:
-            os.environ[key] = value
-            applied = True
-    return applied
-
-
 class ThreadGovernor:
     """A fit monitor that drops to one thread when iterations suddenly slow down, and probes back up.
 
@@ -126,11 +110,13 @@ class ThreadGovernor:
     descheduled thread; one thread keeps the fit at the speed of one core.
     After ``probe_every`` steps on fewer threads, the count returns to
     ``recommended_threads()`` when that is higher. Implements the
-    ``dip.fit.monitors.Monitor`` protocol (it never stops the fit and has no
-    state worth checkpointing). ``clock`` and ``set_threads`` are injectable for tests.
+    ``dip.fit.monitors.Monitor`` protocol (it never stops the fit, has no
+    state worth checkpointing and is not rolled back by the divergence guard).
+    ``clock``, ``set_threads`` and ``recommend`` are injectable for tests.
     """
 
     name = "threads"
+    rolls_back = False
 
     def __init__(self, window: int = 8, jump: float = 2.0, probe_every: int = 200, clock=time.perf_counter,
                  set_threads=None, recommend=None):
@@ -181,6 +167,13 @@ class ThreadGovernor:
             else:
                 self._since_change = 0
         return None
+
+    def on_start(self, loop=None) -> None:
+        """The fit starts: time steps from here (a resumed fit's earlier steps say nothing about now)."""
+        self._last, self._recent = None, []
+
+    def on_end(self, loop=None, reason=None) -> None:
+        """Nothing to undo: the thread count stays where the governor left it."""
 
     def state_dict(self) -> dict:
         return {}

@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -16,12 +15,6 @@ namespace dip {
 namespace {
 
 constexpr int kThreads = 256;
-
-// The ATen calls inside the kernels (convolution, mm, addmm) must run in the
-// input's dtype: under torch.autocast they would otherwise return bfloat16 or
-// half tensors that the element-wise kernels below do not take. The operator
-// has no autocast rule, so autocast reaches it with float32 inputs.
-using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 
 inline unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8));
@@ -174,7 +167,9 @@ __global__ void grad_coefficients_kernel(const double* __restrict__ sg, const do
   }
 }
 
-at::Tensor reflect_pad_cuda(const at::Tensor& x, int64_t pad) {
+// The CUDA kernels convolve in the input's dtype only (see check_same_dtype).
+at::Tensor reflect_pad_cuda(const at::Tensor& x, int64_t pad, at::ScalarType dtype) {
+  TORCH_INTERNAL_ASSERT(dtype == x.scalar_type(), "reflect_pad_cuda: no dtype conversion on CUDA");
   auto out = empty_cl({x.size(0), x.size(1), x.size(2) + 2 * pad, x.size(3) + 2 * pad}, x.options());
   if (out.numel() == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -187,7 +182,8 @@ at::Tensor reflect_pad_cuda(const at::Tensor& x, int64_t pad) {
   return out;
 }
 
-at::Tensor reflect_unpad_cuda(const at::Tensor& gp, int64_t pad, at::IntArrayRef sizes) {
+at::Tensor reflect_unpad_cuda(const at::Tensor& gp, int64_t pad, at::IntArrayRef sizes, at::ScalarType dtype) {
+  TORCH_INTERNAL_ASSERT(dtype == gp.scalar_type(), "reflect_unpad_cuda: no dtype conversion on CUDA");
   auto out = empty_cl(sizes, gp.options());
   if (out.numel() == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -249,15 +245,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_aff
   return {mean, var, coef[0], coef[1], coef[2]};
 }
 
+// The CPU kernels take a bfloat16 weight with a float32 input (a bf16
+// convolution); these do not: every conv tensor must have the input's dtype.
+void check_same_dtype(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, " (CUDA): the weight must have the input's dtype ",
+              x.scalar_type(), ", got ", weight.scalar_type(),
+              " (a bfloat16 weight with a float32 input, the bf16 convolution, is CPU-only)");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool training, int64_t stride, int64_t padding, bool reflect,
     double eps, double slope) {
   const ConvBlockArgs args{stride, padding, reflect};
+  check_same_dtype("conv_block", x, weight);
   check_forward_args(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, args);
   const c10::cuda::CUDAGuard guard(x.device());
-  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto y = block_conv_forward(x, weight, bias, stride, padding, reflect, reflect_pad_cuda);
   const int64_t c = y.size(1), m = y.numel() / c;
   at::Tensor mean, var, invstd, scale, shift;
@@ -294,8 +298,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
     bool training, int64_t stride, int64_t padding, bool reflect, double eps, double slope, bool need_grad_input) {
   TORCH_CHECK(grad_out.sizes() == y.sizes(), "conv_block_backward: grad_out must have the output's shape ",
               y.sizes(), ", got ", grad_out.sizes());
+  check_same_dtype("conv_block_backward", x, weight);
+  TORCH_CHECK(y.scalar_type() == x.scalar_type() && grad_out.scalar_type() == x.scalar_type(),
+              "conv_block_backward (CUDA): grad_out and y must have the input's dtype ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(y.device());
-  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const auto go = canonical_cl(grad_out);
   const auto yc = canonical_cl(y);
   const int64_t c = y.size(1), m = y.numel() / c;

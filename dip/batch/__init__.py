@@ -37,6 +37,7 @@ from dip.batch.planning import (
 from dip.batch.records import Job, Record, RecordStatus, image_seed
 from dip.batch.worker import cpu_count
 from dip.errors import DipError
+from dip.fit.settings import is_auto
 from dip.tasks import Task
 
 PathLike = Union[str, os.PathLike]
@@ -128,6 +129,13 @@ def _check_arguments(task: Task, masks, retries, options: dict) -> None:
         raise DipError("super-resolution needs factor= (an integer from 2 to 32)")
 
 
+def _ensemble(options: dict) -> int:
+    """The ensemble size of every image's fit, checked by restore()'s rule before any worker starts."""
+    from dip.pipeline import ensemble_size
+
+    return ensemble_size(options.get("ensemble", 1), options.get("network"), options.get("init"))
+
+
 def restore_many(
     inputs: Union[PathLike, Iterable[PathLike]],
     out_dir: PathLike,
@@ -174,8 +182,9 @@ def restore_many(
         masks: for inpainting: a folder of masks named like the images (any
             image extension), a pattern such as ``"masks/{stem}_mask.png"``
             (``{name}``, ``{folder}`` also work), or one mask file for all images.
-        reference_dir: clean images named like the inputs; the PSNR of each
-            output against its reference goes in the manifest.
+        reference_dir: clean images named like the inputs; the PSNR and SSIM
+            of each output against its reference go in the manifest (SSIM
+            needs scikit-image: null without it).
         retries: further attempts for an image that failed (unreadable,
             diverged — with a new seed —, out of memory, its worker died).
         recursive: also restore the images of sub-folders of ``inputs``; the
@@ -184,8 +193,10 @@ def restore_many(
             settings; without it such a folder is refused.
         progress: show an overall progress bar (done, failed, ETA).
         **restore_options: passed to :func:`dip.restore` for every image
-            (``factor``, ``iterations``, ``network``, ``lr``, ``device`` …);
-            the fit settings among them are validated before any worker starts.
+            (``factor``, ``iterations``, ``network``, ``lr``, ``device``,
+            ``ensemble``, ``noise_sigma`` — ``"auto"``: each image's own
+            estimate — …); the fit settings among them and ``ensemble`` are
+            validated before any worker starts.
 
     Returns:
         A :class:`BatchSummary`; its ``records`` are the lines of the manifest.
@@ -200,7 +211,8 @@ def restore_many(
     _check_arguments(task, masks, retries, restore_options)
     factor = restore_options.get("factor") if task is Task.SUPER_RESOLUTION else None
     fingerprint = settings_fingerprint(task, factor, restore_options.get("network"),
-                                       fit_settings(restore_options, seed))
+                                       fit_settings(restore_options, seed), ensemble=_ensemble(restore_options),
+                                       blind_sigma=is_auto(restore_options.get("noise_sigma")))
 
     out = Path(out_dir)
     found = find_inputs(inputs, recursive=recursive, out_dir=out)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from dip.batch.records import Job, Record, RecordStatus, image_seed
 from dip.errors import DipError
-from dip.fit.settings import FitSettings
+from dip.fit.settings import FitSettings, is_auto
 from dip.tasks import Task, task_defaults
 
 PathLike = Union[str, os.PathLike]
@@ -191,8 +191,13 @@ _FIT_FIELDS = frozenset(f.name for f in fields(FitSettings))
 
 
 def fit_settings(options: dict, run_seed: int) -> FitSettings:
-    """The :class:`FitSettings` of a batch's options, validated here, before any worker starts."""
+    """The :class:`FitSettings` of a batch's options, validated here, before any worker starts.
+
+    ``noise_sigma="auto"`` is left out (None): each image's own estimate is made by its fit.
+    """
     values = {k: v for k, v in options.items() if k in _FIT_FIELDS}
+    if is_auto(values.get("noise_sigma")):
+        values["noise_sigma"] = None
     return FitSettings(**values, seed=run_seed)
 
 
@@ -205,12 +210,20 @@ def _network_key(network: Any) -> Any:
     return f"{type(network).__module__}.{type(network).__qualname__}"  # a user's module: its class
 
 
-def settings_fingerprint(task: Task, factor: Optional[int], network: Any, settings: FitSettings) -> str:
-    """A short hash of what decides an output: task, factor, network and the fit settings (with task defaults)."""
+def settings_fingerprint(task: Task, factor: Optional[int], network: Any, settings: FitSettings, *,
+                         ensemble: int = 1, blind_sigma: bool = False) -> str:
+    """A short hash of what decides an output: task, factor, network and the fit settings (with task defaults),
+    the ensemble size and whether the noise level is estimated (``noise_sigma="auto"``)."""
     defaults = task_defaults(task, factor)
     description = dict(task=task.value, factor=factor,
                        network=_network_key(network if network is not None else defaults.network),
                        fit=settings.for_task(defaults).to_dict())
+    # Only when they differ from a single fit without an estimated noise level, so that outputs made before
+    # these options existed keep their fingerprint.
+    if ensemble != 1:
+        description["ensemble"] = ensemble
+    if blind_sigma:
+        description["noise_sigma"] = "auto"
     text = json.dumps(description, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -273,7 +286,7 @@ def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[in
         else:
             carried = {} if before is None else dict(
                 iterations=before.iterations, stop_reason=before.stop_reason, seconds=before.seconds,
-                psnr=before.psnr, seed=before.seed if before.seed is not None else job.seed,
+                psnr=before.psnr, ssim=before.ssim, seed=before.seed if before.seed is not None else job.seed,
                 attempts=before.attempts, settings=before.settings or job.settings)
             result.records.append(replace(Record.for_job(job, RecordStatus.SKIPPED), **carried))
     if result.other_settings and not force:

@@ -86,6 +86,7 @@ class Record:
     seconds: Optional[float] = None
     error: Optional[str] = None
     psnr: Optional[float] = None
+    ssim: Optional[float] = None  # None without a reference or without scikit-image
     seed: Optional[int] = None
     attempts: int = 1
     settings: Optional[str] = None  # fingerprint of the settings the output was made with
@@ -107,7 +108,7 @@ class Record:
         d = asdict(self)
         d["status"] = self.status.value
         d["stop_reason"] = self.stop_reason.value if self.stop_reason is not None else None
-        for key in ("seconds", "psnr"):  # JSON has no inf/NaN (a PSNR against an identical reference is inf)
+        for key in ("seconds", "psnr", "ssim"):  # JSON has no inf/NaN (a PSNR against an identical reference is inf)
             if d[key] is not None and not math.isfinite(d[key]):
                 d[key] = None
         return d

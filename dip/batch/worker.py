@@ -72,7 +72,8 @@ def restore_one(job: Job, task: Task, options: dict, threads: Optional[int] = No
                                   **details)
         os.makedirs(os.path.dirname(job.output) or ".", exist_ok=True)  # a sub-folder of a --recursive batch
         result.save(job.output)
-        return Record.for_job(job, RecordStatus.OK, seconds=time.perf_counter() - start, psnr=result.psnr, **details)
+        return Record.for_job(job, RecordStatus.OK, seconds=time.perf_counter() - start, psnr=result.psnr,
+                              ssim=result.ssim, **details)
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch: record it
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

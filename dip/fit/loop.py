@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from dip.errors import DipError
@@ -114,7 +115,7 @@ class FitResult:
     stop_reason: StopReason
     seconds: float
     stopped_at: int = 0  # the iteration ``image`` (and ``weights``) belong to
-    weights: Optional[dict] = None  # the network's state at ``stopped_at``
+    weights: Optional[dict] = None  # the network's state at ``stopped_at`` (averaged with weight_ema)
     candidates: dict = field(default_factory=dict)  # with the automatic stop: every selectable image
 
 
@@ -221,12 +222,10 @@ class FitLoop:
         return self._result(reason, time.perf_counter() - start)
 
     def _record(self, loss: torch.Tensor, out: torch.Tensor) -> None:
-        w = self.settings.ema_weight
         self.output = out
-        # Bias-corrected like Adam's moments: average of outputs 1..k with weights ∝ w^(k-j), so the
-        # first (grey) output keeps weight (1-w)·w^(k-1)/(1-w^k), not the w^(k-1) of an average started at it.
-        k = self.done + 1
-        kept = w * (1.0 - w ** (k - 1)) / (1.0 - w ** k) if w > 0 else 0.0
+        # Bias-corrected: the first (grey) output keeps weight (1-w)·w^(k-1)/(1-w^k), not the w^(k-1)
+        # of an average started at it.
+        kept = self.settings.average_keep(self.done + 1)
         self.ema = out.clone() if self.ema is None else self.ema.mul_(kept).add_(out, alpha=1.0 - kept)
         self.done += 1
         self.series.put("loss", self.done, loss)
@@ -247,16 +246,32 @@ class FitLoop:
             info["psnr"] = f"{float(self.series['psnr_ema'][self.done - 1]):.2f}"
         return info
 
+    def render(self, weights: Optional[dict] = None) -> torch.Tensor:
+        """The network's cropped output on ``z`` with ``weights`` (a state dict; default: its own), 1×C×H×W float32.
+
+        As :meth:`dip.result.Restoration.render` computes it: no perturbation of
+        ``z``, BatchNorm on the batch statistics (train mode), float32, no
+        gradients. ``weights`` are copied first (a train-mode pass updates
+        BatchNorm's running buffers), so neither they nor the network change.
+        """
+        self.net.train()
+        with torch.no_grad():
+            if weights is None:
+                out = self.net(self.z)
+            else:
+                out = functional_call(self.net, {k: v.clone() for k, v in weights.items()}, (self.z,))
+        return _crop(out, self.crop).detach().float()
+
     def _result(self, reason: StopReason, seconds: float) -> FitResult:
         if self.ema is None:  # nothing finished: hand back the current network output
-            with torch.no_grad():
-                self.ema = self.output = _crop(self.net(self.z), self.crop).detach().float()
+            self.ema = self.output = self.render()
         stopper = next((m for m in self.monitors if isinstance(m, VarianceStopper)), None)
         image, stopped_at, weights, candidates = self.ema, self.done, None, {}
         if stopper is not None and stopper.best_output is not None:
+            stopper.render_average(self)  # the weight_ema image, when tracked: one forward pass
             image, candidates = stopper.image(self.ema), stopper.candidates(self.ema)
             if stopper.selects_best():
-                stopped_at, weights = stopper.best(), stopper.best_weights
+                stopped_at, weights = stopper.best(), stopper.returned_weights()
         lists = self.series.to_lists(self.done)
         history = History(loss=lists.get("loss", []), psnr=lists.get("psnr", []), psnr_ema=lists.get("psnr_ema", []),
                           variance=lists.get("variance", []), rollbacks=list(self.guard.rollbacks))

@@ -4,8 +4,11 @@ A grouped network (``Hourglass(..., members=K)``) returns K×C×H×W: one image
 per member. :class:`MemberVarianceStopper` computes the moving variance of
 each member's outputs separately and keeps, per member, the iterate where it
 is smallest (its raw output, its moving average, its slice of the weights and
-its moving variance, whose square root is the single-fit uncertainty). The fit
-stops once no member has reached a new minimum for ``patience`` iterations.
+its moving variance, whose square root is the single-fit uncertainty; with
+``select="weight_ema"`` its slice of the weight average instead of its weights,
+so the grouped network's one forward pass at the end gives every member's
+``weight_ema`` image). The fit stops once no member has reached a new minimum
+for ``patience`` iterations.
 With K = 1 it does exactly what :class:`~dip.fit.stopping.VarianceStopper`
 does, and keeps the moving variance at the returned iterate besides.
 """
@@ -42,6 +45,7 @@ class MemberVarianceStopper(VarianceStopper):
         """Add iteration ``iteration``'s outputs (K×C×H×W); returns the mean of the members' scores (0-d)."""
         out = output.detach()
         score = self._score(out, iteration)
+        self._average_weights(iteration)
         if iteration <= self.config.window:
             self._keep_previous_weights()
             return torch.full((), math.inf, device=out.device)
@@ -50,7 +54,7 @@ class MemberVarianceStopper(VarianceStopper):
             self.best_iteration = torch.full(score.shape, iteration, dtype=torch.long, device=out.device)
             self.best_output, self.best_ema = out.clone(), ema.detach().clone()
             self.best_variance = self._current_variance.clone()
-            self.best_weights = {k: v.clone() for k, v in (self._previous or {}).items()}
+            self._first_best_weights()
             self._keep_previous_weights()
             return score.mean()
         if self.best_variance is None:  # resumed from a single-fit stopper's checkpoint
@@ -63,12 +67,14 @@ class MemberVarianceStopper(VarianceStopper):
         torch.where(pick, out, self.best_output, out=self.best_output)
         torch.where(pick, ema.detach(), self.best_ema, out=self.best_ema)
         torch.where(pick, self._current_variance, self.best_variance, out=self.best_variance)
-        for key, value in (self._previous or {}).items():  # each member's slice of every parameter
-            if value.dim() == 0:
-                continue
-            torch.where(_per_member(better, value), value, self.best_weights[key], out=self.best_weights[key])
+        self._pick_weights(better)
         self._keep_previous_weights()
         return score.mean()
+
+    def _pick(self, better: torch.Tensor, new: dict, kept: dict) -> None:
+        for key, value in new.items():  # each member's slice of every parameter
+            if value.dim():
+                torch.where(_per_member(better, value), value, kept[key], out=kept[key])
 
     def best(self) -> int:
         """The latest of the members' minima (0 while the window fills): the fit stops ``patience`` after it."""

@@ -36,6 +36,7 @@ class Selection(str, Enum):
     BEST_OUTPUT = "best_output"  # raw network output at the variance minimum
     BLEND = "blend"  # mean of those two
     EMA = "ema"  # moving average when the fit stops
+    WEIGHT_EMA = "weight_ema"  # network output with the moving average of the weights at the variance minimum
 
     def __str__(self) -> str:
         return self.value
@@ -60,6 +61,13 @@ class Precision(str, Enum):
 
 
 AUTO = "auto"
+
+
+def is_auto(value) -> bool:
+    """True for the word ``"auto"`` (any case, surrounding spaces allowed): iterations, noise_sigma."""
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
 #: Iteration counts above this are refused (a typo, not a fit: 10⁷ steps of the smallest net take days).
 MAX_ITERATIONS = 10_000_000
 
@@ -97,7 +105,9 @@ class EarlyStopping:
     ``window``: outputs the variance is taken over (the effective window of the
     exponential average in ``mode="ema"``). ``patience``: iterations without a
     new variance minimum before the fit stops. ``select``: the returned image
-    (a :class:`Selection`: ``best_ema``, ``best_output``, ``blend`` or ``ema``).
+    (a :class:`Selection`: ``best_ema``, ``best_output``, ``blend``, ``ema`` or
+    ``weight_ema``; only ``weight_ema`` makes the fit keep a moving average of
+    the weights, see :class:`~dip.fit.stopping.VarianceStopper`).
     """
 
     window: int = 100
@@ -204,7 +214,7 @@ class FitSettings:
 
     def __post_init__(self):
         it = self.iterations
-        if it is None or (isinstance(it, str) and it.lower().strip() == AUTO):
+        if it is None or is_auto(it):
             object.__setattr__(self, "iterations", AUTO)
         else:
             object.__setattr__(self, "iterations", _iteration_count("iterations", it))
@@ -245,6 +255,18 @@ class FitSettings:
         if n is None:
             raise DipError("the settings have no iteration count yet; call for_task() first")
         return int(n)
+
+    def average_keep(self, count: int) -> float:
+        """The share of its old value the moving average keeps when its ``count``-th value (1-based) arrives.
+
+        Bias-corrected like Adam's moments: after k values the average is
+        their mean with weights ∝ w^(k-j) (w = ``ema_weight``), so it keeps
+        w·(1 − w^(k−1)) / (1 − w^k) — 0 for the first value, not w: an early
+        stop does not return a blend with the first, grey outputs. The average
+        of the outputs and the average of the weights both use this.
+        """
+        w = self.ema_weight
+        return w * (1.0 - w ** (count - 1)) / (1.0 - w ** count) if w > 0 else 0.0
 
     def for_task(self, defaults) -> FitSettings:
         """These settings with the task's defaults (a :class:`dip.tasks.TaskDefaults`) filled in."""

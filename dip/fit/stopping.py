@@ -14,6 +14,12 @@ the moving average, and the network's weights, so that the network a
 :class:`~dip.result.Restoration` exports, renders and warm-starts from is the
 one that produced the returned image. The fit stops once the variance has not
 reached a new minimum for ``patience`` iterations.
+
+With ``select="weight_ema"`` (:attr:`Selection.WEIGHT_EMA`) it keeps instead a
+moving average of the weights (Polyak averaging of the parameters, with the
+outputs' ``ema_weight`` and bias correction) and, at every new minimum, that
+average; the returned image is the network's output on ``z`` with those
+averaged weights, computed once when the fit ends.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from dip.errors import DipError
 from dip.fit.monitors import Monitor
 from dip.fit.settings import EarlyStopping, Selection, StopMode, StopReason
 
@@ -34,6 +41,17 @@ class VarianceStopper(Monitor):
 
     The score is the per-pixel variance averaged over pixels; it is ``inf``
     for the first ``window`` iterations, while the estimate is still filling.
+
+    The weight average (``select="weight_ema"`` only; the other selections do
+    not pay for it) is one fused ``lerp`` over the parameters per step, on the
+    device. It averages the weights *after* each step — step k adds θ_k, the
+    usual Polyak average — so at a minimum k it covers θ_1 … θ_k while the
+    outputs' average covers the outputs of θ_0 … θ_(k−1): one step apart,
+    which at a decay of 0.99 is immaterial, and it spares a copy of the
+    weights before every step. Buffers (BatchNorm's running statistics) are not
+    averaged: the fit's train-mode forward passes, :meth:`Restoration.render`
+    and the exports all use the batch statistics of ``z`` instead, so the
+    returned weights carry the live buffers of the end of the fit.
     """
 
     name = "stopper"
@@ -51,10 +69,18 @@ class VarianceStopper(Monitor):
         self.best_ema: Optional[torch.Tensor] = None
         self.best_weights: Optional[dict] = None
         self._previous: Optional[dict] = None  # the weights before the last update: those that made its output
+        self.weight_average: Optional[dict] = None  # parameter name → moving average (weight_ema only)
+        self.best_weight_average: Optional[dict] = None  # that average at the variance minimum
+        self.weight_ema_image: Optional[torch.Tensor] = None  # its output on z (see render_average)
         self._net = None
+        self._parameters: Optional[dict] = None  # detached views of the live parameters (weight_ema only)
+        self._keep = None  # FitSettings.average_keep of the fit
 
     def on_start(self, loop: FitLoop) -> None:
         self._net = loop.net
+        if self.config.select is Selection.WEIGHT_EMA:
+            self._parameters = {name: p.detach() for name, p in loop.net.named_parameters()}
+            self._keep = loop.settings.average_keep
 
     def on_step(self, step: Step) -> Optional[StopReason]:
         score = self.update(step.output, step.ema, step.iteration)
@@ -91,6 +117,7 @@ class VarianceStopper(Monitor):
         """Add iteration ``iteration``'s output (1-based); returns the score as a 0-d device tensor."""
         out = output.detach()
         score = self._score(out, iteration)
+        self._average_weights(iteration)
         if iteration <= self.config.window:
             self._keep_previous_weights()
             return torch.full((), math.inf, device=out.device)
@@ -98,7 +125,7 @@ class VarianceStopper(Monitor):
             self.best_score = score.clone()
             self.best_iteration = torch.full((), iteration, dtype=torch.long, device=out.device)
             self.best_output, self.best_ema = out.clone(), ema.detach().clone()
-            self.best_weights = {k: v.clone() for k, v in (self._previous or {}).items()}
+            self._first_best_weights()
             self._keep_previous_weights()
             return score
         better = score < self.best_score
@@ -107,14 +134,42 @@ class VarianceStopper(Monitor):
                     out=self.best_iteration)
         torch.where(better, out, self.best_output, out=self.best_output)
         torch.where(better, ema.detach(), self.best_ema, out=self.best_ema)
-        for key, value in (self._previous or {}).items():  # no host sync: a select on the device
-            torch.where(better, value, self.best_weights[key], out=self.best_weights[key])
+        self._pick_weights(better)
         self._keep_previous_weights()
         return score
 
+    def _average_weights(self, iteration: int) -> None:
+        """Add the weights after step ``iteration`` to their moving average (weight_ema only): one fused op."""
+        if self._parameters is None:
+            return
+        if self.weight_average is None:
+            self.weight_average = {k: v.clone() for k, v in self._parameters.items()}
+            return
+        names = list(self.weight_average)
+        torch._foreach_lerp_([self.weight_average[k] for k in names], [self._parameters[k] for k in names],
+                             1.0 - self._keep(iteration))
+
+    def _first_best_weights(self) -> None:
+        """The weights kept at the first scored iteration (the minimum so far)."""
+        self.best_weights = {k: v.clone() for k, v in (self._previous or {}).items()}
+        if self.weight_average is not None:
+            self.best_weight_average = {k: v.clone() for k, v in self.weight_average.items()}
+
+    def _pick_weights(self, better: torch.Tensor) -> None:
+        """Where ``better``, take the weights (and their average) of this iteration: a select on the device."""
+        self._pick(better, self._previous or {}, self.best_weights)
+        if self.weight_average is not None:
+            if self.best_weight_average is None:  # resumed from a stopper that kept no average
+                self.best_weight_average = {k: v.clone() for k, v in self.weight_average.items()}
+            self._pick(better, self.weight_average, self.best_weight_average)
+
+    def _pick(self, better: torch.Tensor, new: dict, kept: dict) -> None:
+        for key, value in new.items():  # no host sync
+            torch.where(better, value, kept[key], out=kept[key])
+
     def _keep_previous_weights(self) -> None:
         """Copy the current weights: the next step's output comes from them (its update follows)."""
-        if self._net is None or self.config.select is Selection.EMA:
+        if self._net is None or self.config.select in (Selection.EMA, Selection.WEIGHT_EMA):
             return
         state = self._net.state_dict()
         if self._previous is None:
@@ -127,8 +182,38 @@ class VarianceStopper(Monitor):
         """The iteration of the smallest variance so far (0 while the window is filling); syncs."""
         return 0 if self.best_iteration is None else int(self.best_iteration)
 
+    def averaged_weights(self) -> Optional[dict]:
+        """The network's state with the averaged parameters of the variance minimum (None unless weight_ema).
+
+        Buffers are the live network's (copies): see the class docstring.
+        """
+        if self.best_weight_average is None or self._net is None:
+            return None
+        state = {k: v.detach().clone() for k, v in self._net.state_dict().items()}
+        state.update({k: v.clone() for k, v in self.best_weight_average.items()})
+        return state
+
+    def returned_weights(self) -> Optional[dict]:
+        """The weights of the returned iterate: the averaged ones for weight_ema, else those of the minimum."""
+        if self.config.select is Selection.WEIGHT_EMA:
+            return self.averaged_weights()
+        return self.best_weights
+
+    def render_average(self, loop: FitLoop) -> Optional[torch.Tensor]:
+        """The ``weight_ema`` image: one forward pass with :meth:`averaged_weights` (:meth:`FitLoop.render`).
+
+        The loop calls it once when the fit ends; None unless the average was kept.
+        """
+        weights = self.averaged_weights()
+        if weights is not None:
+            self.weight_ema_image = loop.render(weights)
+        return self.weight_ema_image
+
     def image(self, ema: torch.Tensor, select: Optional[Selection] = None) -> torch.Tensor:
-        """The image chosen by ``select`` (default: the configured one); ``ema`` is the current average."""
+        """The image chosen by ``select`` (default: the configured one); ``ema`` is the current average.
+
+        ``weight_ema`` needs :meth:`render_average` first (the loop calls it when the fit ends).
+        """
         select = Selection(select or self.config.select)
         if self.best_output is None or select is Selection.EMA:
             return ema
@@ -136,18 +221,26 @@ class VarianceStopper(Monitor):
             return self.best_output
         if select is Selection.BEST_EMA:
             return self.best_ema
+        if select is Selection.WEIGHT_EMA:
+            if self.weight_ema_image is None:
+                raise DipError("the weight_ema image needs early_stopping select='weight_ema' and render_average()")
+            return self.weight_ema_image
         return 0.5 * (self.best_output + self.best_ema)
 
     def candidates(self, ema: torch.Tensor) -> dict:
-        """Every selectable image, by :class:`Selection` value (for comparing them against a reference)."""
-        return {s.value: self.image(ema, s) for s in Selection}
+        """Every selectable image, by :class:`Selection` value (for comparing them against a reference).
+
+        ``weight_ema`` is among them when the stopper tracked the weight average and rendered it.
+        """
+        return {s.value: self.image(ema, s) for s in Selection
+                if s is not Selection.WEIGHT_EMA or self.weight_ema_image is not None}
 
     def selects_best(self) -> bool:
         """True when the returned image belongs to the variance minimum rather than the end of the fit."""
         return self.best_output is not None and self.config.select is not Selection.EMA
 
     _STATE = ("_mean", "_var", "_ring", "best_score", "best_iteration", "best_output", "best_ema", "best_weights",
-              "_previous")
+              "_previous", "weight_average", "best_weight_average")
 
     def state_dict(self) -> dict:
         """The tensors that resume the stopper exactly (for checkpoints and rollbacks)."""

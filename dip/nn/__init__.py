@@ -1,10 +1,19 @@
 """Networks: the skip-hourglass generator and its blocks."""
-from dip.nn.blocks import ConvBlock, FusedConvBlock, active_path, fusable, make_activation, make_conv_block
+from dip.nn.blocks import (
+    GROUPED_PATH,
+    ConvBlock,
+    FusedConvBlock,
+    active_path,
+    fusable,
+    make_activation,
+    make_conv_block,
+)
 from dip.nn.hourglass import PRESETS, Hourglass, HourglassConfig, build_network, preset
 
 __all__ = [
     "ConvBlock",
     "FusedConvBlock",
+    "GROUPED_PATH",
     "active_path",
     "fusable",
     "make_conv_block",

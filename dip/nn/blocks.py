@@ -144,6 +144,11 @@ def fused_default() -> bool:
     return has_op("conv_block")
 
 
+#: what runs the blocks of a grouped network (an ensemble, ``Hourglass(..., members=K)``) whatever the
+#: default path: the fused block has no grouped form
+GROUPED_PATH = "pure PyTorch (grouped)"
+
+
 def active_path() -> str:
     """Which implementation runs the conv blocks by default, e.g. ``"fused C++ (CPU)"`` or ``"pure PyTorch"``."""
     if not fused_default():

@@ -66,6 +66,7 @@ def test_local_pool_restores_every_image(batch_inputs, local_run):
         assert record["status"] == "ok" and record["iterations"] == TINY["iterations"]
         assert record["stop_reason"] == "completed" and record["seconds"] > 0
         assert record["psnr"] is not None and record["psnr"] > 5
+        assert isinstance(record["ssim"], float) and -1 <= record["ssim"] <= 1  # dip.metrics.ssim (scikit-image)
         assert record["seed"] == image_seed(7, path.name)
         with Image.open(record["output"]) as img:
             assert img.size == (w, h)
@@ -309,3 +310,39 @@ def test_cli_batch_exit_status(batch_inputs, tmp_path, capsys):
     assert "2 restored, 0 skipped, 0 failed" in capsys.readouterr().out
     assert main(["batch", str(root / "in"), "-o", str(tmp_path / "out2"), "--task", "super-resolve", "-q"]) == 1
     assert "--factor" in capsys.readouterr().err
+
+
+def test_ssim_is_null_without_scikit_image(batch_inputs, tmp_path, monkeypatch):
+    from dip.batch.records import Job
+    from dip.batch.worker import restore_one
+    from dip.tasks import Task
+
+    root, good = batch_inputs
+    monkeypatch.setitem(sys.modules, "skimage.metrics", None)  # "import skimage.metrics" raises ImportError
+    job = Job(name=good[0].name, input=str(good[0]), output=str(tmp_path / "out.png"), seed=0,
+              reference=str(root / "ref" / good[0].name))
+    record = restore_one(job, Task.DENOISE, dict(TINY, iterations=2))
+    assert record.status is RecordStatus.OK, record.error
+    assert record.psnr is not None and record.ssim is None
+    assert record.to_json()["ssim"] is None
+
+
+def test_cli_batch_rerun_with_another_ensemble_needs_force(batch_inputs, tmp_path, capsys):
+    root, _ = batch_inputs
+    from dip.cli import main
+
+    args = ["batch", str(root / "in" / "img0.png"), "-o", str(tmp_path / "out"), "--task", "denoise",
+            "--iterations", "2", "--network", "small", "--workers", "1", "-q"]
+    assert main(args) == 0
+    first = _manifest(tmp_path / "out")["img0.png"]
+    stamp = (tmp_path / "out" / "img0.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*args, "--ensemble", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "made with other settings" in err and "--force" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "img0.png").stat().st_mtime_ns == stamp
+    assert main([*args, "--ensemble", "2", "--force"]) == 0
+    redone = _manifest(tmp_path / "out")["img0.png"]
+    assert redone["status"] == "ok" and redone["settings"] != first["settings"]
+    assert main([*args, "--ensemble", "2"]) == 0  # the same K again: skipped
+    assert _manifest(tmp_path / "out")["img0.png"]["status"] == "skipped"

@@ -151,8 +151,23 @@ def test_settings_fingerprint_changes_with_what_decides_an_output():
     assert fp(network="denoise") == base  # the task's default network, named
     others = [fp(iterations=5), fp(lr=0.02), fp(network="small"), fp(reg_noise_std=0.1),
               fp(task=Task.SUPER_RESOLUTION, factor=2), fp(task=Task.SUPER_RESOLUTION, factor=4),
-              settings_fingerprint(Task.DENOISE, None, None, fit_settings({}, 1))]
+              settings_fingerprint(Task.DENOISE, None, None, fit_settings({}, 1)),
+              settings_fingerprint(Task.DENOISE, None, None, fit_settings({}, 0), ensemble=2),
+              settings_fingerprint(Task.DENOISE, None, None, fit_settings({}, 0), ensemble=3),
+              settings_fingerprint(Task.DENOISE, None, None, fit_settings({"noise_sigma": "auto"}, 0),
+                                   blind_sigma=True),
+              fp(noise_sigma=0.1)]
     assert base not in others and len(set(others)) == len(others)
+    # one network and a known (or no) noise level: the fingerprint of outputs made before these options existed
+    assert settings_fingerprint(Task.DENOISE, None, None, fit_settings({}, 0), ensemble=1, blind_sigma=False) == base
+
+
+def test_bad_ensemble_is_refused_before_any_worker_starts(tmp_path, make_image, no_workers):
+    write_images(tmp_path / "in", make_image, SIZES[:1])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(DipError, match="ensemble="):
+            dip.restore_many(tmp_path / "in", tmp_path / "out", "denoise", progress=False, ensemble=bad)
+    assert not (tmp_path / "out").exists()
 
 
 def test_outputs_made_with_other_settings_are_refused_unless_forced(tmp_path, make_image):

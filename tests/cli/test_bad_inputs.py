@@ -67,6 +67,11 @@ CASES = [
     case("sigma-negative", "denoise in.png -o out.png --sigma -3", 1, "--sigma"),
     case("sigma-nan", "super-resolve in.png -o out.png --factor 2 --sigma nan", 1, "--sigma"),
     case("max-pixels-zero", "denoise in.png -o out.png --max-pixels 0", 1, "--max-pixels"),
+    case("sigma-not-a-number", "denoise in.png -o out.png --sigma loud", 2, "--sigma"),
+    case("sigma-auto-without-noise", "denoise flat.png -o out.png --sigma auto", 1, "give --sigma or leave it out"),
+    case("ensemble-zero", "denoise in.png -o out.png --ensemble 0", 1, "--ensemble 0: must be a positive integer"),
+    case("ensemble-negative", "super-resolve in.png -o out.png --factor 2 --ensemble -2", 1, "--ensemble -2"),
+    case("ensemble-not-a-number", "denoise in.png -o out.png --ensemble two", 2, "--ensemble"),
     # devices
     case("device-tpu", "denoise in.png -o out.png --device tpu", 1, "--device tpu"),
     case("device-banana", "denoise in.png -o out.png --device banana", 1, "--device banana"),
@@ -86,6 +91,18 @@ CASES = [
     case("program-named-pt", "denoise in.png -o out.png --export-program net.pt", 1, "net.pt2"),
     case("export-folder-missing", "denoise in.png -o out.png --export-onnx nowhere/net.onnx", 1, "does not exist"),
     case("plot-unknown-format", "denoise in.png -o out.png --plot curves.gif", 1, "plot format"),
+    # the uncertainty map: checked like the other outputs, before the fit
+    case("uncertainty-is-input", "denoise in.png -o out.png --ensemble 2 --uncertainty in.png", 1,
+         "--uncertainty in.png is the input image"),
+    case("uncertainty-is-mask", "inpaint in.png --mask mask.png -o out.png --ensemble 2 --uncertainty mask.png", 1,
+         "is --mask"),
+    case("uncertainty-same-as-output", "denoise in.png -o out.png --ensemble 2 --uncertainty out.png", 1, "both name"),
+    case("uncertainty-folder-missing", "denoise in.png -o out.png --ensemble 2 --uncertainty nowhere/map.png", 1,
+         "does not exist"),
+    case("uncertainty-unknown-format", "denoise in.png -o out.png --ensemble 2 --uncertainty map.xyz", 1,
+         "image format of map.xyz"),
+    case("uncertainty-without-a-map", "denoise in.png -o out.png --iterations 2 --uncertainty map.png", 1,
+         "--uncertainty needs a map"),
     # reference
     case("reference-missing", "denoise in.png -o out.png --reference clean.png", 1, "reference image not found"),
     case("reference-wrong-size", "denoise in.png -o out.png --reference one_by_ten.png", 1, "reference is"),
@@ -121,6 +138,7 @@ def files(tmp_path, make_image, monkeypatch):
     _png(tmp_path / "mask.png", mask)
     _png(tmp_path / "mask_small.png", np.full((10, 10), 255, np.uint8))
     _png(tmp_path / "mask_zero.png", np.zeros((24, 20), np.uint8))
+    _png(tmp_path / "flat.png", np.full((24, 20, 3), 128, np.uint8))  # no noise to estimate
     (tmp_path / "text.png").write_text("this is not an image\n")
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "empty.ckpt").write_bytes(b"")

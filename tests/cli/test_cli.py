@@ -46,7 +46,8 @@ def test_reference_reports_psnr(tiny_png, tmp_path, capsys):
     out = tmp_path / "out.png"
     assert main(["denoise", str(tiny_png), "-o", str(out), "--iterations", "2", "--network", "small", "-q",
                  "--reference", str(tiny_png)]) == 0
-    assert "PSNR" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "SSIM" in out
 
 
 @pytest.mark.parametrize("args,message", [
@@ -290,6 +291,9 @@ def test_progress_bar_names_the_cli_task(tiny_png, tmp_path, capsys):
     ("checkpoint= needs checkpoint_every=N", "--checkpoint needs --checkpoint-every N"),
     ("raise max_pixels if you trust the file", "raise --max-pixels if you trust the file"),
     ("the number of iterations", "the number of iterations"),
+    ("ensemble=0: must be a positive integer", "--ensemble 0: must be a positive integer"),
+    ("give noise_sigma= or leave it out", "give --sigma or leave it out"),
+    ("noise_sigma=0.1 is too high", "noise_sigma=0.1 is too high"),  # another unit: not a --sigma value
 ])
 def test_library_keywords_become_flags(message, expected):
     from dip.cli import cli_message
@@ -322,3 +326,70 @@ def test_batch_takes_sigma_in_0_255_units(tmp_path, monkeypatch):
     assert seen["noise_sigma"] == pytest.approx(25 / 255)
     assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise", "--sigma", "-1",
                  "-q"]) == 1
+
+
+# ---- issue 15: ensembles, the uncertainty map, the blind noise level, SSIM -------------------------------------
+
+
+def test_ensemble_writes_the_uncertainty_map_with_its_scale_bar(tiny_png, tmp_path, capsys):
+    from dip.uncertainty import uncertainty_image
+
+    out, unsure = tmp_path / "out.png", tmp_path / "map.png"
+    assert main(["denoise", str(tiny_png), "-o", str(out), "--ensemble", "2", "--uncertainty", str(unsure),
+                 *FIT]) == 0
+    assert Image.open(out).size == (20, 24)
+    layout = uncertainty_image(np.zeros((24, 20), np.float32)).shape  # a 24×20 map above its scale bar
+    with Image.open(unsure) as img:
+        assert img.format == "PNG" and img.mode == "RGB" and img.size == (layout[1], layout[0])
+        assert layout[0] > 24 * layout[1] // 20  # the bar and its labels add rows under the zoomed map
+    assert f"wrote {unsure}" in capsys.readouterr().out
+
+
+def test_quality_options_reach_restore_in_the_apis_units(tiny_png, tmp_path, captured_restore):
+    with pytest.raises(_Stop):
+        main(["denoise", str(tiny_png), "-o", str(tmp_path / "o.png"), "--sigma", "auto", "--ensemble", "3", *FIT])
+    options = captured_restore[0][2]
+    assert options["noise_sigma"] == "auto" and options["ensemble"] == 3
+
+
+def test_blind_noise_level_and_ssim_are_in_the_summary_line(tiny_png, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert main(["denoise", str(tiny_png), "-o", str(out), "--sigma", "auto", "--reference", str(tiny_png),
+                 *FIT]) == 0
+    summary = capsys.readouterr().out
+    assert "estimated σ " in summary and "PSNR" in summary and "SSIM 0." in summary
+
+
+def test_uncertainty_without_a_map_after_an_automatic_fit_is_an_error_but_the_image_is_written(
+        tiny_png, tmp_path, capsys):
+    out, unsure = tmp_path / "out.png", tmp_path / "map.png"
+    code = main(["denoise", str(tiny_png), "-o", str(out), "--iterations", "auto", "--max-iterations", "3",
+                 "--network", "small", "-q", "--uncertainty", str(unsure)])
+    err = capsys.readouterr().err
+    assert code == 1 and out.exists() and not unsure.exists()
+    assert "no uncertainty map" in err and "--ensemble K" in err and "Traceback" not in err
+
+
+def test_info_says_what_ensembles_run_on(capsys):
+    assert main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("ensembles"))
+    assert "pure PyTorch" in line and "no grouped form" in line
+
+
+def test_batch_takes_ensemble_and_blind_sigma(tmp_path, monkeypatch):
+    import dip
+
+    seen = {}
+
+    class Summary:
+        interrupted, failed, records, manifest = False, 0, [], tmp_path / "manifest.jsonl"
+
+    def fake_restore_many(*args, **kwargs):
+        seen.update(kwargs)
+        return Summary()
+
+    monkeypatch.setattr(dip, "restore_many", fake_restore_many)
+    (tmp_path / "in").mkdir()
+    assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise", "--sigma", "auto",
+                 "--ensemble", "2", "-q"]) == 0
+    assert seen["noise_sigma"] == "auto" and seen["ensemble"] == 2

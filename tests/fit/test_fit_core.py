@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dip
+from dip._extension import has_op
 from dip.fit import EarlyStopping, FitSettings, StopReason
 from dip.fit.loop import Series
 
@@ -118,6 +119,13 @@ def test_bfloat16_compute_keeps_float32_results(clean64, precision):
                          progress=False, precision=precision)
     assert result.image.dtype == np.float32 and np.isfinite(result.image).all()
     assert result.settings["precision"] == "bfloat16"
+
+
+@pytest.mark.skipif(not has_op("conv_block"), reason="needs the compiled conv block")
+def test_bfloat16_fit_runs_the_fused_net(clean64):
+    """Issue 13: under CPU bf16 autocast the fused conv block raised 'expected scalar type Float'."""
+    result = dip.restore(clean64[:32, :32], iterations=3, network="small", progress=False, precision="bfloat16")
+    assert result.image.dtype == np.float32 and np.isfinite(result.image).all()
 
 
 def test_rollbacks_are_logged_on_the_dip_logger(clean64, caplog):

@@ -146,12 +146,13 @@ def _interrupt_at(iteration):
     return hook
 
 
-@pytest.mark.parametrize("auto", [False, True])
-def test_resume_equals_the_uninterrupted_run_bit_for_bit(clean64, noisy, tmp_path, auto):
+@pytest.mark.parametrize("select", [None, "best_ema", "weight_ema"])  # None: a fixed iteration count
+def test_resume_equals_the_uninterrupted_run_bit_for_bit(clean64, noisy, tmp_path, select):
     observed = noisy(clean64)
     ckpt = tmp_path / "fit.ckpt"
-    if auto:  # a patience longer than the cap: the stopper's state crosses the checkpoint
-        opts = dict(iterations="auto", max_iterations=60, early_stopping=EarlyStopping(window=10, patience=500))
+    if select:  # a patience longer than the cap: the stopper's state (and weight average) crosses the checkpoint
+        opts = dict(iterations="auto", max_iterations=60,
+                    early_stopping=EarlyStopping(window=10, patience=500, select=select))
     else:
         opts = dict(iterations=60)
     opts.update(network="small", progress=False, seed=5, reference=clean64,
@@ -168,6 +169,9 @@ def test_resume_equals_the_uninterrupted_run_bit_for_bit(clean64, noisy, tmp_pat
     assert resumed.history.psnr_ema == whole.history.psnr_ema
     assert resumed.history.variance == whole.history.variance
     assert resumed.stopped_at == whole.stopped_at
+    assert resumed.candidates.keys() == whole.candidates.keys()
+    for name in whole.candidates:
+        np.testing.assert_array_equal(resumed.candidates[name], whole.candidates[name])
     for a, b in zip(resumed.network.state_dict().values(), whole.network.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -10,8 +10,11 @@ then run the same checks on any device and dtype:
   channels_last, strided, transposed), tolerance by dtype;
 * :func:`check_gradcheck` – ``gradcheck``/``gradgradcheck`` on the eager op and
   on the TorchScript-scripted public function (float64);
+* :func:`check_autocast` – the fused op vs the reference, both under the same
+  ``torch.autocast`` (float32 inputs, bf16 tolerance), inputs in several layouts;
 * :func:`check_opcheck` – ``torch.library.opcheck`` on every sample;
-* :func:`check_compile` – ``torch.compile(fullgraph=True)`` (aot_eager) against eager.
+* :func:`check_compile` – ``torch.compile(fullgraph=True)`` (aot_eager) against eager,
+  optionally under autocast.
 
 Parametrize tests with ``DEVICES`` and ``dtypes_for``: the CUDA parameter
 carries the ``cuda`` marker (``pytest -m cuda`` selects it) and skips where no
@@ -174,6 +177,40 @@ def check_against_reference(spec: OpSpec, device: str, dtype: torch.dtype, layou
 
 
 @no_tf32()
+def check_autocast(spec: OpSpec, device: str, dtype: torch.dtype = torch.bfloat16, layouts=LAYOUTS,
+                   seed: int = 0) -> None:
+    """Fused op vs reference with float32 inputs, both run under ``torch.autocast(device, dtype)``.
+
+    Each side computes in what autocast and its own rules give (the fused op
+    may keep some steps in float32): outputs must be float32 or ``dtype``,
+    input gradients float32, and both within ``dtype``'s tolerance of the
+    reference's.
+    """
+    spec.require(device)
+    gen = torch.Generator().manual_seed(seed)
+    tol = spec.tol[dtype]
+    for sample in spec.samples(device, torch.float32, gen):
+        ref_in = [t.detach().clone().requires_grad_() for t in _cast(sample, device, torch.float32)[: sample.n_tensors]]
+        with torch.autocast(device, dtype=dtype):
+            expected = spec.reference(*sample.with_tensors(ref_in))
+        grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64).to(device)
+        expected_grads = torch.autograd.grad(expected, ref_in, grad.to(expected.dtype))
+        for layout in layouts:
+            args = _cast(sample, device, torch.float32, layout)
+            ins = [t.detach().clone() if layout == "contiguous" else t.detach() for t in args[: sample.n_tensors]]
+            ins = [t.requires_grad_() for t in ins]
+            with torch.autocast(device, dtype=dtype):
+                out = spec.fused(*sample.with_tensors(ins))
+            what = f"{spec.name} {sample.label} {device} autocast {dtype} {layout}"
+            assert out.dtype in (torch.float32, dtype), f"{what}: output dtype {out.dtype}"
+            assert_rel_close(out, expected, tol, f"{what} output", spec.floor)
+            grads = torch.autograd.grad(out, ins, grad.to(out.dtype))
+            for i, (g, e) in enumerate(zip(grads, expected_grads)):
+                assert g.dtype == torch.float32, f"{what} grad {i}: dtype {g.dtype}"
+                assert_rel_close(g, e, tol, f"{what} grad {i}", spec.floor)
+
+
+@no_tf32()
 def check_gradcheck(spec: OpSpec, device: str, max_samples: int = 2) -> None:
     """gradcheck and gradgradcheck in float64 on the eager fused op and on the scripted public function."""
     spec.require(device)
@@ -207,15 +244,21 @@ def check_opcheck(spec: OpSpec, device: str, dtype: torch.dtype = torch.float64,
 
 
 @no_tf32()
-def check_compile(spec: OpSpec, device: str, dtype: torch.dtype = torch.float64) -> None:
-    """``torch.compile(fullgraph=True)`` of the public function (aot_eager traces both directions) vs eager."""
+def check_compile(spec: OpSpec, device: str, dtype: torch.dtype = torch.float64,
+                  autocast: Optional[torch.dtype] = None) -> None:
+    """``torch.compile(fullgraph=True)`` of the public function (aot_eager traces both directions) vs eager.
+
+    With ``autocast``, the function runs under ``torch.autocast(device, autocast)`` (inside the compiled region).
+    """
     spec.require(device)
     gen = torch.Generator().manual_seed(3)
     sample = next(iter(spec.samples(device, dtype, gen)))
     args = _cast(sample, device, dtype)
 
     def fn(*tensors):
-        return spec.public(*sample.with_tensors(tuple(t * 2.0 for t in tensors))).square().sum()
+        with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = spec.public(*sample.with_tensors(tuple(t * 2.0 for t in tensors)))
+        return out.float().square().sum() if autocast else out.square().sum()
 
     ins = tuple(t.detach().clone().requires_grad_() for t in args[: sample.n_tensors])
     expected = fn(*ins)

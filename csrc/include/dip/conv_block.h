@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #ifdef __CUDACC__
 #define DIP_HOST_DEVICE __host__ __device__ __forceinline__
@@ -48,6 +49,15 @@ inline at::Tensor canonical_cl(const at::Tensor& t) {
   return ref;
 }
 
+// t itself when it is a canonical channels_last tensor of dtype, else a copy
+// that is (the layout change and the conversion in one pass).
+inline at::Tensor canonical_cl(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) return canonical_cl(t);
+  auto out = empty_cl(t.sizes(), t.options().dtype(dtype));
+  out.copy_(t);
+  return out;
+}
+
 // t itself when it has ref's strides, else a copy of t with ref's strides
 // (gradients come back in their parameter's layout).
 inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
@@ -56,6 +66,15 @@ inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
   out.copy_(t);
   return out;
 }
+
+// The ATen calls inside the kernels (convolution, mm, addmm) must run in the
+// dtypes the kernel hands them: the operator has no autocast rule, so under
+// torch.autocast the autocast keys are still active when its kernels run, and
+// those calls would otherwise return bfloat16 or half tensors that the
+// element-wise kernels do not take. Hold one of these around them.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 struct ConvBlockArgs {
   int64_t stride;
@@ -76,11 +95,17 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, co
   TORCH_CHECK(a.stride == 1 || a.stride == 2, "conv_block: stride must be 1 or 2, got ", a.stride);
   TORCH_CHECK(a.padding >= 0 && 2 * a.padding == weight.size(2) - 1,
               "conv_block: padding must be (k - 1) / 2 = ", (weight.size(2) - 1) / 2, ", got ", a.padding);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "conv_block: only float32 and float64 are supported, got ", x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && bn_weight.scalar_type() == x.scalar_type() &&
-                  bn_bias.scalar_type() == x.scalar_type(),
-              "conv_block: all tensors must have the input's dtype ", x.scalar_type());
+  const auto dtype = x.scalar_type(), conv_dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "conv_block: only float32 and float64 inputs are supported, got ", dtype);
+  TORCH_CHECK(conv_dtype == dtype || (conv_dtype == at::kBFloat16 && dtype == at::kFloat),
+              "conv_block: the weight must have the input's dtype ", dtype,
+              " (or be bfloat16 with a float32 input, for a bf16 convolution), got ", conv_dtype);
+  TORCH_CHECK(!bias.has_value() || bias->scalar_type() == conv_dtype,
+              "conv_block: the conv bias must have the weight's dtype ", conv_dtype, ", got ",
+              bias.has_value() ? bias->scalar_type() : conv_dtype);
+  TORCH_CHECK(bn_weight.scalar_type() == dtype && bn_bias.scalar_type() == dtype,
+              "conv_block: the BatchNorm weight and bias must have the input's dtype ", dtype);
   const int64_t c = weight.size(0);
   TORCH_CHECK(bn_weight.numel() == c && bn_bias.numel() == c, "conv_block: BatchNorm weight and bias need ", c,
               " elements");
@@ -147,30 +172,39 @@ inline std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y
   return {gx, like(std::get<1>(res), weight)};
 }
 
-// The block's convolution, given the device's reflection-pad kernel: the input
-// is reflection-padded here, or zero-padded by the convolution itself.
+// The block's convolution, given the device's reflection-pad kernel
+// reflect_pad(x, pad, dtype): the input is reflection-padded here, or
+// zero-padded by the convolution itself. The convolution runs in the weight's
+// dtype (the input is converted on the way, in the padding copy when there is
+// one), and so does its output.
 template <typename ReflectPad>
 at::Tensor block_conv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                               int64_t stride, int64_t padding, bool reflect, ReflectPad reflect_pad) {
-  const auto xin = reflect && padding > 0 ? reflect_pad(x, padding) : canonical_cl(x);
+  const NoAutocast no_autocast;
+  const auto conv_dtype = weight.scalar_type();
+  const auto xin = reflect && padding > 0 ? reflect_pad(x, padding, conv_dtype) : canonical_cl(x, conv_dtype);
   return conv_forward(xin, weight, bias, stride, reflect ? 0 : padding);
 }
 
 // Gradients of block_conv_forward with respect to x (an empty tensor unless
-// need_grad_input) and weight, given the device's pad kernel and its adjoint.
-// The padded input is recomputed rather than saved by the forward.
+// need_grad_input; x's dtype) and weight (grad_y and the weight share a dtype),
+// given the device's pad kernel and its adjoint reflect_unpad(g, pad, sizes,
+// dtype). The padded input is recomputed rather than saved by the forward.
 template <typename ReflectPad, typename ReflectUnpad>
 std::tuple<at::Tensor, at::Tensor> block_conv_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                        const at::Tensor& weight, int64_t stride, int64_t padding,
                                                        bool reflect, bool need_grad_input, ReflectPad reflect_pad,
                                                        ReflectUnpad reflect_unpad) {
+  const NoAutocast no_autocast;
   const bool pad_here = reflect && padding > 0;
-  const auto xin = pad_here ? reflect_pad(x, padding) : canonical_cl(x);
+  const auto conv_dtype = weight.scalar_type();
+  const auto xin = pad_here ? reflect_pad(x, padding, conv_dtype) : canonical_cl(x, conv_dtype);
   auto [grad_xin, grad_weight] = conv_backward(grad_y, xin, weight, stride, reflect ? 0 : padding, need_grad_input);
   if (!need_grad_input) {
     return {at::empty({0}, x.options()), grad_weight};
   }
-  return {pad_here ? reflect_unpad(grad_xin, padding, x.sizes()) : canonical_cl(grad_xin), grad_weight};
+  const auto dtype = x.scalar_type();
+  return {pad_here ? reflect_unpad(grad_xin, padding, x.sizes(), dtype) : canonical_cl(grad_xin, dtype), grad_weight};
 }
 
 }  // namespace dip
