@@ -307,7 +307,8 @@ def test_demo_noise_level(tmp_path, capsys):
     assert "σ=50" in capsys.readouterr().out
 
 
-def test_batch_takes_sigma_in_0_255_units(tmp_path, monkeypatch):
+def _batch_options(tmp_path, monkeypatch, *options) -> dict:
+    """The keyword arguments `dip batch … OPTIONS` passes to dip.restore_many (which is not run)."""
     import dip
 
     seen = {}
@@ -321,11 +322,13 @@ def test_batch_takes_sigma_in_0_255_units(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dip, "restore_many", fake_restore_many)
     (tmp_path / "in").mkdir()
-    assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise", "--sigma", "25",
+    assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise", *options,
                  "-q"]) == 0
-    assert seen["noise_sigma"] == pytest.approx(25 / 255)
-    assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise", "--sigma", "-1",
-                 "-q"]) == 1
+    return seen
+
+
+def test_batch_takes_sigma_in_0_255_units(tmp_path, monkeypatch):
+    assert _batch_options(tmp_path, monkeypatch, "--sigma", "25")["noise_sigma"] == pytest.approx(25 / 255)
 
 
 # ---- issue 15: ensembles, the uncertainty map, the blind noise level, SSIM -------------------------------------
@@ -377,19 +380,5 @@ def test_info_says_what_ensembles_run_on(capsys):
 
 
 def test_batch_takes_ensemble_and_blind_sigma(tmp_path, monkeypatch):
-    import dip
-
-    seen = {}
-
-    class Summary:
-        interrupted, failed, records, manifest = False, 0, [], tmp_path / "manifest.jsonl"
-
-    def fake_restore_many(*args, **kwargs):
-        seen.update(kwargs)
-        return Summary()
-
-    monkeypatch.setattr(dip, "restore_many", fake_restore_many)
-    (tmp_path / "in").mkdir()
-    assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise", "--sigma", "auto",
-                 "--ensemble", "2", "-q"]) == 0
+    seen = _batch_options(tmp_path, monkeypatch, "--sigma", "auto", "--ensemble", "2")
     assert seen["noise_sigma"] == "auto" and seen["ensemble"] == 2
