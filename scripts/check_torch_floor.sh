@@ -9,7 +9,7 @@
 # an in-place build there would replace its dip/_C*.so, which is built against your own torch.
 # A second run reuses the venv and recompiles only when setup.py, pyproject.toml or csrc/ changed.
 #
-# Usage: bash scripts/check_torch_floor.sh   (or make test-torch-floor; about 45 minutes on 2 cores)
+# Usage: bash scripts/check_torch_floor.sh   (or make test-torch-floor; about 26 minutes on 2 cores)
 # Environment:
 #   TORCH_FLOOR_VENV  the virtual environment (default: <repo>/.venv-torch-floor, git-ignored)
 #   PYTHON            the interpreter that creates it (default: python3)
