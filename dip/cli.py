@@ -47,22 +47,22 @@ class Terminated(KeyboardInterrupt):
 # Parser
 
 
-def _iterations(text: str):
+def _number_or_auto(text: str, convert, expected: str):
+    """An argparse type: 'auto' (any case), or ``convert(text)``; ``expected`` names the number in the error."""
     if text.strip().lower() == "auto":
         return "auto"
     try:
-        return int(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected} or 'auto', got {text!r}") from None
+
+
+def _iterations(text: str):
+    return _number_or_auto(text, int, "a whole number")
 
 
 def _sigma(text: str):
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a noise std in 0–255 units or 'auto', got {text!r}") from None
+    return _number_or_auto(text, float, "a noise std in 0–255 units")
 
 
 def _color(text: str) -> tuple:
