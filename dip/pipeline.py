@@ -277,11 +277,11 @@ def _combine_members(result: FitResult, stopper, members: int) -> tuple[FitResul
 
 def _set_threads(threads: Union[int, str, None], device: torch.device):
     """Apply ``threads=``; with ``"auto"`` on the CPU, also return the governor that adapts it during the fit."""
-    from dip.threads import AUTO, ThreadGovernor, configure_threads
+    from dip.threads import ThreadGovernor, configure_threads
 
     if threads is None:
         return None
-    if isinstance(threads, str) and threads.strip().lower() == AUTO:
+    if is_auto(threads):
         count = configure_threads(None)
         return ThreadGovernor() if device.type == "cpu" and count > 1 else None
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
