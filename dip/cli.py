@@ -315,6 +315,7 @@ def _restore(args) -> int:
     _check_arguments(args, task)  # before torch loads: a typo is answered at once
     image, input_format = _read_input(args.input)
     output = _output_target(args, input_format)
+    image = _load_input(image, args)
     image, mask = _inpaint_mask(args, task, image)
     _check_output_format(output, image, mask)
     exports = _export_targets(args)
@@ -578,16 +579,29 @@ def _inpaint_mask(args, task: Task, image):
         return image, "alpha"  # restore() reads the transparent pixels as the missing ones
     from dip.io import resolve_mask
 
-    return image, resolve_mask(None, image, mask_color=args.mask_color)
+    return image, resolve_mask(None, image, mask_color=args.mask_color, max_pixels=_max_pixels(args))
+
+
+def _load_input(image, args):
+    """The input decoded once, under --max-pixels; restore() and the checks before it take this LoadedImage."""
+    from dip.io import load_image
+
+    return load_image(image, max_pixels=_max_pixels(args))
+
+
+def _max_pixels(args) -> int:
+    from dip.io import MAX_PIXELS
+
+    return MAX_PIXELS if args.max_pixels is None else args.max_pixels
 
 
 def _check_output_format(output: _Output, image, mask) -> None:
     """Refuse, before the fit, an output format that cannot hold the result (alpha or 16 bits into JPEG …)."""
     import dataclasses
 
-    from dip.io import check_output_format, load_image
+    from dip.io import check_output_format
 
-    meta = load_image(image).meta
+    meta = image.meta
     if isinstance(mask, str) and mask == "alpha":  # the transparent holes are filled: no alpha comes back
         meta = dataclasses.replace(meta, alpha=False)
     check_output_format(output.path or Path("stdout" + output.suffix), meta)

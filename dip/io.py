@@ -138,13 +138,19 @@ class _Decoded:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def load_image(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> LoadedImage:
+def load_image(image: Union[ImageLike, LoadedImage], *, name: str = "image", max_pixels: int = MAX_PIXELS) -> LoadedImage:
     """Read ``image`` (path, PIL image, numpy array or tensor) into a :class:`LoadedImage`.
 
     16-bit and float sources keep their precision (as float32); float data
     outside [0, 1] is mapped to [0, 1] by its own range, which is recorded in
     ``meta.value_range`` (and logged) so that :func:`save_image` maps it back.
+    A :class:`LoadedImage` is returned as it is (after the size check), so an
+    image read once is not decoded again.
     """
+    if isinstance(image, LoadedImage):
+        h, w = image.size
+        _check_pixels((w, h), name, max_pixels)
+        return image
     decoded = decode(image, name=name, max_pixels=max_pixels)
     return _to_loaded(decoded, name, max_pixels)
 

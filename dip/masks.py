@@ -63,7 +63,7 @@ def _finish(known: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def mask_from_alpha(image: Union[LoadedImage, ImageLike], *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """The mask of an image with transparency: fully transparent pixels (alpha = 0) are the missing ones."""
-    loaded = image if isinstance(image, LoadedImage) else load_image(image, max_pixels=max_pixels)
+    loaded = load_image(image, max_pixels=max_pixels)
     if loaded.alpha is None:
         raise DipError(f"mask 'alpha' needs an image with an alpha channel (RGBA or grey+alpha); {loaded.source} "
                        "has none: give a mask file or a mask colour")
@@ -82,7 +82,7 @@ def mask_from_color(image: Union[LoadedImage, ImageLike], color: Sequence[float]
     it are missing. Use a colour the image does not otherwise contain (pure
     magenta ``(255, 0, 255)`` is the usual choice) and a lossless format.
     """
-    loaded = image if isinstance(image, LoadedImage) else load_image(image, max_pixels=max_pixels)
+    loaded = load_image(image, max_pixels=max_pixels)
     channels = loaded.tensor.shape[0]
     try:
         key = [float(v) for v in color]
@@ -121,5 +121,5 @@ def resolve_mask(mask: Optional[MaskLike], image: Union[LoadedImage, ImageLike],
                        "transparent holes, or a mask colour")
     if isinstance(mask, str) and mask == ALPHA:  # the word itself; a file named so is given as ./alpha
         return mask_from_alpha(image, max_pixels=max_pixels)
-    loaded = image if isinstance(image, LoadedImage) else load_image(image, max_pixels=max_pixels)
+    loaded = load_image(image, max_pixels=max_pixels)
     return load_mask(mask, loaded.size, max_pixels=max_pixels)

@@ -99,7 +99,8 @@ def restore(
     Args:
         image: the degraded observation: a path, PIL image, numpy array (H×W or
             H×W×C; uint8, uint16 or float in [0, 1]) or tensor (C×H×W or 1×C×H×W
-            in [0, 1]). Gray, RGB and RGBA (alpha is passed through) work.
+            in [0, 1]), or a :class:`dip.io.LoadedImage` already read by
+            :func:`dip.io.load_image`. Gray, RGB and RGBA (alpha is passed through) work.
         task: ``"denoise"``, ``"super_resolution"`` (needs ``factor``),
             ``"inpaint"`` (needs ``mask``), or ``"custom"`` (needs ``operator``).
         factor: super-resolution factor (integer 2–32); the result is

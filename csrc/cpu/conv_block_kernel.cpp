@@ -24,25 +24,10 @@
 #include <vector>
 
 #include "dip/conv_block.h"
+#include "dip/cpu_rows.h"
 
 namespace dip {
 namespace {
-
-// Rows are split into a fixed number of chunks so reductions give the same
-// bits whatever the thread scheduling.
-int64_t num_chunks(int64_t rows) {
-  const int64_t min_rows = 256;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / min_rows));
-}
-
-// Row kernels: one row of c channels, restrict pointers and no branches so
-// that GCC vectorises them; every rows-loop below is compiled for several
-// instruction sets (target_clones) and the best one is picked at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DIP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DIP_CLONES
-#endif
 
 // Element access in a storage type, computing in float or double. bfloat16 is
 // converted on its bits, with the values of c10's conversions (round to
@@ -307,27 +292,6 @@ DIP_ROW_SUMS(float, float)
 DIP_ROW_SUMS(double, double)
 DIP_ROW_SUMS(at::BFloat16, float)
 #undef DIP_ROW_SUMS
-
-// Reduces rows x c in a fixed number of chunks, each with its own double
-// partial sums, then adds the partials in chunk order (reproducible).
-template <typename F>
-void reduce_rows(int64_t m, int64_t c, std::vector<double>& s, std::vector<double>& q, const F& chunk_sums) {
-  const int64_t chunks = num_chunks(m);
-  std::vector<double> part(chunks * 2 * c, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      chunk_sums(t * m / chunks, (t + 1) * m / chunks, part.data() + t * 2 * c, part.data() + t * 2 * c + c);
-    }
-  });
-  s.assign(c, 0.0);
-  q.assign(c, 0.0);
-  for (int64_t t = 0; t < chunks; ++t) {
-    for (int64_t k = 0; k < c; ++k) {
-      s[k] += part[t * 2 * c + k];
-      q[k] += part[t * 2 * c + c + k];
-    }
-  }
-}
 
 // Per-channel mean and biased variance of a rows x c matrix, summed around a
 // per-channel shift (the first row) so that large means do not cancel the

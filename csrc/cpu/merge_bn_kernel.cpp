@@ -13,26 +13,16 @@
 #include <vector>
 
 #include "dip/conv_block.h"
+#include "dip/cpu_rows.h"
 
 namespace dip {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DIP_MB_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DIP_MB_CLONES
-#endif
-
-// Rows are reduced in a fixed number of chunks (same bits whatever the scheduling).
-int64_t chunks_of(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 256));
-}
 
 constexpr int64_t kRun = 16;  // rows summed in T before flushing into double
 
 // Sums over rows [r0, r1) of (x - x0) and (x - x0)^2, x with row stride ld, c channels.
 template <typename T>
-DIP_MB_CLONES void shifted_sums(const T* x, int64_t ld, int64_t c, int64_t r0, int64_t r1, double* s, double* q) {
+DIP_CLONES void shifted_sums(const T* x, int64_t ld, int64_t c, int64_t r0, int64_t r1, double* s, double* q) {
   std::vector<T> run(2 * c);
   T* __restrict rs = run.data();
   T* __restrict rq = run.data() + c;
@@ -55,7 +45,7 @@ DIP_MB_CLONES void shifted_sums(const T* x, int64_t ld, int64_t c, int64_t r0, i
 
 // Sums over rows of g and g * (x - mean) * invstd (g with row stride ldg, x with ldx).
 template <typename T>
-DIP_MB_CLONES void grad_sums(const T* g, int64_t ldg, const T* x, int64_t ldx, const T* mean, const T* invstd,
+DIP_CLONES void grad_sums(const T* g, int64_t ldg, const T* x, int64_t ldx, const T* mean, const T* invstd,
                              int64_t c, int64_t r0, int64_t r1, double* s, double* q) {
   std::vector<T> run(2 * c);
   T* __restrict rs = run.data();
@@ -79,7 +69,7 @@ DIP_MB_CLONES void grad_sums(const T* g, int64_t ldg, const T* x, int64_t ldx, c
 
 // out = x * scale + shift on rows [r0, r1) (x row stride ldx, out row stride ldo).
 template <typename T>
-DIP_MB_CLONES void affine_rows(const T* x, int64_t ldx, const T* scale, const T* shift, T* out, int64_t ldo, int64_t c,
+DIP_CLONES void affine_rows(const T* x, int64_t ldx, const T* scale, const T* shift, T* out, int64_t ldo, int64_t c,
                                int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict xr = x + r * ldx;
@@ -90,33 +80,13 @@ DIP_MB_CLONES void affine_rows(const T* x, int64_t ldx, const T* scale, const T*
 
 // grad = g * scale + xhat * a + b with xhat = (x - mean) * invstd.
 template <typename T>
-DIP_MB_CLONES void grad_rows(const T* g, int64_t ldg, const T* x, int64_t ldx, const T* mean, const T* invstd,
+DIP_CLONES void grad_rows(const T* g, int64_t ldg, const T* x, int64_t ldx, const T* mean, const T* invstd,
                              const T* scale, const T* ca, const T* cb, T* out, int64_t c, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict gr = g + r * ldg;
     const T* __restrict xr = x + r * ldx;
     T* __restrict o = out + r * c;
     for (int64_t k = 0; k < c; ++k) o[k] = gr[k] * scale[k] + ((xr[k] - mean[k]) * invstd[k]) * ca[k] + cb[k];
-  }
-}
-
-// Per-channel reduction of a rows x c block in fixed chunks, partials added in order.
-template <typename F>
-void reduce(int64_t m, int64_t c, std::vector<double>& s, std::vector<double>& q, const F& sums) {
-  const int64_t chunks = chunks_of(m);
-  std::vector<double> part(chunks * 2 * c, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      sums(t * m / chunks, (t + 1) * m / chunks, part.data() + t * 2 * c, part.data() + t * 2 * c + c);
-    }
-  });
-  s.assign(c, 0.0);
-  q.assign(c, 0.0);
-  for (int64_t t = 0; t < chunks; ++t) {
-    for (int64_t k = 0; k < c; ++k) {
-      s[k] += part[t * 2 * c + k];
-      q[k] += part[t * 2 * c + c + k];
-    }
   }
 }
 
@@ -163,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_bn_cpu(const at::Tensor& a,
       for (int p = 0, off = 0; p < 2; off += widths[p], ++p) {
         std::vector<double> s, q;
         const int64_t w = widths[p];
-        reduce(m, w, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq) {
+        reduce_rows(m, w, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq) {
           shifted_sums<T>(parts[p], w, w, r0, r1, ps, pq);
         });
         for (int64_t k = 0; k < w; ++k) {
@@ -222,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_bn_backward_cpu
     for (int p = 0, off = 0; p < 2; off += widths[p], ++p) {
       const int64_t w = widths[p];
       std::vector<double> s, q;
-      reduce(m, w, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq) {
+      reduce_rows(m, w, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq) {
         grad_sums<T>(pgo + off, c, parts[p], w, pm + off, invstd.data() + off, w, r0, r1, ps, pq);
       });
       for (int64_t k = 0; k < w; ++k) {

@@ -9,16 +9,11 @@
 #include <vector>
 
 #include "dip/conv_block.h"
+#include "dip/cpu_rows.h"
 #include "dip/upsample.h"
 
 namespace dip {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DIP_UP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DIP_UP_CLONES
-#endif
 
 // d = wa * a + wb * b over c channels.
 template <typename T>
@@ -35,7 +30,7 @@ inline void axpy(T* __restrict d, const T* __restrict a, T w, int64_t c) {
 // One output row: out row (2w pixels) from input rows r0 (weight 0.75) and r1 (0.25).
 // tmp holds the vertically mixed input row (w pixels).
 template <typename T>
-DIP_UP_CLONES void up_row(const T* r0, const T* r1, T* tmp, T* out, int64_t w, int64_t c) {
+DIP_CLONES void up_row(const T* r0, const T* r1, T* tmp, T* out, int64_t w, int64_t c) {
   for (int64_t j = 0; j < w; ++j) mix2(tmp + j * c, r0 + j * c, r1 + j * c, T(0.75), T(0.25), c);
   for (int64_t o = 0; o < 2 * w; ++o) {
     int64_t j0, j1;
@@ -64,7 +59,7 @@ void upsample_forward_kernel(const at::Tensor& x, at::Tensor& out) {
 // One input row of the gradient: rows (of 2w pixels) gathered with their
 // weights into tmp, then each input pixel gathers its (up to 4) columns.
 template <typename T>
-DIP_UP_CLONES void up_grad_row(const T* const* rows, const T* rw, int nr, T* tmp, T* out, int64_t w, int64_t c) {
+DIP_CLONES void up_grad_row(const T* const* rows, const T* rw, int nr, T* tmp, T* out, int64_t w, int64_t c) {
   mix2(tmp, rows[0], rows[1], rw[0], rw[1], 2 * w * c);
   for (int a = 2; a < nr; ++a) axpy(tmp, rows[a], rw[a], 2 * w * c);
   for (int64_t j = 0; j < w; ++j) {

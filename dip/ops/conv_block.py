@@ -77,6 +77,25 @@ def _averaging_factor(
     return momentum
 
 
+def _update_running_stats(
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    training: bool,
+    momentum: Optional[float],
+) -> None:
+    """Fold a fused operator's batch ``mean`` and biased ``var`` (of ``out``) into the running stats, as BatchNorm2d."""
+    if training and running_mean is not None and running_var is not None:
+        factor = _averaging_factor(training, momentum, running_mean, num_batches_tracked)
+        count = out.numel() // out.size(1)
+        unbiased = var.detach() * (count / max(count - 1, 1))
+        running_mean.mul_(1.0 - factor).add_(mean.detach(), alpha=factor)
+        running_var.mul_(1.0 - factor).add_(unbiased, alpha=factor)
+
+
 def fused_available(x: torch.Tensor) -> bool:
     """True when the compiled conv block runs on ``x``'s device and dtype."""
     if not has_op("conv_block") or x.dtype not in (torch.float32, torch.float64):
@@ -135,12 +154,7 @@ def conv_block(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, use_batch_stats,
         stride, padding, reflect, eps, slope,
     )
-    if training and running_mean is not None and running_var is not None:
-        factor = _averaging_factor(training, momentum, running_mean, num_batches_tracked)
-        count = out.numel() // out.size(1)
-        unbiased = var.detach() * (count / max(count - 1, 1))
-        running_mean.mul_(1.0 - factor).add_(mean.detach(), alpha=factor)
-        running_var.mul_(1.0 - factor).add_(unbiased, alpha=factor)
+    _update_running_stats(out, mean, var, running_mean, running_var, num_batches_tracked, training, momentum)
     return out
 
 

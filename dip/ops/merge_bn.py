@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dip._extension import has_op
-from dip.ops.conv_block import _averaging_factor
+from dip.ops.conv_block import _averaging_factor, _update_running_stats
 
 
 def merge_bn_reference(
@@ -69,12 +69,7 @@ def merge_bn(
                                       training, momentum, eps)
     use_batch_stats = training or running_mean is None
     out, mean, var = torch.ops.dip.merge_bn(a, b, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, eps)
-    if training and running_mean is not None and running_var is not None:
-        factor = _averaging_factor(training, momentum, running_mean, num_batches_tracked)
-        count = out.numel() // out.size(1)
-        unbiased = var.detach() * (count / max(count - 1, 1))
-        running_mean.mul_(1.0 - factor).add_(mean.detach(), alpha=factor)
-        running_var.mul_(1.0 - factor).add_(unbiased, alpha=factor)
+    _update_running_stats(out, mean, var, running_mean, running_var, num_batches_tracked, training, momentum)
     return out
 
 

@@ -24,6 +24,35 @@ def test_denoise(tiny_png, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_input_is_decoded_once(tiny_png, tmp_path, monkeypatch):
+    # Regression: the output-format check decoded the input a second time before restore() decoded it again.
+    import dip.io
+
+    calls = []
+    decode = dip.io.decode
+    monkeypatch.setattr(dip.io, "decode", lambda image, **kw: calls.append(image) or decode(image, **kw))
+    assert main(["denoise", str(tiny_png), "-o", str(tmp_path / "out.png"), "--iterations", "1", "--network", "small",
+                 "-q"]) == 0
+    assert calls == [str(tiny_png)]
+
+
+def test_max_pixels_above_the_default_is_honoured_by_every_check(tiny_png, tmp_path, monkeypatch):
+    # Regression: the output-format check read the input under the default limit, not under --max-pixels,
+    # so an image between the two was refused although the user raised the limit.
+    import dip.io
+
+    monkeypatch.setattr(dip.io, "MAX_PIXELS", 100)
+    monkeypatch.setitem(dip.io.load_image.__kwdefaults__, "max_pixels", 100)
+    out = tmp_path / "out.png"
+    assert main(["denoise", str(tiny_png), "-o", str(out), "--iterations", "1", "--network", "small", "-q",
+                 "--max-pixels", "1000"]) == 0
+    holed = np.asarray(Image.open(tiny_png).convert("RGB")).copy()
+    holed[4:8, 4:8] = (255, 0, 255)
+    Image.fromarray(holed).save(tmp_path / "holed.png")
+    assert main(["inpaint", str(tmp_path / "holed.png"), "-o", str(out), "--iterations", "1", "--network", "small",
+                 "-q", "--mask-color", "255,0,255", "--max-pixels", "1000"]) == 0
+
+
 def test_super_resolve(tiny_png, tmp_path):
     out = tmp_path / "sr.png"
     assert main(["super-resolve", str(tiny_png), "-o", str(out), "--factor", "2", "--iterations", "2",
