@@ -153,6 +153,8 @@ def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
     if r.members is not None:
         record["member_psnr"] = [dip.psnr(m, gt) for m in r.members]
         record["member_iterations"] = r.member_iterations
+    if args.history:  # to replay other stop rules offline: the stop signal and both PSNR curves, per iteration
+        record["history"] = {k: v for k, v in r.history.as_dict().items() if k in ("variance", "psnr", "psnr_ema")}
     if members == min(args.ensemble) and precision == args.precision[0] and not args.no_classical:
         record["classical"] = classical(observed, gt, args.sigma / 255)
     return record
@@ -205,6 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--blind-sigma", action="store_true",
                         help="also stop at the estimated noise level (noise_sigma='auto')")
     parser.add_argument("--no-classical", action="store_true", help="skip CBM3D and NLM")
+    parser.add_argument("--history", action="store_true",
+                        help="keep each fit's per-iteration stop signal and PSNR curves in the JSON")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds after which no new fit starts")
     parser.add_argument("--json", type=Path, default=None, help="write the records and the machine here")
     args = parser.parse_args(argv)
