@@ -154,7 +154,7 @@ def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
         record["member_psnr"] = [dip.psnr(m, gt) for m in r.members]
         record["member_iterations"] = r.member_iterations
     if args.history:  # to replay other stop rules offline: the stop signal and both PSNR curves, per iteration
-        record["history"] = {k: v for k, v in r.history.as_dict().items() if k in ("variance", "psnr", "psnr_ema")}
+        record["history"] = {k: v for k, v in r.history.as_dict().items() if k in ("variance", "loss", "psnr", "psnr_ema")}
     if members == min(args.ensemble) and precision == args.precision[0] and not args.no_classical:
         record["classical"] = classical(observed, gt, args.sigma / 255)
     return record

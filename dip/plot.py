@@ -18,13 +18,15 @@ _FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", ".jpg": "jpg", ".jpeg":
 
 
 def plot_history(history: History, path: Union[str, os.PathLike], *, stopped_at: int = 0,
-                 iterations: Optional[int] = None, title: str = "dip") -> Path:
+                 iterations: Optional[int] = None, title: str = "dip", psnr: Optional[float] = None) -> Path:
     """Write the curves of ``history`` to ``path`` (.png, .pdf, .svg or .jpg), atomically.
 
     Top panel: the loss (log scale) and, when recorded, the moving variance
     of the outputs; bottom panel (with a reference): PSNR of the raw output
     and of the moving average, with the peak marked. A vertical line marks
-    ``stopped_at``, the iteration of the returned image; crosses on the loss
+    ``stopped_at``, the iteration of the returned image, and a square its
+    ``psnr`` (default: the average's at ``stopped_at``; the automatic stop's
+    image is the average read later, centred there); crosses on the loss
     mark the divergence guard's rollbacks.
     """
     path = Path(path)
@@ -69,7 +71,8 @@ def plot_history(history: History, path: Union[str, os.PathLike], *, stopped_at:
         ax2.plot([peak + 1], [history.psnr_ema[peak]], "o", color="tab:green",
                  label=f"peak {history.psnr_ema[peak]:.2f} dB @ {peak + 1}")
         if 1 <= stopped_at <= len(steps):
-            ax2.plot([stopped_at], [history.psnr_ema[stopped_at - 1]], "s", color="black", ms=5)
+            ax2.plot([stopped_at], [history.psnr_ema[stopped_at - 1] if psnr is None else psnr], "s", color="black",
+                     ms=5)
         ax2.set_ylabel("PSNR (dB)")
         ax2.legend(loc="lower right", fontsize=8)
     for a in axes:

@@ -23,7 +23,8 @@ class Restoration:
 
     ``image`` is the exponential moving average of the network outputs (what
     the original work reports) at iteration ``stopped_at`` — the end of the
-    fit, or with the automatic stop the iterate it picked — cropped to the
+    fit — or with the automatic stop centred on the iterate it picked (read
+    ``FitSettings.average_lag`` iterations later, see :mod:`dip.fit.stopping`), cropped to the
     image and with the alpha channel, if the input had one, put back.
     ``network`` holds the weights of that same iterate ``stopped_at``, so
     :meth:`render`, every export and ``init=`` warm starts use the network
@@ -177,7 +178,7 @@ class Restoration:
         from dip.plot import plot_history
 
         return plot_history(self.history, path, stopped_at=self.stopped_at, iterations=self.iterations,
-                            title=title or f"dip {self.task}: {self.stop_reason}")
+                            title=title or f"dip {self.task}: {self.stop_reason}", psnr=self.psnr)
 
     def __repr__(self) -> str:
         h, w, c = self.image.shape

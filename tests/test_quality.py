@@ -83,6 +83,22 @@ def test_member_stopper_keeps_each_members_minimum():
     assert it == second + 50
 
 
+def test_member_stopper_reads_each_members_average_one_lag_after_its_minimum():
+    """The average handed back per member (the default ``centred_ema``) is read a delay after its own minimum."""
+    gen = torch.Generator().manual_seed(0)
+    stopper = MemberVarianceStopper(EarlyStopping(window=10, patience=50), check_every=1)
+    stopper._lag = 20
+    base = torch.rand(2, 1, 5, 5, generator=gen)
+    for it in range(1, 260):
+        amp = torch.tensor([0.01 + abs(it - 60) / 60, 0.01 + abs(it - 140) / 60]).view(2, 1, 1, 1)
+        stopper.update(base + amp * torch.randn(base.shape, generator=gen), torch.full((2, 1, 5, 5), float(it)), it)
+        if stopper.should_stop(it):
+            break
+    first, second = stopper.member_iterations()
+    image = stopper.image(torch.full((2, 1, 5, 5), float(it)))
+    assert image[:, 0, 0, 0].tolist() == [first + min(first // 5, 20), second + 20]
+
+
 def test_ensemble_beats_its_members(clean64, noisy):
     clean = clean64[:32, :32]
     r = dip.restore(noisy(clean), iterations=60, ensemble=2, reference=clean, **TINY)

@@ -56,6 +56,7 @@ class MemberVarianceStopper(VarianceStopper):
             self.best_variance = self._current_variance.clone()
             self._first_best_weights()
             self._keep_previous_weights()
+            self._centre(ema, iteration)
             return score.mean()
         if self.best_variance is None:  # resumed from a single-fit stopper's checkpoint
             self.best_variance = self._current_variance.clone()
@@ -69,6 +70,7 @@ class MemberVarianceStopper(VarianceStopper):
         torch.where(pick, self._current_variance, self.best_variance, out=self.best_variance)
         self._pick_weights(better)
         self._keep_previous_weights()
+        self._centre(ema, iteration)
         return score.mean()
 
     def _pick(self, better: torch.Tensor, new: dict, kept: dict) -> None:

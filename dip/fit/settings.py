@@ -32,6 +32,7 @@ class StopReason(str, Enum):
 class Selection(str, Enum):
     """Which image an automatic stop returns (``EarlyStopping.select``)."""
 
+    CENTRED_EMA = "centred_ema"  # moving average of outputs read a delay after the variance minimum (centred on it)
     BEST_EMA = "best_ema"  # moving average of outputs at the variance minimum
     BEST_OUTPUT = "best_output"  # raw network output at the variance minimum
     BLEND = "blend"  # mean of those two
@@ -105,15 +106,15 @@ class EarlyStopping:
     ``window``: outputs the variance is taken over (the effective window of the
     exponential average in ``mode="ema"``). ``patience``: iterations without a
     new variance minimum before the fit stops. ``select``: the returned image
-    (a :class:`Selection`: ``best_ema``, ``best_output``, ``blend``, ``ema`` or
-    ``weight_ema``; only ``weight_ema`` makes the fit keep a moving average of
+    (a :class:`Selection`: ``centred_ema``, ``best_ema``, ``best_output``,
+    ``blend``, ``ema`` or ``weight_ema``; only ``weight_ema`` makes the fit keep a moving average of
     the weights, see :class:`~dip.fit.stopping.VarianceStopper`).
     """
 
     window: int = 100
     patience: int = 500
     mode: StopMode = StopMode.EMA
-    select: Selection = Selection.BEST_EMA
+    select: Selection = Selection.CENTRED_EMA
 
     def __post_init__(self):
         for name in ("window", "patience"):
@@ -255,6 +256,18 @@ class FitSettings:
         if n is None:
             raise DipError("the settings have no iteration count yet; call for_task() first")
         return int(n)
+
+    @property
+    def average_lag(self) -> int:
+        """How many iterations the moving average of the outputs trails the network: the mean age of its terms.
+
+        Once the average has many terms, the output of j iterations ago weighs
+        (1 − w)·w^j, so their mean age is w / (1 − w): 99 iterations at the
+        default w = 0.99: the latest :attr:`Selection.CENTRED_EMA` reads the
+        average after the variance minimum.
+        """
+        w = self.ema_weight
+        return round(w / (1.0 - w)) if w < 1 else 0
 
     def average_keep(self, count: int) -> float:
         """The share of its old value the moving average keeps when its ``count``-th value (1-based) arrives.

@@ -15,6 +15,16 @@ the moving average, and the network's weights, so that the network a
 one that produced the returned image. The fit stops once the variance has not
 reached a new minimum for ``patience`` iterations.
 
+The moving average of the outputs trails the network: at the variance minimum
+it mostly holds earlier, worse outputs, and its own PSNR peaks later. The
+default selection, ``centred_ema`` (:attr:`Selection.CENTRED_EMA`), therefore
+keeps the average read a delay after the minimum: a fifth of the minimum's
+iteration (a fit's pace scales with it), at most the average's own lag
+(:attr:`~dip.fit.settings.FitSettings.average_lag`, the mean age of its terms:
+99 iterations at the default decay). A fit that ends before then returns its
+last average. Measured against reading at the minimum (``best_ema``) in
+``benchmarks/RESULTS.md``.
+
 With ``select="weight_ema"`` (:attr:`Selection.WEIGHT_EMA`) it keeps instead a
 moving average of the weights (Polyak averaging of the parameters, with the
 outputs' ``ema_weight`` and bias correction) and, at every new minimum, that
@@ -30,7 +40,7 @@ import torch
 
 from dip.errors import DipError
 from dip.fit.monitors import Monitor
-from dip.fit.settings import EarlyStopping, Selection, StopMode, StopReason
+from dip.fit.settings import EarlyStopping, FitSettings, Selection, StopMode, StopReason
 
 if TYPE_CHECKING:  # pragma: no cover
     from dip.fit.loop import FitLoop, Step
@@ -75,9 +85,13 @@ class VarianceStopper(Monitor):
         self._net = None
         self._parameters: Optional[dict] = None  # detached views of the live parameters (weight_ema only)
         self._keep = None  # FitSettings.average_keep of the fit
+        self._lag = FitSettings().average_lag  # the fit's, from on_start
+        self._iteration = 0  # the latest iteration seen (host side: no sync)
+        self.centred_ema: Optional[torch.Tensor] = None  # the average read average_lag after the minimum
 
     def on_start(self, loop: FitLoop) -> None:
         self._net = loop.net
+        self._lag = loop.settings.average_lag
         if self.config.select is Selection.WEIGHT_EMA:
             self._parameters = {name: p.detach() for name, p in loop.net.named_parameters()}
             self._keep = loop.settings.average_keep
@@ -127,6 +141,7 @@ class VarianceStopper(Monitor):
             self.best_output, self.best_ema = out.clone(), ema.detach().clone()
             self._first_best_weights()
             self._keep_previous_weights()
+            self._centre(ema, iteration)
             return score
         better = score < self.best_score
         torch.where(better, score, self.best_score, out=self.best_score)
@@ -136,7 +151,27 @@ class VarianceStopper(Monitor):
         torch.where(better, ema.detach(), self.best_ema, out=self.best_ema)
         self._pick_weights(better)
         self._keep_previous_weights()
+        self._centre(ema, iteration)
         return score
+
+    def _centred_at(self) -> torch.Tensor:
+        """When the average centred on the current minimum is read (per member): see the module docstring."""
+        return self.best_iteration + torch.clamp(self.best_iteration // 5, max=self._lag)
+
+    def _centre(self, ema: torch.Tensor, iteration: int) -> None:
+        """Keep the average of the iteration :meth:`_centred_at` gives (per member): a select on the device."""
+        self._iteration = iteration
+        if self.centred_ema is None:
+            self.centred_ema = ema.detach().clone()
+        due = self._centred_at() == iteration
+        torch.where(due.view(-1, *([1] * (ema.dim() - 1))), ema.detach(), self.centred_ema, out=self.centred_ema)
+
+    def _centred_image(self, ema: torch.Tensor) -> torch.Tensor:
+        """:attr:`Selection.CENTRED_EMA`: the kept average where it is due, the latest ``ema`` where the fit ended first."""
+        if self.centred_ema is None:  # resumed from a checkpoint that kept none
+            return self.best_ema
+        ready = self._centred_at() <= self._iteration
+        return torch.where(ready.view(-1, *([1] * (ema.dim() - 1))), self.centred_ema, ema)
 
     def _average_weights(self, iteration: int) -> None:
         """Add the weights after step ``iteration`` to their moving average (weight_ema only): one fused op."""
@@ -221,6 +256,8 @@ class VarianceStopper(Monitor):
             return self.best_output
         if select is Selection.BEST_EMA:
             return self.best_ema
+        if select is Selection.CENTRED_EMA:
+            return self._centred_image(ema)
         if select is Selection.WEIGHT_EMA:
             if self.weight_ema_image is None:
                 raise DipError("the weight_ema image needs early_stopping select='weight_ema' and render_average()")
@@ -240,7 +277,7 @@ class VarianceStopper(Monitor):
         return self.best_output is not None and self.config.select is not Selection.EMA
 
     _STATE = ("_mean", "_var", "_ring", "best_score", "best_iteration", "best_output", "best_ema", "best_weights",
-              "_previous", "weight_average", "best_weight_average")
+              "_previous", "weight_average", "best_weight_average", "centred_ema")
 
     def state_dict(self) -> dict:
         """The tensors that resume the stopper exactly (for checkpoints and rollbacks)."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 import dip
 from dip.errors import DipError
-from dip.fit import EarlyStopping, GuardSettings, StopReason
+from dip.fit import EarlyStopping, FitSettings, GuardSettings, Selection, StopReason
 from dip.fit.stopping import VarianceStopper
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +41,43 @@ def test_stopper_finds_the_quietest_stretch(mode):
             break
     assert 125 <= stopper.best() <= 175, stopper.best()
     assert stopped == stopper.best() + 60
+
+
+def _quiet_at(minimum: int, steps: int, lag: int, select=None):
+    """A stopper fed outputs whose jitter is smallest at ``minimum``; the moving average is the iteration number."""
+    gen = torch.Generator().manual_seed(0)
+    stopper = VarianceStopper(EarlyStopping(window=5, patience=1000, **({"select": select} if select else {})))
+    stopper._lag = lag
+    for it in range(1, steps + 1):
+        out = torch.rand(1, 1, 4, 4, generator=gen) * (0.01 + abs(it - minimum) / 100)
+        stopper.update(out, torch.full((1, 1, 4, 4), float(it)), it)
+    return stopper
+
+
+def test_the_default_image_is_the_average_read_a_fifth_later_than_the_minimum():
+    """The average trails the outputs: at the minimum it mostly holds older, worse outputs."""
+    stopper = _quiet_at(minimum=40, steps=120, lag=30)
+    best = stopper.best()
+    assert 40 <= best <= 50  # the moving variance trails the quietest output by a few steps
+    assert EarlyStopping().select is Selection.CENTRED_EMA
+    assert float(stopper.image(torch.full((1, 1, 4, 4), 120.0)).mean()) == best + best // 5
+    assert float(stopper.image(None, Selection.BEST_EMA).mean()) == best
+
+
+def test_the_delay_is_at_most_the_average_lag():
+    stopper = _quiet_at(minimum=40, steps=120, lag=3)
+    assert float(stopper.image(torch.full((1, 1, 4, 4), 120.0)).mean()) == stopper.best() + 3
+
+
+def test_a_fit_ending_before_the_delay_returns_its_last_average():
+    stopper = _quiet_at(minimum=40, steps=45, lag=30)
+    assert stopper.best() + stopper.best() // 5 > 45
+    assert float(stopper.image(torch.full((1, 1, 4, 4), 45.0)).mean()) == 45.0
+
+
+def test_the_average_lag_is_the_mean_age_of_its_terms():
+    assert FitSettings().average_lag == 99 and FitSettings(ema_weight=0.9).average_lag == 9
+    assert FitSettings(ema_weight=0.0).average_lag == 0
 
 
 def test_window_variance_is_the_exact_variance_of_the_last_outputs():
@@ -71,7 +108,8 @@ def test_auto_stop_halts_near_the_psnr_peak(make_image, noisy):
     assert result.psnr > oracle - 1.0, (result.psnr, oracle)
     assert result.psnr == pytest.approx(dip.psnr(result.image, clean), abs=1e-4)
     assert result.psnr > dip.psnr(noisy(clean), clean) + 3
-    assert set(result.candidates) == {"best_ema", "best_output", "blend", "ema"}
+    assert set(result.candidates) == {"centred_ema", "best_ema", "best_output", "blend", "ema"}
+    torch.testing.assert_close(torch.from_numpy(result.image), torch.from_numpy(result.candidates["centred_ema"]))
 
 
 def test_integer_iterations_mean_exactly_that_many(clean64):
