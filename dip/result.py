@@ -23,8 +23,9 @@ class Restoration:
 
     ``image`` is the exponential moving average of the network outputs (what
     the original work reports) at iteration ``stopped_at`` — the end of the
-    fit — or with the automatic stop centred on the iterate it picked (read
-    ``FitSettings.average_lag`` iterations later, see :mod:`dip.fit.stopping`), cropped to the
+    fit — or with the automatic stop centred on the iterate it picked (read a
+    fifth of ``stopped_at`` later, at most ``FitSettings.average_lag``, see
+    :mod:`dip.fit.stopping`), cropped to the
     image and with the alpha channel, if the input had one, put back.
     ``network`` holds the weights of that same iterate ``stopped_at``, so
     :meth:`render`, every export and ``init=`` warm starts use the network

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from dip.fit.stopping import VarianceStopper
+from dip.fit.stopping import VarianceStopper, _per_image
 
 
 def _per_member(mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class MemberVarianceStopper(VarianceStopper):
         torch.where(better, score, self.best_score, out=self.best_score)
         torch.where(better, torch.full_like(self.best_iteration, iteration), self.best_iteration,
                     out=self.best_iteration)
-        pick = better.view(-1, 1, 1, 1)
+        pick = _per_image(better, out)
         torch.where(pick, out, self.best_output, out=self.best_output)
         torch.where(pick, ema.detach(), self.best_ema, out=self.best_ema)
         torch.where(pick, self._current_variance, self.best_variance, out=self.best_variance)

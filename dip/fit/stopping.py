@@ -45,6 +45,13 @@ from dip.fit.settings import EarlyStopping, FitSettings, Selection, StopMode, St
 if TYPE_CHECKING:  # pragma: no cover
     from dip.fit.loop import FitLoop, Step
 
+CENTRE_DIVISOR = 5  # centred_ema reads the average b // 5 iterations after the minimum b (RESULTS.md, issue 15)
+
+
+def _per_image(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``mask`` (one boolean, or one per ensemble member) shaped to select whole images of ``like`` (N×C×H×W)."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
 
 class VarianceStopper(Monitor):
     """Tracks the moving variance of the outputs and keeps the iterate where it is smallest.
@@ -87,7 +94,7 @@ class VarianceStopper(Monitor):
         self._keep = None  # FitSettings.average_keep of the fit
         self._lag = FitSettings().average_lag  # the fit's, from on_start
         self._iteration = 0  # the latest iteration seen (host side: no sync)
-        self.centred_ema: Optional[torch.Tensor] = None  # the average read average_lag after the minimum
+        self.centred_ema: Optional[torch.Tensor] = None  # the average read a delay after the minimum (_centred_at)
 
     def on_start(self, loop: FitLoop) -> None:
         self._net = loop.net
@@ -156,7 +163,7 @@ class VarianceStopper(Monitor):
 
     def _centred_at(self) -> torch.Tensor:
         """When the average centred on the current minimum is read (per member): see the module docstring."""
-        return self.best_iteration + torch.clamp(self.best_iteration // 5, max=self._lag)
+        return self.best_iteration + torch.clamp(self.best_iteration // CENTRE_DIVISOR, max=self._lag)
 
     def _centre(self, ema: torch.Tensor, iteration: int) -> None:
         """Keep the average of the iteration :meth:`_centred_at` gives (per member): a select on the device."""
@@ -164,14 +171,14 @@ class VarianceStopper(Monitor):
         if self.centred_ema is None:
             self.centred_ema = ema.detach().clone()
         due = self._centred_at() == iteration
-        torch.where(due.view(-1, *([1] * (ema.dim() - 1))), ema.detach(), self.centred_ema, out=self.centred_ema)
+        torch.where(_per_image(due, ema), ema.detach(), self.centred_ema, out=self.centred_ema)
 
     def _centred_image(self, ema: torch.Tensor) -> torch.Tensor:
         """:attr:`Selection.CENTRED_EMA`: the kept average where it is due, the latest ``ema`` where the fit ended first."""
         if self.centred_ema is None:  # resumed from a checkpoint that kept none
             return self.best_ema
         ready = self._centred_at() <= self._iteration
-        return torch.where(ready.view(-1, *([1] * (ema.dim() - 1))), self.centred_ema, ema)
+        return torch.where(_per_image(ready, ema), self.centred_ema, ema)
 
     def _average_weights(self, iteration: int) -> None:
         """Add the weights after step ``iteration`` to their moving average (weight_ema only): one fused op."""
