@@ -213,7 +213,7 @@ def restore(
     stopper = next((m for m in monitors if isinstance(m, MemberVarianceStopper)), None)
     result, quality = _combine_members(result, stopper, members)
     if members > 1:
-        net, z = net.member(0), z[:, : z.shape[1] // members]
+        net, z = net.member(0), z[:, : z.shape[1] // members].contiguous()
         quality["member_iterations"] = stopper.member_iterations() if stopper is not None else None
     return Restoration.from_fit(result, problem, net, z, crop, record, ref, noise_sigma_estimate=sigma_estimate,
                                 **quality)
@@ -248,7 +248,10 @@ def _stack_members(net, z, cfg, problem: Problem, settings: FitSettings, dev, ma
         gen = torch.Generator(device=dev).manual_seed(settings.seed + k)
         inputs.append(make_input(member, cfg, problem, settings, dev, gen, max_memory)[0])
         nets.append(member)
-    return Hourglass.stack(nets), torch.cat(inputs, dim=1)
+    grouped, z = Hourglass.stack(nets), torch.cat(inputs, dim=1)
+    if dev.type == "cpu":  # oneDNN's grouped convolutions run ≈ 1.3× faster channels_last (RESULTS.md, issue 15)
+        grouped, z = grouped.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
+    return grouped, z
 
 
 def _monitors(settings: FitSettings, ref, callbacks, checkpoint, meta, warmup) -> list:

@@ -118,6 +118,22 @@ def test_ensemble_with_automatic_stop_returns_each_members_iterate(clean64, nois
     assert r.uncertainty.shape == (32, 32)
 
 
+def test_cpu_ensemble_runs_channels_last_and_hands_back_a_plain_member(clean64, noisy):
+    """oneDNN's grouped convolutions are faster channels_last; the returned member is laid out as a single fit's."""
+    from dip.pipeline import _stack_members
+
+    cfg = preset("small", out_channels=3)
+    problem = dip.problem.Problem.create("denoise", clean64[:16, :16])
+    net, z = _stack_members(build_network(cfg, fused=False), torch.rand(1, cfg.in_channels, 16, 16), cfg, problem,
+                            dip.fit.FitSettings(seed=0), torch.device("cpu"), None, 2)
+    assert z.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
+    r = dip.restore(noisy(clean64[:32, :32]), iterations=3, ensemble=2, **TINY)
+    assert r.net_input.is_contiguous() and r.net_input.shape[1] == cfg.in_channels
+    fresh = build_network(cfg)  # the member is laid out as any network of the default path, whatever the grouped one
+    assert [p.stride() for p in r.network.parameters()] == [p.stride() for p in fresh.parameters()]
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_bad_ensemble(clean64, bad):
     with pytest.raises(DipError, match="ensemble"):
