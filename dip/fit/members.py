@@ -14,12 +14,11 @@ does, and keeps the moving variance at the returned iterate besides.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from dip.fit.stopping import VarianceStopper, _per_image
+from dip.fit.stopping import VarianceStopper
 
 
 def _per_member(mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -41,37 +40,12 @@ class MemberVarianceStopper(VarianceStopper):
         self._current_variance = self._variance(out, iteration)
         return self._current_variance.mean(dim=(1, 2, 3))
 
-    def update(self, output: torch.Tensor, ema: torch.Tensor, iteration: int) -> torch.Tensor:
-        """Add iteration ``iteration``'s outputs (K×C×H×W); returns the mean of the members' scores (0-d)."""
-        out = output.detach()
-        score = self._score(out, iteration)
-        self._average_weights(iteration)
-        if iteration <= self.config.window:
-            self._keep_previous_weights()
-            return torch.full((), math.inf, device=out.device)
-        if self.best_score is None:
-            self.best_score = score.clone()
-            self.best_iteration = torch.full(score.shape, iteration, dtype=torch.long, device=out.device)
-            self.best_output, self.best_ema = out.clone(), ema.detach().clone()
+    def _keep_best(self, pick: Optional[torch.Tensor]) -> None:
+        """Each member's moving variance at its minimum (whole, at the first minimum or after a resume)."""
+        if pick is None or self.best_variance is None:  # the first minimum, or resumed from a single fit's stopper
             self.best_variance = self._current_variance.clone()
-            self._first_best_weights()
-            self._keep_previous_weights()
-            self._centre(ema, iteration)
-            return score.mean()
-        if self.best_variance is None:  # resumed from a single-fit stopper's checkpoint
-            self.best_variance = self._current_variance.clone()
-        better = score < self.best_score
-        torch.where(better, score, self.best_score, out=self.best_score)
-        torch.where(better, torch.full_like(self.best_iteration, iteration), self.best_iteration,
-                    out=self.best_iteration)
-        pick = _per_image(better, out)
-        torch.where(pick, out, self.best_output, out=self.best_output)
-        torch.where(pick, ema.detach(), self.best_ema, out=self.best_ema)
-        torch.where(pick, self._current_variance, self.best_variance, out=self.best_variance)
-        self._pick_weights(better)
-        self._keep_previous_weights()
-        self._centre(ema, iteration)
-        return score.mean()
+        else:
+            torch.where(pick, self._current_variance, self.best_variance, out=self.best_variance)
 
     def _pick(self, better: torch.Tensor, new: dict, kept: dict) -> None:
         for key, value in new.items():  # each member's slice of every parameter

@@ -135,7 +135,11 @@ class VarianceStopper(Monitor):
         return self._variance(out, iteration).mean()
 
     def update(self, output: torch.Tensor, ema: torch.Tensor, iteration: int) -> torch.Tensor:
-        """Add iteration ``iteration``'s output (1-based); returns the score as a 0-d device tensor."""
+        """Add iteration ``iteration``'s output (1-based); returns the score as a 0-d device tensor.
+
+        With one score per ensemble member (:class:`~dip.fit.members.MemberVarianceStopper`) every member
+        keeps its own minimum, and the returned score is their mean.
+        """
         out = output.detach()
         score = self._score(out, iteration)
         self._average_weights(iteration)
@@ -144,22 +148,26 @@ class VarianceStopper(Monitor):
             return torch.full((), math.inf, device=out.device)
         if self.best_score is None:
             self.best_score = score.clone()
-            self.best_iteration = torch.full((), iteration, dtype=torch.long, device=out.device)
+            self.best_iteration = torch.full(score.shape, iteration, dtype=torch.long, device=out.device)
             self.best_output, self.best_ema = out.clone(), ema.detach().clone()
+            self._keep_best(None)
             self._first_best_weights()
-            self._keep_previous_weights()
-            self._centre(ema, iteration)
-            return score
-        better = score < self.best_score
-        torch.where(better, score, self.best_score, out=self.best_score)
-        torch.where(better, torch.full_like(self.best_iteration, iteration), self.best_iteration,
-                    out=self.best_iteration)
-        torch.where(better, out, self.best_output, out=self.best_output)
-        torch.where(better, ema.detach(), self.best_ema, out=self.best_ema)
-        self._pick_weights(better)
+        else:
+            better = score < self.best_score
+            torch.where(better, score, self.best_score, out=self.best_score)
+            torch.where(better, torch.full_like(self.best_iteration, iteration), self.best_iteration,
+                        out=self.best_iteration)
+            pick = _per_image(better, out)
+            torch.where(pick, out, self.best_output, out=self.best_output)
+            torch.where(pick, ema.detach(), self.best_ema, out=self.best_ema)
+            self._keep_best(pick)
+            self._pick_weights(better)
         self._keep_previous_weights()
         self._centre(ema, iteration)
-        return score
+        return score.mean()
+
+    def _keep_best(self, pick: Optional[torch.Tensor]) -> None:
+        """Hook: keep more of the iterate where ``pick`` (per image) says it is a new minimum; None: the first."""
 
     def _centred_at(self) -> torch.Tensor:
         """When the average centred on the current minimum is read (per member): see the module docstring."""
