@@ -90,21 +90,32 @@ class Oracle:
     """Keeps, on the device, the best PSNR any iterate reached (the mean average or mean raw output of the
     first k members, for each k in ``prefixes``; the last is the whole ensemble)."""
 
-    def __init__(self, reference: np.ndarray, device, prefixes=(1,)):
+    def __init__(self, reference: np.ndarray, device, prefixes=(1,), curves: bool = False):
         self.reference = torch.from_numpy(reference.transpose(2, 0, 1).copy())[None].to(device)
         self.prefixes = list(prefixes)
         self.best = None
         self.iteration = None
+        self.curves = [] if curves else None  # per iteration: [average, raw output] × prefix PSNR, on the device
 
     def __call__(self, step) -> None:
+        values = []
         for image in (step.ema, step.output):
             value = torch.stack([psnr_torch(image[:k].mean(0, keepdim=True), self.reference) for k in self.prefixes])
+            values.append(value)
             if self.best is None:
                 self.best = value.clone()
                 self.iteration = torch.full_like(value, step.iteration, dtype=torch.long)
             better = value > self.best
             torch.where(better, value, self.best, out=self.best)
             torch.where(better, torch.full_like(self.iteration, step.iteration), self.iteration, out=self.iteration)
+        if self.curves is not None:
+            self.curves.append(torch.stack(values))
+
+    def curve_dict(self) -> dict:
+        """The kept curves by name: ``psnr_ema_k`` / ``psnr_k`` for the mean of the first k members."""
+        curves = torch.stack(self.curves).cpu() if self.curves else torch.empty(0, 2, len(self.prefixes))
+        return {f"{name}_{k}": curves[:, row, i].tolist() for row, name in enumerate(("psnr_ema", "psnr"))
+                for i, k in enumerate(self.prefixes)}
 
 
 def prefixes(members: int) -> list:
@@ -146,7 +157,7 @@ def _row(image, gt, seconds) -> dict:
 def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
     observed = np.clip(gt + np.random.default_rng(seed).normal(0, args.sigma / 255, gt.shape), 0, 1)
     observed = observed.astype(np.float32)
-    oracle = Oracle(gt, args.device, prefixes(members))
+    oracle = Oracle(gt, args.device, prefixes(members), curves=args.history)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -169,6 +180,7 @@ def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
                                    for k, b, i in zip(oracle.prefixes[:-1], oracle.best[:-1], oracle.iteration[:-1])]
     if args.history:  # to replay other stop rules offline: the stop signal and both PSNR curves, per iteration
         record["history"] = {k: v for k, v in r.history.as_dict().items() if k in ("variance", "loss", "psnr", "psnr_ema")}
+        record["history"].update(oracle.curve_dict())  # per sub-ensemble; "variance" is the members' mean score
     if members == min(args.ensemble) and precision == args.precision[0] and not args.no_classical:
         record["classical"] = classical(observed, gt, args.sigma / 255)
     return record
@@ -239,7 +251,7 @@ def main(argv=None) -> int:
                         help="also stop at the estimated noise level (noise_sigma='auto')")
     parser.add_argument("--no-classical", action="store_true", help="skip CBM3D and NLM")
     parser.add_argument("--history", action="store_true",
-                        help="keep each fit's per-iteration stop signal and PSNR curves in the JSON")
+                        help="keep each fit's per-iteration stop signal and PSNR curves (per sub-ensemble) in the JSON")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds after which no new fit starts")
     parser.add_argument("--json", type=Path, default=None, help="write the records and the machine here")
     args = parser.parse_args(argv)
