@@ -1,4 +1,6 @@
 """Shared fixtures: small natural test images made from scikit-image's bundled data."""
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -36,3 +38,14 @@ def add_noise(img, sigma=25 / 255, seed=0):
 @pytest.fixture
 def noisy():
     return add_noise
+
+
+def _sigint_as_default():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def interruptible():
+    """``Popen`` keywords for a child that SIGINT reaches even when the test runner was started with SIGINT
+    ignored (a background job of a non-interactive shell: the child would inherit the ignore)."""
+    return {"preexec_fn": _sigint_as_default}

@@ -24,14 +24,14 @@ def _wait_for_fit(proc, checkpoint, deadline: float) -> None:
 
 
 @pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_stops_the_fit_and_keeps_the_best_image(tmp_path, make_image, sig, status):
+def test_signal_stops_the_fit_and_keeps_the_best_image(tmp_path, make_image, sig, status, interruptible):
     src, out, checkpoint = tmp_path / "in.png", tmp_path / "out.png", tmp_path / "fit.ckpt"
     Image.fromarray((make_image((24, 20)) * 255).astype(np.uint8)).save(src)
     before = src.read_bytes()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dip.cli", "denoise", str(src), "-o", str(out), "--iterations", "100000",
          "--network", "small", "--device", "cpu", "-q", "--checkpoint", str(checkpoint), "--checkpoint-every", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **interruptible)
     try:
         _wait_for_fit(proc, checkpoint, time.monotonic() + 240)
         proc.send_signal(sig)

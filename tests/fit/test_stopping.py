@@ -294,14 +294,14 @@ def test_cli_rejects_bad_iterations_and_plot(noisy_png, tmp_path, capsys):
     assert "plot format" in capsys.readouterr().err
 
 
-def test_sigint_writes_the_image_so_far_and_exits_130(noisy_png, tmp_path):
+def test_sigint_writes_the_image_so_far_and_exits_130(noisy_png, tmp_path, interruptible):
     out, ckpt = tmp_path / "out.png", tmp_path / "fit.ckpt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     # the progress bar stays on: tqdm's monitor thread must not swallow the signal
     proc = subprocess.Popen(
         [sys.executable, "-m", "dip.cli", "denoise", str(noisy_png), "-o", str(out), "--network", "small",
          "--iterations", "100000", "--checkpoint", str(ckpt), "--checkpoint-every", "5"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **interruptible)
     try:
         deadline = time.monotonic() + 240
         while not ckpt.exists():  # the fit has done at least 5 iterations once the checkpoint is there
