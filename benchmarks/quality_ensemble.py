@@ -215,7 +215,7 @@ def summary(records) -> str:
     for r in records:
         by_k.setdefault((r["ensemble"], r.get("precision", "float32")), []).append(r)
         for sub in r.get("sub_ensembles", []):
-            by_k.setdefault((sub["ensemble"], r.get("precision", "float32")), []).append({**sub, "seconds": np.nan})
+            by_k.setdefault((sub["ensemble"], r.get("precision", "float32")), []).append(sub)
     for (k, precision), rs in sorted(by_k.items()):
         lines.append(f"\nK={k}, {precision}: mean PSNR {np.mean([r['psnr'] for r in rs]):.2f}, mean SSIM "
                      f"{np.mean([r['ssim'] for r in rs]):.3f}, mean gap {np.mean([r['gap'] for r in rs]):+.2f}, "
@@ -224,7 +224,7 @@ def summary(records) -> str:
 
 
 def _mean_seconds(rows) -> str:
-    seconds = [r["seconds"] for r in rows if np.isfinite(r["seconds"])]
+    seconds = [r["seconds"] for r in rows if "seconds" in r]  # a sub-ensemble has no time of its own
     return f"{np.mean(seconds):.1f}" if seconds else "— (sub-ensembles of larger fits)"
 
 
