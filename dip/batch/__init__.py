@@ -9,19 +9,19 @@ only small :class:`~dip.batch.records.Record` objects come back, and the
 calling process rewrites ``manifest.jsonl`` (:mod:`~dip.batch.manifest`) after
 each one.
 
-The modules depend one way: ``records`` ← ``worker`` ← (``local``, ``ray``);
+The modules depend one way: (``records``, ``interrupt``) ← ``worker`` ← (``local``, ``ray``);
 ``records`` ← ``planning``, ``manifest``; this module uses them all.
 """
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from dip.batch.interrupt import BatchInterrupted, StopRequest, stop_on_signals
 from dip.batch.local import refuse_reimported_main, run_local
 from dip.batch.manifest import MANIFEST, read_manifest, write_manifest
 from dip.batch.planning import (
@@ -82,34 +82,6 @@ class BatchSummary:
     def __str__(self) -> str:
         text = f"{self.ok} restored, {self.skipped} skipped, {self.failed} failed in {self.seconds:.1f} s"
         return text + (" (interrupted)" if self.interrupted else "")
-
-
-class _Interrupted(Exception):
-    """SIGTERM or Ctrl-C in the calling process."""
-
-
-def _raise_interrupted(signum, frame):
-    # Further signals would interrupt the clean-up; the caller's handlers come back after it.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise _Interrupted(signal.Signals(signum).name)
-
-
-def _catch_termination() -> Callable[[], None]:
-    """Turn SIGTERM (and SIGINT) into a clean stop of the batch; returns a function restoring the handlers."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None  # signal handlers can only be set from the main thread
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in saved:
-        signal.signal(s, _raise_interrupted)
-
-    def restore() -> None:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-    return restore
 
 
 _PER_IMAGE = {"seed": "seed= (the run seed)", "progress": "progress=", "reference": "reference_dir="}
@@ -235,15 +207,15 @@ def restore_many(
         bar.set_postfix(done=summary.ok + summary.skipped, failed=summary.failed, refresh=False)
 
     write_manifest(manifest, summary.records)
-    restore_handlers = _catch_termination()
-    try:
-        if plan.todo:
-            _run(plan.todo, task, restore_options, seed, workers, threads, ray, ray_timeout, retries, report)
-    except (_Interrupted, KeyboardInterrupt):
-        summary.interrupted = True
-    finally:
-        restore_handlers()
-        bar.close()
+    with stop_on_signals() as stop:
+        try:
+            if plan.todo:
+                _run(plan.todo, task, restore_options, seed, workers, threads, ray, ray_timeout, retries, report,
+                     stop)
+        except (BatchInterrupted, KeyboardInterrupt):
+            summary.interrupted = True
+        finally:
+            bar.close()
     order = {job.input: i for i, job in enumerate(jobs)}
     summary.records.sort(key=lambda r: order.get(r.input, len(order)))
     write_manifest(manifest, summary.records)
@@ -252,10 +224,10 @@ def restore_many(
 
 
 def _run(todo: list[Job], task: Task, options: dict, seed: int, workers, threads, ray, ray_timeout, retries: int,
-         report: Callable[[Record], None]) -> None:
+         report: Callable[[Record], None], stop: StopRequest) -> None:
     if ray:
         from dip.batch.ray import run_on_ray
 
-        run_on_ray(todo, task, options, seed, ray, retries, report, timeout=ray_timeout)
+        run_on_ray(todo, task, options, seed, ray, retries, report, stop, timeout=ray_timeout)
     else:
-        run_local(todo, task, options, seed, workers, threads, retries, report)
+        run_local(todo, task, options, seed, workers, threads, retries, report, stop)

@@ -28,6 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Optional
 
+from dip.batch.interrupt import POLL_SECONDS, StopRequest
 from dip.batch.records import Job, Record, RecordStatus
 from dip.batch.worker import cpu_count, quiet_progress_lock, restore_one
 from dip.errors import DipError
@@ -216,13 +217,17 @@ class _Pool:
 
 
 def run_local(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, workers: Optional[int],
-              threads: Optional[int], retries: int, report: Callable[[Record], None]) -> None:
+              threads: Optional[int], retries: int, report: Callable[[Record], None],
+              stop: Optional[StopRequest] = None) -> None:
     """Run ``jobs`` on a local process pool and ``report`` each final record.
 
     A failed job is retried (``retries`` times) by :meth:`Job.retry`; a pool
     that broke (a worker killed) is replaced and the jobs it was running are
-    failed attempts. Ctrl-C / an exception here stops every worker.
+    failed attempts. A request on ``stop`` (checked every
+    :data:`~dip.batch.interrupt.POLL_SECONDS`) or an exception here stops every
+    worker and raises.
     """
+    stop = stop or StopRequest()
     n, threads, devices = plan_workers(workers, len(jobs), threads)
     queue: deque[Job] = deque(jobs)
     with tempfile.TemporaryDirectory(prefix="dip-batch-") as tmp:
@@ -231,7 +236,8 @@ def run_local(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, wor
         os.environ[REIMPORT_MARKER] = str(marker)  # spawned workers inherit it
         try:
             while queue:
-                _run_pool(_Pool(n, threads, devices, marker), queue, task, options, threads, n,
+                stop.check()
+                _run_pool(_Pool(n, threads, devices, marker), queue, task, options, threads, n, stop,
                           lambda job, record: _settle(job, record, queue, run_seed, retries, report))
         finally:
             if saved is None:
@@ -240,13 +246,14 @@ def run_local(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, wor
                 os.environ[REIMPORT_MARKER] = saved
 
 
-def _run_pool(pool: _Pool, queue: deque, task: Task, options: dict, threads: int, n: int,
+def _run_pool(pool: _Pool, queue: deque, task: Task, options: dict, threads: int, n: int, stop: StopRequest,
               settle: Callable[[Job, Record], None]) -> None:
-    """Feed ``queue`` to ``pool`` until the queue is empty or the pool breaks."""
+    """Feed ``queue`` to ``pool`` until the queue is empty, the pool breaks or a stop is requested."""
     running: dict = {}
     broken = False
     try:
         while (queue or running) and not broken:
+            stop.check()
             while queue and len(running) < n and not broken:
                 job = queue.popleft()
                 try:
@@ -256,7 +263,7 @@ def _run_pool(pool: _Pool, queue: deque, task: Task, options: dict, threads: int
                     broken = True
             if not running:
                 break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
             for future in done:
                 job = running.pop(future)
                 try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Union
 from urllib.parse import urlsplit
 
+from dip.batch.interrupt import POLL_SECONDS, StopRequest
 from dip.batch.records import Job, Record, RecordStatus
 from dip.batch.worker import cpu_count, restore_one
 from dip.errors import DipError
@@ -84,13 +85,16 @@ def wait_for_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
 
 
 def run_on_ray(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, ray_arg: Union[bool, str],
-               retries: int, report: Callable[[Record], None], timeout: Optional[float] = None) -> None:
+               retries: int, report: Callable[[Record], None], stop: Optional[StopRequest] = None,
+               timeout: Optional[float] = None) -> None:
     """Run ``jobs`` as Ray tasks and ``report`` each final record.
 
     ``ray_arg`` is ``True`` (the Ray runtime this process is connected to, or a
     new local one) or the address of a cluster, which must answer within
     ``timeout`` seconds (default 20). A Ray started here is shut down at the end.
+    A request on ``stop`` cancels the tasks in flight and raises.
     """
+    stop = stop or StopRequest()
     address = ray_arg if isinstance(ray_arg, str) and ray_arg else None
     ray = import_ray(local=address is None)
     started = False
@@ -115,7 +119,8 @@ def run_on_ray(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, ra
         for job in jobs:
             submit(job)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            stop.check()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
             for ref in ready:
                 job = pending.pop(ref)
                 try:

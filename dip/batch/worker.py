@@ -1,7 +1,7 @@
 """What a worker runs for one job, whichever runner started it (a local pool process or a Ray task).
 
-Part of the job layer with :mod:`dip.batch.records`: the runners import these
-two modules and nothing else of :mod:`dip.batch`.
+Part of the job layer with :mod:`dip.batch.records` and :mod:`dip.batch.interrupt`:
+the runners import these three modules and nothing else of :mod:`dip.batch`.
 """
 from __future__ import annotations
 

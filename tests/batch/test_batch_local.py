@@ -185,14 +185,15 @@ def test_stop_signal_then_rerun_completes_without_truncated_files(tmp_path, make
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "dip.cli", "batch", str(tmp_path / "in"), "-o", str(out), "--task", "denoise",
            "--iterations", "150", "--network", "small", "--workers", "2", "-q"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("img*.png")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, "the batch ended before it could be interrupted: " + proc.stderr.read()
         proc.send_signal(signum)
-        _, err = proc.communicate(timeout=120)
+        err = _stderr_or_stacks(proc, timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -212,6 +213,65 @@ def test_stop_signal_then_rerun_completes_without_truncated_files(tmp_path, make
                                iterations=150)
     assert summary.skipped == len(done) and summary.ok == n - len(done) and summary.failed == 0
     assert len(list(out.glob("img*.png"))) == n
+
+
+def test_a_stop_signal_takes_effect_where_the_runner_looks_not_inside_the_pool(tmp_path, make_image, monkeypatch):
+    """The signal lands while the runner is inside concurrent.futures (here: its ``wait``).
+
+    A handler that raised there could leave one of the pool's locks half-taken and its manager thread waiting on
+    it forever; the handler only notes the request, the call returns, and the runner stops the pool afterwards.
+    """
+    import dip.batch.local as local
+
+    write_images(tmp_path / "in", make_image, SIZES[:3])
+    real_wait, returned = local.wait, []
+
+    def wait_receiving_sigterm(*args, **kwargs):
+        if not returned:
+            os.kill(os.getpid(), signal.SIGTERM)
+        result = real_wait(*args, **kwargs)
+        returned.append(True)
+        return result
+
+    monkeypatch.setattr(local, "wait", wait_receiving_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    summary = dip.restore_many(tmp_path / "in", tmp_path / "out", "denoise", workers=1, progress=False,
+                               network="small", iterations=400)
+    assert returned, "the stop was raised inside the pool's wait"
+    assert summary.interrupted and summary.ok < 3
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_stop_on_signals_notes_the_signal_and_gives_the_handlers_back():
+    from dip.batch.interrupt import BatchInterrupted, stop_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with stop_on_signals() as stop:
+        stop.check()  # nothing requested yet
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handlers ran: they did not raise
+        assert stop.requested and stop.signal == "SIGINT"
+        with pytest.raises(BatchInterrupted, match="SIGINT"):
+            stop.check()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _stderr_or_stacks(proc, timeout):
+    """The stderr of ``proc`` once it ends; if it has not ended within ``timeout`` s, fail with the Python stacks
+    of it and its workers (``PYTHONFAULTHANDLER=1`` in its environment makes SIGABRT print them)."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        exited = proc.poll()
+        for pid in [*_children(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the batch had not finished {timeout} s after the signal (exit status then: {exited}, "
+                    f"None = still running); its stderr and stacks:\n{err[-30000:]}")
 
 
 def _children(pid):

@@ -12,12 +12,13 @@ MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
 # What each module may import from dip.batch ("__init__" is the package itself).
 ALLOWED = {
     "records": set(),
+    "interrupt": set(),
     "worker": {"records"},
-    "local": {"records", "worker"},
-    "ray": {"records", "worker"},
+    "local": {"records", "worker", "interrupt"},
+    "ray": {"records", "worker", "interrupt"},
     "planning": {"records"},
     "manifest": {"records"},
-    "__init__": {"records", "worker", "local", "ray", "planning", "manifest"},
+    "__init__": {"records", "interrupt", "worker", "local", "ray", "planning", "manifest"},
 }
 
 
