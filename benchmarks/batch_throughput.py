@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_settings import cpu_line  # noqa: E402
 
 import dip  # noqa: E402
 from dip.batch import cpu_count  # noqa: E402
@@ -71,7 +73,7 @@ def main() -> None:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
     print(f"{args.images} images {args.size}×{args.size}, denoise, network={args.network}, "
           f"{args.iterations} iterations, {args.rounds} rounds; {cpu_count()} cores, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{cpu_line()}, torch {torch.__version__}, "
           f"1-minute load average {load_before[0]:.1f} before, {load[0]:.1f} after")
     print()
     print("| workers | threads per worker | seconds (median, best) | images per minute (median, best) |")

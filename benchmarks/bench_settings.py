@@ -2,6 +2,11 @@
 
     DIP_BENCH_THREADS=N    torch threads for every benchmark (default 2, the reference machine's cores)
     DIP_BENCH_DEVICE=cuda  run the benchmarks that take a device on the GPU (default cpu; also --device)
+
+Every benchmark script and ``scripts/gpu_check.py`` describe the machine with
+:func:`machine` / :func:`machine_line` (or :func:`cpu_line` for the CPU alone).
+torch is imported only by the functions that need it, so the CPU description
+works before torch is installed.
 """
 from __future__ import annotations
 
@@ -9,8 +14,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-
-import torch
+from typing import Optional
 
 #: Threads for every benchmark (this project's reference machine has 2 cores).
 THREADS = int(os.environ.get("DIP_BENCH_THREADS", "2"))
@@ -23,12 +27,16 @@ def device() -> str:
 
 def synchronize(dev: str) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
+    import torch
+
     if torch.device(dev).type == "cuda":
         torch.cuda.synchronize()
 
 
 def timed(fn, dev: str):
     """``fn`` followed by a device synchronisation: what a benchmark must time on an asynchronous device."""
+    import torch
+
     if torch.device(dev).type != "cuda":
         return fn
 
@@ -62,10 +70,36 @@ def commit() -> str:
         return os.environ.get("DIP_COMMIT", "unknown")
 
 
-def machine() -> dict:
-    """What a result needs beside it: CPU, GPU, torch and CUDA versions, threads, device, commit."""
-    info = {"cpu": cpu_model(), "torch": torch.__version__, "torch_cuda": torch.version.cuda, "threads": THREADS,
-            "device": device(), "commit": commit(), "host": platform.node()}
+def cpu_line(cpu: Optional[dict] = None) -> str:
+    """The CPU as one phrase, e.g. ``AMD EPYC (avx512f, avx512_bf16; 2 cores)``."""
+    cpu = cpu_model() if cpu is None else cpu
+    flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if cpu.get(f)]
+    return f"{cpu.get('model', '?')} ({', '.join(flags) or 'no AVX-512/AMX'}; {cpu.get('cores', '?')} cores)"
+
+
+def machine(dev: Optional[str] = None, threads: Optional[int] = None) -> dict:
+    """What a result needs beside it: CPU, GPU, torch and CUDA versions, threads, device, load, commit.
+
+    ``dev`` and ``threads`` default to the benchmark settings (``DIP_BENCH_DEVICE``, ``DIP_BENCH_THREADS``).
+    """
+    import torch
+
+    info = {"cpu": cpu_model(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "python": platform.python_version(), "threads": THREADS if threads is None else threads,
+            "device": dev or device(), "commit": commit(), "host": platform.node(),
+            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def machine_line(info: Optional[dict] = None) -> str:
+    """:func:`machine` as one line, printed beside every figure."""
+    info = machine() if info is None else info
+    parts = [cpu_line(info["cpu"])]
+    if info.get("gpu"):
+        parts.append(f"GPU {info['gpu']}")
+    parts.append(f"torch {info['torch']}" + (f" (CUDA {info['torch_cuda']})" if info.get("torch_cuda") else ""))
+    parts += [f"python {info['python']}", f"{info['threads']} threads", f"device {info['device']}",
+              f"load average {info['load_average']}", f"commit {str(info['commit'])[:10]}"]
+    return "; ".join(parts)

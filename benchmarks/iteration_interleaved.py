@@ -20,15 +20,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_settings import machine, machine_line  # noqa: E402
 from test_iteration_bench import THREADS, make_step, measure_peak_memory  # noqa: E402
-
-
-def machine() -> str:
-    """CPU model, AVX-512/AMX flags, threads and load: printed beside every figure."""
-    text = open("/proc/cpuinfo").read()
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    return (f"{model}; avx512f: {'avx512f' in text}; amx: {'amx_tile' in text}; torch {torch.__version__}; "
-            f"{THREADS} threads; load average {os.getloadavg()[0]:.2f}")
 
 
 def interleaved(size: int, rounds: int, precisions=("float32",)) -> dict:
@@ -72,7 +65,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
-    print("#", machine(), flush=True)
+    info = machine(threads=THREADS)
+    print("#", machine_line(info), flush=True)
     rows = []
     for size in args.sizes:
         row = interleaved(size, args.rounds, args.precisions)
@@ -90,7 +84,7 @@ def main() -> None:
         rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+            json.dump({"machine": info, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -37,6 +36,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_settings  # noqa: E402
 
 import dip  # noqa: E402
 from dip.fit import EarlyStopping, Selection  # noqa: E402
@@ -283,8 +285,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     device = resolve_device(args.device)
     args.device = str(device)
-    print(f"# dip quality: torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"python {platform.python_version()}, size {args.size or 'full'}, cap {args.iterations_cap or 'none'}, "
+    print(f"# dip quality: {bench_settings.machine_line(bench_settings.machine(args.device, torch.get_num_threads()))}; "
+          f"size {args.size or 'full'}, cap {args.iterations_cap or 'none'}, "
           f"window {args.window}, patience {args.patience}, seed {args.seed}", flush=True)
     records = []
     for name in names:

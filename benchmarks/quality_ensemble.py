@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_settings  # noqa: E402
 
 import dip  # noqa: E402
 from dip.fit import EarlyStopping  # noqa: E402
@@ -263,10 +265,8 @@ def main(argv=None) -> int:
     args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
     device = resolve_device(args.device)
     args.device = str(device)
-    machine = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    print(f"# dip quality/ensemble: {machine}, size {args.size}, σ {args.sigma}, net {args.network}, "
+    machine = bench_settings.machine(args.device, torch.get_num_threads())
+    print(f"# dip quality/ensemble: {bench_settings.machine_line(machine)}; size {args.size}, σ {args.sigma}, net {args.network}, "
           f"window {args.window}, patience {args.patience}, blind σ stop {args.blind_sigma}", flush=True)
     crops = {n: clean_crop(n, args.data, args.size) for n in names}
     skipped = [n for n, c in crops.items() if c is None]

@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_settings import cpu_line  # noqa: E402
 
 CHILD = r"""
 import json, statistics, sys, time
@@ -122,11 +124,7 @@ def main() -> None:
     ap.add_argument("--fit", action="store_true", help="time dip.restore fits (threads 0 means threads='auto')")
     ap.add_argument("--late", type=float, default=0.0, help="start the competitors this many seconds into the run")
     args = ap.parse_args()
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    flags = open("/proc/cpuinfo").read()
-    print(f"# {model}; avx512f: {'avx512f' in flags}; amx: {'amx_tile' in flags}; cores: {os.cpu_count()}; "
-          f"load average before: {os.getloadavg()[0]:.2f}; {args.network} net at {args.size}²")
+    print(f"# {cpu_line()}; load average before: {os.getloadavg()[0]:.2f}; {args.network} net at {args.size}²")
     print("| competing processes | threads | wait policy | ms per iteration |")
     print("|---|---|---|---|")
     for competing in args.compete:

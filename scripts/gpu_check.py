@@ -44,6 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_settings import cpu_line  # noqa: E402  (torch-free: the machine description every benchmark prints)
+
 DEFAULT_F16 = ("shared/data/denoising/F16_GT.png", "../shared/data/denoising/F16_GT.png")
 PATHS = ("fused", "eager", "compile")
 PRECISIONS = ("float32", "tf32", "bf16")
@@ -323,7 +326,7 @@ def child_env() -> dict:
 
 
 def stage_env(args, report: Report, timeout: float, workdir: Path) -> dict:
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu_model()}
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu_line()}
     for name, cmd in (("nvidia_smi", ["nvidia-smi"]), ("nvcc", ["nvcc", "--version"])):
         rc, out = run_logged(cmd, report, min(20.0, timeout))
         info[name] = out.strip()[-3000:] if rc == 0 else f"unavailable ({'timeout' if rc is None else rc})"
@@ -655,17 +658,6 @@ def bench_table(records: list[dict]) -> list[str]:
     for r in bad[:12]:
         lines.append(f"  {r['id']} graph={r.get('graph', '-')}: {r['status']}: {str(r.get('reason'))[:110]}")
     return lines
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or "?"
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line for line in out.splitlines() if line.startswith("Flags")), "")
-    extras = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    return model + (f" ({', '.join(extras)})" if extras else "")
 
 
 # --- children: run inside fresh processes, write JSON lines to --part ------------------------------
