@@ -207,7 +207,7 @@ def restore_many(
         bar.set_postfix(done=summary.ok + summary.skipped, failed=summary.failed, refresh=False)
 
     write_manifest(manifest, summary.records)
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop:  # also over the last manifest write: a second Ctrl-C must not cut it short
         try:
             if plan.todo:
                 _run(plan.todo, task, restore_options, seed, workers, threads, ray, ray_timeout, retries, report,
@@ -216,9 +216,9 @@ def restore_many(
             summary.interrupted = True
         finally:
             bar.close()
-    order = {job.input: i for i, job in enumerate(jobs)}
-    summary.records.sort(key=lambda r: order.get(r.input, len(order)))
-    write_manifest(manifest, summary.records)
+        order = {job.input: i for i, job in enumerate(jobs)}
+        summary.records.sort(key=lambda r: order.get(r.input, len(order)))
+        write_manifest(manifest, summary.records)
     summary.seconds = time.perf_counter() - start
     return summary
 
