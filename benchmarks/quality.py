@@ -285,16 +285,16 @@ def main(argv=None) -> int:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     device = resolve_device(args.device)
     args.device = str(device)
-    print(f"# dip quality: {bench_settings.machine_line(bench_settings.machine(args.device, torch.get_num_threads()))}; "
-          f"size {args.size or 'full'}, cap {args.iterations_cap or 'none'}, "
-          f"window {args.window}, patience {args.patience}, seed {args.seed}", flush=True)
+    machine = bench_settings.machine(args.device, torch.get_num_threads())
+    print(f"# dip quality: {bench_settings.machine_line(machine)}; size {args.size or 'full'}, "
+          f"cap {args.iterations_cap or 'none'}, window {args.window}, patience {args.patience}, seed {args.seed}", flush=True)
     records = []
     for name in names:
         record = run_case(name, args)
         records.append(record)
         print(json.dumps(record, default=float), flush=True)
         if args.json:
-            args.json.write_text(json.dumps(records, indent=1, default=float))
+            args.json.write_text(json.dumps({"machine": machine, "records": records}, indent=1, default=float))
     print(table(records, args.selections_only))
     return 0
 
