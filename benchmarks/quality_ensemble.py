@@ -43,6 +43,7 @@ import bench_settings  # noqa: E402
 
 import dip  # noqa: E402
 from dip.fit import EarlyStopping  # noqa: E402
+from dip.fit.stopping import VarianceStopper  # noqa: E402
 from dip.metrics import psnr_torch, ssim  # noqa: E402
 from dip.noise import estimate_sigma  # noqa: E402
 from dip.pipeline import resolve_device  # noqa: E402
@@ -92,14 +93,22 @@ class Oracle:
     """Keeps, on the device, the best PSNR any iterate reached (the mean average or mean raw output of the
     first k members, for each k in ``prefixes``; the last is the whole ensemble)."""
 
-    def __init__(self, reference: np.ndarray, device, prefixes=(1,), curves: bool = False):
+    def __init__(self, reference: np.ndarray, device, prefixes=(1,), curves: bool = False, window: int = 100):
         self.reference = torch.from_numpy(reference.transpose(2, 0, 1).copy())[None].to(device)
         self.prefixes = list(prefixes)
         self.best = None
         self.iteration = None
         self.curves = [] if curves else None  # per iteration: [average, raw output] × prefix PSNR, on the device
+        # With curves, also the stop signal of dip.fit.stopping applied to each sub-ensemble's *mean* output
+        # (the moving variance of the mean image): a candidate joint stop rule, replayed offline.
+        self.mean_stats = [VarianceStopper(EarlyStopping(window=window)) for _ in self.prefixes] if curves else None
+        self.mean_variance = [] if curves else None
 
     def __call__(self, step) -> None:
+        if self.mean_stats is not None:
+            means = [step.output[:k].mean(0, keepdim=True) for k in self.prefixes]
+            self.mean_variance.append(torch.stack([stats.update(m, m, step.iteration)
+                                                   for stats, m in zip(self.mean_stats, means)]))
         values = []
         for image in (step.ema, step.output):
             value = torch.stack([psnr_torch(image[:k].mean(0, keepdim=True), self.reference) for k in self.prefixes])
@@ -116,8 +125,12 @@ class Oracle:
     def curve_dict(self) -> dict:
         """The kept curves by name: ``psnr_ema_k`` / ``psnr_k`` for the mean of the first k members."""
         curves = torch.stack(self.curves).cpu() if self.curves else torch.empty(0, 2, len(self.prefixes))
-        return {f"{name}_{k}": curves[:, row, i].tolist() for row, name in enumerate(("psnr_ema", "psnr"))
-                for i, k in enumerate(self.prefixes)}
+        named = {f"{name}_{k}": curves[:, row, i].tolist() for row, name in enumerate(("psnr_ema", "psnr"))
+                 for i, k in enumerate(self.prefixes)}
+        if self.mean_variance:
+            spread = torch.stack(self.mean_variance).cpu()
+            named.update({f"mean_variance_{k}": spread[:, i].tolist() for i, k in enumerate(self.prefixes)})
+        return named
 
 
 def prefixes(members: int) -> list:
@@ -159,7 +172,7 @@ def _row(image, gt, seconds) -> dict:
 def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
     observed = np.clip(gt + np.random.default_rng(seed).normal(0, args.sigma / 255, gt.shape), 0, 1)
     observed = observed.astype(np.float32)
-    oracle = Oracle(gt, args.device, prefixes(members), curves=args.history)
+    oracle = Oracle(gt, args.device, prefixes(members), curves=args.history, window=args.window)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t = time.perf_counter()
