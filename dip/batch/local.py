@@ -217,8 +217,7 @@ class _Pool:
 
 
 def run_local(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, workers: Optional[int],
-              threads: Optional[int], retries: int, report: Callable[[Record], None],
-              stop: Optional[StopRequest] = None) -> None:
+              threads: Optional[int], retries: int, report: Callable[[Record], None], stop: StopRequest) -> None:
     """Run ``jobs`` on a local process pool and ``report`` each final record.
 
     A failed job is retried (``retries`` times) by :meth:`Job.retry`; a pool
@@ -227,7 +226,6 @@ def run_local(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, wor
     :data:`~dip.batch.interrupt.POLL_SECONDS`) or an exception here stops every
     worker and raises.
     """
-    stop = stop or StopRequest()
     n, threads, devices = plan_workers(workers, len(jobs), threads)
     queue: deque[Job] = deque(jobs)
     with tempfile.TemporaryDirectory(prefix="dip-batch-") as tmp:

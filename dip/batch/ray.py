@@ -85,7 +85,7 @@ def wait_for_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
 
 
 def run_on_ray(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, ray_arg: Union[bool, str],
-               retries: int, report: Callable[[Record], None], stop: Optional[StopRequest] = None,
+               retries: int, report: Callable[[Record], None], stop: StopRequest,
                timeout: Optional[float] = None) -> None:
     """Run ``jobs`` as Ray tasks and ``report`` each final record.
 
@@ -94,7 +94,6 @@ def run_on_ray(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, ra
     ``timeout`` seconds (default 20). A Ray started here is shut down at the end.
     A request on ``stop`` cancels the tasks in flight and raises.
     """
-    stop = stop or StopRequest()
     address = ray_arg if isinstance(ray_arg, str) and ray_arg else None
     ray = import_ray(local=address is None)
     started = False
