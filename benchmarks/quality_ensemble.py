@@ -105,13 +105,11 @@ class Oracle:
         self.mean_variance = [] if curves else None
 
     def __call__(self, step) -> None:
-        if self.mean_stats is not None:
-            means = [step.output[:k].mean(0, keepdim=True) for k in self.prefixes]
-            self.mean_variance.append(torch.stack([stats.update(m, m, step.iteration)
-                                                   for stats, m in zip(self.mean_stats, means)]))
+        ema_means, output_means = ([image[:k].mean(0, keepdim=True) for k in self.prefixes]
+                                   for image in (step.ema, step.output))
         values = []
-        for image in (step.ema, step.output):
-            value = torch.stack([psnr_torch(image[:k].mean(0, keepdim=True), self.reference) for k in self.prefixes])
+        for means in (ema_means, output_means):
+            value = torch.stack([psnr_torch(m, self.reference) for m in means])
             values.append(value)
             if self.best is None:
                 self.best = value.clone()
@@ -121,6 +119,8 @@ class Oracle:
             torch.where(better, torch.full_like(self.iteration, step.iteration), self.iteration, out=self.iteration)
         if self.curves is not None:
             self.curves.append(torch.stack(values))
+            self.mean_variance.append(torch.stack([stats.update(m, m, step.iteration)
+                                                   for stats, m in zip(self.mean_stats, output_means)]))
 
     def curve_dict(self) -> dict:
         """The kept curves by name: ``psnr_ema_k`` / ``psnr_k`` for the mean of the first k members."""
