@@ -191,6 +191,7 @@ def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
     if r.members is not None:
         record["member_psnr"] = [dip.psnr(m, gt) for m in r.members]
         record["member_iterations"] = r.member_iterations
+        record["read_iteration"] = r.read_iteration
         record["sub_ensembles"] = [_sub_ensemble(r.members[:k], gt, float(b), int(i)) | {"ensemble": k}
                                    for k, b, i in zip(oracle.prefixes[:-1], oracle.best[:-1], oracle.iteration[:-1])]
     if args.history:  # to replay other stop rules offline: the stop signal and both PSNR curves, per iteration
