@@ -11,7 +11,8 @@ the same noisy inputs. Noise: ``numpy.random.default_rng(seed).normal(0, σ, sha
 added in [0, 1] and clipped. A K-member fit also reports its first 1, 2, 4, … members as
 sub-ensembles (each with its own oracle): member k is seed ``seed + k``, so ``--ensemble 4`` alone
 measures K = 1, 2 and 4 (K = 1 there is the K = 1 fit's network and input, with other random
-input perturbations and the pure grouped blocks).
+input perturbations and the pure grouped blocks). A sub-ensemble's members are read where the whole
+ensemble reads them (``read_iteration``), which a K-member fit of their own would choose differently.
 
     python benchmarks/quality_ensemble.py --device cuda --seeds 0,1,2 --ensemble 1,2,4 --time-budget 170 \
         --json quality_ensemble.json
