@@ -3,9 +3,8 @@
     python benchmarks/ensemble_reads.py F.json [F2.json …]
 
 For every record with K > 1 members and each of its sub-ensembles (first k members) it prints the PSNR of the
-mean of the members' moving averages read where each rule says: what dip returned (the record's PSNR: where the
-members' mean variance has risen to ``dip.fit.members.ENSEMBLE_READ_RISE`` × its minimum; in records without a
-``read_iteration``, written before that rule, each member centred on its own variance minimum), the joint minimum (all members centred on the minimum of their mean
+mean of the members' moving averages read where each rule says: what dip returned (the record's PSNR: each member
+centred on its own variance minimum), the joint minimum (all members centred on the minimum of their mean
 variance), the mean-image minimum (centred on the minimum of the moving variance of the mean output, when the
 record has it), the joint minimum b + d iterations, b + f·b (a delay that scales with the fit's pace), and the first
 iteration after b where the members' mean variance reaches r × its minimum ("variance xr"); and the
@@ -71,8 +70,7 @@ def replay(record: dict) -> list[str]:
     h, k_all = record["history"], record["ensemble"]
     joint = argmin(h["variance"])
     lines = [f"{record['case']} seed {record['seed']} K={k_all}: joint minimum at iteration {joint + 1}, "
-             f"members' own {record.get('member_iterations')}, read at {record.get('read_iteration', '—')}, "
-             f"ran {record['iterations']}"]
+             f"members' own {record.get('member_iterations')}, ran {record['iterations']}"]
     for k in sorted({int(key.rsplit("_", 1)[1]) for key in h if key.startswith("psnr_ema_")}):
         ema = h[f"psnr_ema_{k}"]
         lines.append(f"  k={k}: " + "  ".join(f"{name} {value:.2f}" for name, value in reads(record, k).items())

@@ -11,8 +11,7 @@ the same noisy inputs. Noise: ``numpy.random.default_rng(seed).normal(0, σ, sha
 added in [0, 1] and clipped. A K-member fit also reports its first 1, 2, 4, … members as
 sub-ensembles (each with its own oracle): member k is seed ``seed + k``, so ``--ensemble 4`` alone
 measures K = 1, 2 and 4 (K = 1 there is the K = 1 fit's network and input, with other random
-input perturbations and the pure grouped blocks). A sub-ensemble's members are read where the whole
-ensemble reads them (``read_iteration``), which a K-member fit of their own would choose differently.
+input perturbations and the pure grouped blocks).
 
     python benchmarks/quality_ensemble.py --device cuda --seeds 0,1,2 --ensemble 1,2,4 --time-budget 170 \
         --json quality_ensemble.json
@@ -192,7 +191,6 @@ def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
     if r.members is not None:
         record["member_psnr"] = [dip.psnr(m, gt) for m in r.members]
         record["member_iterations"] = r.member_iterations
-        record["read_iteration"] = r.read_iteration
         record["sub_ensembles"] = [_sub_ensemble(r.members[:k], gt, float(b), int(i)) | {"ensemble": k}
                                    for k, b, i in zip(oracle.prefixes[:-1], oracle.best[:-1], oracle.iteration[:-1])]
     if args.history:  # to replay other stop rules offline: the stop signal and both PSNR curves, per iteration

@@ -703,9 +703,7 @@ def _free_name(folder: Path, stem: str, suffix: str) -> Path:
 
 def _report(result, written, info, *, blind: bool = False) -> None:
     summary = f"wrote {written} ({result.iterations} iterations, {result.stop_reason}"
-    if result.read_iteration is not None:  # an ensemble's automatic stop: its members' averages, read together
-        summary += f", {result.ensemble} members read at iteration {result.read_iteration}"
-    elif result.stopped_at != result.iterations:
+    if result.stopped_at != result.iterations:
         summary += f", image of iteration {result.stopped_at}"
     summary += f", {result.seconds:.1f} s"
     if blind and result.noise_sigma_estimate is not None:

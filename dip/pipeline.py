@@ -133,11 +133,8 @@ def restore(
         ensemble: fit this many networks (seeds ``seed``, ``seed + 1``, …) together
             as one grouped network (pure-PyTorch blocks: the fused block has no
             grouped form). Each member keeps its own automatic stop; ``image`` is
-            the mean of the members' moving averages, all read where the
-            members' mean variance has risen by 10 % after its minimum
-            (``read_iteration``; with the default ``select``), and
-            ``uncertainty`` their per-pixel spread. ``network``/``render()`` are
-            member 0's, at its own minimum.
+            the mean of the members' returned images and ``uncertainty`` their
+            per-pixel spread. ``network``/``render()`` are member 0's.
         callbacks: functions called with a :class:`dip.fit.Step` after each
             iteration; returning True stops the fit.
         max_pixels: refuse larger images (protects against decompression bombs).
@@ -217,8 +214,7 @@ def restore(
     result, quality = _combine_members(result, stopper, members)
     if members > 1:
         net, z = net.member(0), z[:, : z.shape[1] // members].contiguous()
-        if stopper is not None:
-            quality.update(member_iterations=stopper.member_iterations(), read_iteration=stopper.read_iteration())
+        quality["member_iterations"] = stopper.member_iterations() if stopper is not None else None
     return Restoration.from_fit(result, problem, net, z, crop, record, ref, noise_sigma_estimate=sigma_estimate,
                                 **quality)
 

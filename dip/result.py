@@ -44,11 +44,8 @@ class Restoration:
     a single automatic fit the moving std of its outputs at the returned
     iterate (None for a single fit with a fixed iteration count). With
     ``ensemble`` = K > 1, ``image`` is the mean of the members' returned images
-    (``members``, K×H×W×C) and ``network``/``net_input`` are member 0's; with
-    the automatic stop each member's weights are those of its own variance
-    minimum (``member_iterations``) and, with the default ``select``, its image
-    is its moving average read at ``read_iteration``, one iteration for all,
-    after their joint minimum (see :mod:`dip.fit.members`).
+    (``members``, K×H×W×C, each at its own variance minimum,
+    ``member_iterations``) and ``network``/``net_input`` are member 0's.
     """
 
     image: np.ndarray  # H×W×C float32 in [0, 1]
@@ -73,14 +70,13 @@ class Restoration:
     ensemble: int = 1
     members: Optional[np.ndarray] = None  # K×H×W×C, the members' returned images (ensemble > 1)
     member_iterations: Optional[list] = None
-    read_iteration: Optional[int] = None  # where the members' averages were read (ensemble > 1, automatic stop)
 
     @classmethod
     def from_fit(cls, result: FitResult, problem, network: nn.Module, z: torch.Tensor, crop: tuple,
                  settings: dict, reference: Optional[torch.Tensor] = None, *,
                  noise_sigma_estimate: Optional[float] = None, uncertainty: Optional[torch.Tensor] = None,
                  ensemble: int = 1, members: Optional[torch.Tensor] = None,
-                 member_iterations: Optional[list] = None, read_iteration: Optional[int] = None) -> Restoration:
+                 member_iterations: Optional[list] = None) -> Restoration:
         """Assemble the restoration of ``problem`` from a finished fit (``network`` holds the returned iterate)."""
         image = tensor_to_image(result.image)
         quality = None if reference is None else psnr(image, tensor_to_image(reference))
@@ -94,7 +90,7 @@ class Restoration:
                    candidates={name: tensor_to_image(t) for name, t in result.candidates.items()},
                    source=problem.source, ssim=similarity, noise_sigma_estimate=noise_sigma_estimate,
                    uncertainty=None if uncertainty is None else uncertainty.detach().float().cpu().numpy(),
-                   ensemble=ensemble, member_iterations=member_iterations, read_iteration=read_iteration,
+                   ensemble=ensemble, member_iterations=member_iterations,
                    members=None if members is None else np.stack([tensor_to_image(m[None]) for m in members]))
 
     @property

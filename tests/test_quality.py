@@ -83,71 +83,20 @@ def test_member_stopper_keeps_each_members_minimum():
     assert it == second + 50
 
 
-def _two_members(stopper, ema_of, patience_end=400):
-    """Feed ``stopper`` two members quietest near steps 60 and 140; returns the last iteration."""
-    gen = torch.Generator().manual_seed(0)
-    base = torch.rand(2, 1, 16, 16, generator=gen)
-    for it in range(1, patience_end):
-        amp = torch.tensor([0.01 + abs(it - 60) / 60, 0.01 + abs(it - 140) / 60]).view(2, 1, 1, 1)
-        stopper.update(base + amp * torch.randn(base.shape, generator=gen), ema_of(it), it)
-        if stopper.should_stop(it):
-            break
-    return it
-
-
-def test_member_stopper_reads_every_members_average_where_the_mean_variance_has_risen_after_its_minimum():
-    """K > 1: all members' averages are read at one iteration, once the mean variance regains 1.1 × its minimum."""
-    from dip.fit.members import ENSEMBLE_READ_RISE
-
-    stopper = MemberVarianceStopper(EarlyStopping(window=10, patience=100), check_every=1)
-    scores = []
-    original = stopper._score
-    stopper._score = lambda out, it: scores.append(float(original(out, it).mean())) or stopper._current_score
-    it = _two_members(stopper, lambda i: torch.full((2, 1, 16, 16), float(i)))
-    joint = int(stopper.joint_iteration)
-    first, second = stopper.member_iterations()
-    assert first < joint < second, (first, joint, second)  # between the members' own minima
-    assert it == second + 100  # the stop is still each member's patience
-    lowest = min(scores[10:])  # the window's first outputs are not scored
-    assert scores[joint - 1] == lowest
-    read = next(i for i in range(joint, it + 1) if scores[i - 1] >= ENSEMBLE_READ_RISE * lowest)
-    image = stopper.image(torch.full((2, 1, 16, 16), float(it)))
-    assert joint < read < it and image[:, 0, 0, 0].tolist() == [read, read] and stopper.read_iteration() == read
-
-
-def test_member_stopper_hands_back_the_latest_average_when_the_fit_ends_before_the_read():
-    stopper = MemberVarianceStopper(EarlyStopping(window=10, patience=100), check_every=1)
-    _two_members(stopper, lambda i: torch.full((2, 1, 16, 16), float(i)), patience_end=int(1e9))
-    read = stopper.read_iteration()
-    fresh = MemberVarianceStopper(EarlyStopping(window=10, patience=100), check_every=1)
-    _two_members(fresh, lambda i: torch.full((2, 1, 16, 16), float(i)), patience_end=read - 1)
-    assert fresh.read_iteration() == read - 2  # not read yet: the latest iteration
-    assert fresh.image(torch.full((2, 1, 16, 16), -1.0))[:, 0, 0, 0].tolist() == [-1.0, -1.0]
-
-
-def test_member_stopper_resumes_its_joint_minimum_from_its_state():
-    """The joint minimum travels in the state a checkpoint or a rollback keeps."""
-    whole = MemberVarianceStopper(EarlyStopping(window=10, patience=100), check_every=1)
-    _two_members(whole, lambda i: torch.zeros(2, 1, 16, 16), patience_end=150)
-    resumed = MemberVarianceStopper(EarlyStopping(window=10, patience=100), check_every=1)
-    resumed.load_state_dict(whole.state_dict())
-    assert int(resumed.joint_iteration) == int(whole.joint_iteration)
-
-
-def test_a_single_member_stopper_reads_its_average_centred_on_its_own_minimum():
-    """K = 1 keeps the single fit's rule: the average a fifth of the minimum later, at most one lag."""
+def test_member_stopper_reads_each_members_average_one_lag_after_its_minimum():
+    """The average handed back per member (the default ``centred_ema``) is read a delay after its own minimum."""
     gen = torch.Generator().manual_seed(0)
     stopper = MemberVarianceStopper(EarlyStopping(window=10, patience=50), check_every=1)
     stopper._lag = 20
-    base = torch.rand(1, 1, 5, 5, generator=gen)
+    base = torch.rand(2, 1, 5, 5, generator=gen)
     for it in range(1, 260):
-        amp = 0.01 + abs(it - 140) / 60
-        stopper.update(base + amp * torch.randn(base.shape, generator=gen), torch.full((1, 1, 5, 5), float(it)), it)
+        amp = torch.tensor([0.01 + abs(it - 60) / 60, 0.01 + abs(it - 140) / 60]).view(2, 1, 1, 1)
+        stopper.update(base + amp * torch.randn(base.shape, generator=gen), torch.full((2, 1, 5, 5), float(it)), it)
         if stopper.should_stop(it):
             break
-    (best,) = stopper.member_iterations()
-    assert stopper.joint_iteration is None and stopper.read_iteration() is None
-    assert stopper.image(torch.full((1, 1, 5, 5), float(it)))[0, 0, 0, 0].item() == best + min(best // 5, 20)
+    first, second = stopper.member_iterations()
+    image = stopper.image(torch.full((2, 1, 5, 5), float(it)))
+    assert image[:, 0, 0, 0].tolist() == [first + min(first // 5, 20), second + 20]
 
 
 def test_ensemble_beats_its_members(clean64, noisy):
@@ -166,24 +115,7 @@ def test_ensemble_with_automatic_stop_returns_each_members_iterate(clean64, nois
     r = dip.restore(noisy(clean), iterations="auto", max_iterations=80, ensemble=2, reference=clean,
                     early_stopping=EarlyStopping(window=10, patience=20), **TINY)
     assert len(r.member_iterations) == 2 and max(r.member_iterations) == r.stopped_at
-    assert 10 < r.read_iteration <= r.iterations  # the members' averages: one read, after the window filled
     assert r.uncertainty.shape == (32, 32)
-    single = dip.restore(noisy(clean), iterations="auto", max_iterations=30, **TINY)
-    assert single.read_iteration is None
-
-
-def test_an_interrupted_ensemble_resumes_to_the_same_read(clean64, noisy, tmp_path):
-    """The joint minimum and the read travel in the checkpoint: a resumed ensemble returns what a whole one does."""
-    obs, ck = noisy(clean64[:32, :32]), tmp_path / "fit.pt"
-    kw = dict(iterations="auto", max_iterations=120, ensemble=2, seed=3,
-              early_stopping=EarlyStopping(window=10, patience=40), **TINY)
-    whole = dip.restore(obs, **kw)
-    stop = whole.read_iteration + 5  # interrupted after the read, before the end
-    part = dip.restore(obs, checkpoint=ck, checkpoint_every=10, callbacks=[lambda s: s.iteration >= stop], **kw)
-    assert whole.read_iteration < part.iterations < whole.iterations
-    resumed = dip.restore(obs, checkpoint=ck, checkpoint_every=10, resume=ck, **kw)
-    assert (resumed.read_iteration, resumed.iterations) == (whole.read_iteration, whole.iterations)
-    np.testing.assert_array_equal(resumed.image, whole.image)
 
 
 def test_cpu_ensemble_runs_channels_last_and_hands_back_a_plain_member(clean64, noisy):

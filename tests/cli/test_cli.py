@@ -1,5 +1,4 @@
 """The ``dip`` command line, end to end on tiny images (in-process and as a subprocess)."""
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -376,22 +375,6 @@ def test_ensemble_writes_the_uncertainty_map_with_its_scale_bar(tiny_png, tmp_pa
         assert img.format == "PNG" and img.mode == "RGB" and img.size == (layout[1], layout[0])
         assert layout[0] > 24 * layout[1] // 20  # the bar and its labels add rows under the zoomed map
     assert f"wrote {unsure}" in capsys.readouterr().out
-
-
-def test_the_summary_says_where_an_ensemble_was_read():
-    """An ensemble's image is read at one iteration for all members, not at ``stopped_at`` (the last member's minimum)."""
-    from types import SimpleNamespace
-
-    from dip.cli import _report
-
-    base = dict(iterations=900, stop_reason="auto stop", stopped_at=400, seconds=1.0, noise_sigma_estimate=None,
-                psnr=None, ssim=None, ensemble=4, history=SimpleNamespace(rollbacks=[]))
-    info = io.StringIO()
-    _report(SimpleNamespace(**base, read_iteration=610), "out.png", info)
-    assert "4 members read at iteration 610" in info.getvalue() and "iteration 400" not in info.getvalue()
-    info = io.StringIO()
-    _report(SimpleNamespace(**base | {"ensemble": 1}, read_iteration=None), "out.png", info)
-    assert "image of iteration 400" in info.getvalue()
 
 
 def test_quality_options_reach_restore_in_the_apis_units(tiny_png, tmp_path, captured_restore):
