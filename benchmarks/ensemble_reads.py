@@ -19,10 +19,12 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dip.fit.settings import FitSettings  # noqa: E402
-from dip.fit.stopping import CENTRE_DIVISOR  # noqa: E402
+from dip.fit.stopping import centred_read  # noqa: E402
 
 DELAYS = (100, 200, 300, 400)
 FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -31,8 +33,7 @@ RISES = (1.05, 1.1, 1.2, 1.3, 1.5)
 
 def centred(index: int) -> int:
     """Where dip reads the average centred on a minimum at curve index ``index`` (iteration index + 1)."""
-    iteration = index + 1
-    return iteration + min(iteration // CENTRE_DIVISOR, FitSettings().average_lag) - 1
+    return int(centred_read(torch.tensor(index + 1), FitSettings().average_lag)) - 1
 
 
 def at(curve: list, index: int) -> float:

@@ -48,6 +48,15 @@ if TYPE_CHECKING:  # pragma: no cover
 CENTRE_DIVISOR = 5  # centred_ema reads the average b // 5 iterations after the minimum b (RESULTS.md, issue 15)
 
 
+def centred_read(minimum: torch.Tensor, lag: int) -> torch.Tensor:
+    """The iteration :attr:`Selection.CENTRED_EMA` reads the average at, for a variance minimum at ``minimum``.
+
+    ``minimum // CENTRE_DIVISOR`` iterations after it, at most ``lag`` (the average's, ``FitSettings.average_lag``);
+    elementwise, on ``minimum``'s device.
+    """
+    return minimum + torch.clamp(minimum // CENTRE_DIVISOR, max=lag)
+
+
 def _per_image(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``mask`` (one boolean, or one per ensemble member) shaped to select whole images of ``like`` (N×C×H×W)."""
     return mask.view(-1, *([1] * (like.dim() - 1)))
@@ -171,7 +180,7 @@ class VarianceStopper(Monitor):
 
     def _centred_at(self) -> torch.Tensor:
         """When the average centred on the current minimum is read (per member): see the module docstring."""
-        return self.best_iteration + torch.clamp(self.best_iteration // CENTRE_DIVISOR, max=self._lag)
+        return centred_read(self.best_iteration, self._lag)
 
     def _centre(self, ema: torch.Tensor, iteration: int) -> None:
         """Keep the average of the iteration :meth:`_centred_at` gives (per member): a select on the device."""
