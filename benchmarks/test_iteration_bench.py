@@ -37,17 +37,20 @@ SIZES = [64, 128, 256] + ([512] if os.environ.get("DIP_BENCH_LARGE") else [])
 PATHS = ["fused", "eager"] + (["compile"] if os.environ.get("DIP_BENCH_COMPILE") else [])
 
 
-def make_step(path: str, size: int, seed: int = 0, dev: str = "cpu", precision: str = "float32"):
+def make_step(path: str, size: int, seed: int = 0, dev: str = "cpu", precision: str = "float32", members: int = 1):
     """A closure running one fitting iteration of the denoise net on the given path and device.
 
     ``precision="bfloat16"`` runs the forward under bf16 autocast, as a fit with that precision does
-    (float32 weights, loss and Adam).
+    (float32 weights, loss and Adam). ``members=K`` fits a seed ensemble of K as one grouped network,
+    channels_last on the CPU as ``restore(ensemble=K)`` runs it.
     """
     torch.manual_seed(seed)
-    net = build_network("denoise", fused=None if path == "fused" else False).to(dev)
+    net = build_network("denoise", fused=None if path == "fused" else False, members=members).to(dev)
     g = torch.Generator().manual_seed(seed)
-    z = torch.rand(1, 32, size, size, generator=g).to(dev)
-    target = torch.rand(1, 3, size, size, generator=g).to(dev)
+    z = torch.rand(1, 32 * members, size, size, generator=g).to(dev)
+    target = torch.rand(members, 3, size, size, generator=g).to(dev)
+    if members > 1 and torch.device(dev).type == "cpu":
+        net, z = net.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     model = torch.compile(net, fullgraph=True) if path == "compile" else net
 

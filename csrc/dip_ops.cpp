@@ -24,12 +24,15 @@ TORCH_LIBRARY(dip, m) {
 
   // The decoder's merge: BatchNorm (no activation) of cat([a, b], dim=1),
   // written as one channels_last tensor; returns it and the statistics used.
+  // With groups G, a and b hold G members' channels each and are concatenated
+  // member by member: [a_1, b_1, ..., a_G, b_G].
   m.def(
       "merge_bn(Tensor a, Tensor b, Tensor bn_weight, Tensor bn_bias, Tensor? running_mean, Tensor? running_var, "
-      "bool training, float eps) -> (Tensor out, Tensor mean, Tensor var)");
+      "bool training, float eps, int groups=1) -> (Tensor out, Tensor mean, Tensor var)");
   m.def(
       "merge_bn_backward(Tensor grad_out, Tensor a, Tensor b, Tensor mean, Tensor var, Tensor bn_weight, "
-      "bool training, float eps) -> (Tensor grad_a, Tensor grad_b, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+      "bool training, float eps, int groups=1) -> (Tensor grad_a, Tensor grad_b, Tensor grad_bn_weight, "
+      "Tensor grad_bn_bias)");
 
   // Fused conv block: reflection (or zero) pad -> k x k conv -> BatchNorm -> LeakyReLU.
   // Returns the block output, the conv output y and the statistics used

@@ -84,8 +84,8 @@ def _sigma_option(p: argparse.ArgumentParser, what: str = "the input's") -> None
 
 def _ensemble_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", type=int, default=1, metavar="K",
-                   help="fit K networks of consecutive seeds together and average their images (default 1); "
-                        "they run on the pure-PyTorch blocks")
+                   help="fit K networks of consecutive seeds together and average their images (default 1), "
+                        "fitted as one grouped network")
 
 
 def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
@@ -863,7 +863,7 @@ def _info() -> int:
 
     import dip
     from dip._extension import build_info
-    from dip.nn import GROUPED_PATH, active_path
+    from dip.nn import active_path
 
     info = build_info()
     print(f"dip {dip.__version__}")
@@ -874,8 +874,7 @@ def _info() -> int:
               f"{info['openmp_threads']} threads)")
     else:
         print(f"C++ extension: not loaded ({info.get('reason')}); using the pure-PyTorch path")
-    print(f"compute path: {active_path()}")
-    print(f"ensembles (--ensemble K ≥ 2): {GROUPED_PATH} (the fused block has no grouped form)")
+    print(f"compute path: {active_path()} (ensembles too: their convolutions are grouped)")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         print(f"CUDA: {torch.version.cuda}, devices: {names}")

@@ -28,7 +28,7 @@ from dip.fit.settings import is_auto
 from dip.fit.stopping import VarianceStopper
 from dip.io import MAX_PIXELS, ImageLike, load_image
 from dip.memory import check_fits_in_memory
-from dip.nn.blocks import GROUPED_PATH
+from dip.nn.blocks import network_path
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
 from dip.noise import estimate_sigma
 from dip.physics import Operator
@@ -131,8 +131,8 @@ def restore(
             fit stops at the first of the variance minimum's patience and the
             noise level, and returns the iterate of the variance minimum so far.
         ensemble: fit this many networks (seeds ``seed``, ``seed + 1``, …) together
-            as one grouped network (pure-PyTorch blocks: the fused block has no
-            grouped form). Each member keeps its own automatic stop; ``image`` is
+            as one grouped network (on the fused operators when they are
+            loaded). Each member keeps its own automatic stop; ``image`` is
             the mean of the members' returned images and ``uncertainty`` their
             per-pixel spread. ``network``/``render()`` are member 0's.
         callbacks: functions called with a :class:`dip.fit.Step` after each
@@ -209,7 +209,7 @@ def restore(
     net.load_state_dict(result.weights)  # the network of the returned iterate, not of the end of the fit
     record = {**settings.to_dict(), "task": problem.task.value, "factor": problem.factor, "device": str(dev),
               "network": cfg.to_dict() if cfg is not None else type(net).__name__, "ensemble": members,
-              "blocks": GROUPED_PATH if members > 1 else None}
+              "blocks": network_path(net)}
     stopper = next((m for m in monitors if isinstance(m, MemberVarianceStopper)), None)
     result, quality = _combine_members(result, stopper, members)
     if members > 1:

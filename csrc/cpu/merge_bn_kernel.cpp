@@ -2,8 +2,11 @@
 // along channels followed by BatchNorm (no activation), written straight into
 // one channels_last output; the backward writes the two inputs' gradients
 // directly, so there is no concatenated copy and no sliced gradient to copy.
-//   forward:  statistics of a and of b (one pass each) | normalise both into out (one pass)
+//   forward:  statistics of a and b (one pass) | normalise both into out (one pass)
 //   backward: per-channel sums of g and g * xhat (one pass) | both input gradients (one pass)
+// With groups G (the members of a seed ensemble side by side) a and b hold G
+// blocks of channels each and the output interleaves them member by member:
+// [a_1, b_1, a_2, b_2, ...]. Each such block is a Segment below.
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
@@ -78,19 +81,39 @@ DIP_CLONES void affine_rows(const T* x, int64_t ldx, const T* scale, const T* sh
   }
 }
 
-// grad = g * scale + xhat * a + b with xhat = (x - mean) * invstd.
+// grad = g * scale + xhat * a + b with xhat = (x - mean) * invstd (out with row stride ldx, like x).
 template <typename T>
 DIP_CLONES void grad_rows(const T* g, int64_t ldg, const T* x, int64_t ldx, const T* mean, const T* invstd,
                              const T* scale, const T* ca, const T* cb, T* out, int64_t c, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* __restrict gr = g + r * ldg;
     const T* __restrict xr = x + r * ldx;
-    T* __restrict o = out + r * c;
+    T* __restrict o = out + r * ldx;
     for (int64_t k = 0; k < c; ++k) o[k] = gr[k] * scale[k] + ((xr[k] - mean[k]) * invstd[k]) * ca[k] + cb[k];
   }
 }
 
-void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gamma, const at::Tensor& beta) {
+// A block of channels of one input (part 0: a, part 1: b) and where it lands in the output.
+struct Segment {
+  int part;
+  int64_t src;    // first channel in its input
+  int64_t out;    // first channel in the output
+  int64_t width;  // channels
+};
+
+// The output's channels in order: member by member, a's block then b's.
+std::vector<Segment> segments(int64_t ca, int64_t cb, int64_t groups) {
+  const int64_t sa = ca / groups, sb = cb / groups;
+  std::vector<Segment> segs;
+  for (int64_t g = 0; g < groups; ++g) {
+    segs.push_back({0, g * sa, g * (sa + sb), sa});
+    segs.push_back({1, g * sb, g * (sa + sb) + sa, sb});
+  }
+  return segs;
+}
+
+void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gamma, const at::Tensor& beta,
+                  int64_t groups) {
   TORCH_CHECK(a.dim() == 4 && b.dim() == 4, "merge_bn: inputs must be N x C x H x W, got ", a.sizes(), " and ",
               b.sizes());
   TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(2) && a.size(3) == b.size(3),
@@ -103,14 +126,16 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ga
   const int64_t c = a.size(1) + b.size(1);
   TORCH_CHECK(gamma.numel() == c && beta.numel() == c, "merge_bn: BatchNorm weight and bias need ", c, " elements");
   TORCH_CHECK(a.numel() > 0 && b.numel() > 0, "merge_bn: empty input");
+  TORCH_CHECK(groups >= 1 && a.size(1) % groups == 0 && b.size(1) % groups == 0, "merge_bn: groups (", groups,
+              ") must be positive and divide both inputs' channels, ", a.size(1), " and ", b.size(1));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_bn_cpu(const at::Tensor& a, const at::Tensor& b,
                                                             const at::Tensor& gamma, const at::Tensor& beta,
                                                             const c10::optional<at::Tensor>& running_mean,
                                                             const c10::optional<at::Tensor>& running_var,
-                                                            bool training, double eps) {
-  check_inputs(a, b, gamma, beta);
+                                                            bool training, double eps, int64_t groups) {
+  check_inputs(a, b, gamma, beta, groups);
   const int64_t ca = a.size(1), cb = b.size(1), c = ca + cb;
   if (!training) {
     TORCH_CHECK(running_mean.has_value() && running_var.has_value() && running_mean->numel() == c &&
@@ -119,27 +144,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_bn_cpu(const at::Tensor& a,
   }
   const auto ac = canonical_cl(a), bc = canonical_cl(b);
   const int64_t m = a.numel() / ca;
+  const int64_t ld[2] = {ca, cb};
+  const auto segs = segments(ca, cb, groups);
   auto out = empty_cl({a.size(0), c, a.size(2), a.size(3)}, a.options());
   auto mean = at::empty({c}, a.options()), var = at::empty({c}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dip_merge_bn_cpu", [&] {
     using T = scalar_t;
-    const T* pa = ac.const_data_ptr<T>();
-    const T* pb = bc.const_data_ptr<T>();
+    const T* parts[2] = {ac.const_data_ptr<T>(), bc.const_data_ptr<T>()};
     if (training) {
       T* pm = mean.mutable_data_ptr<T>();
       T* pv = var.mutable_data_ptr<T>();
-      const T* parts[2] = {pa, pb};
-      const int64_t widths[2] = {ca, cb};
-      for (int p = 0, off = 0; p < 2; off += widths[p], ++p) {
-        std::vector<double> s, q;
-        const int64_t w = widths[p];
-        reduce_rows(m, w, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq) {
-          shifted_sums<T>(parts[p], w, w, r0, r1, ps, pq);
-        });
-        for (int64_t k = 0; k < w; ++k) {
-          const double mu = s[k] / m;
-          pm[off + k] = T(double(parts[p][k]) + mu);
-          pv[off + k] = T(std::max(q[k] / m - mu * mu, 0.0));
+      std::vector<double> s, q;
+      reduce_rows(m, c, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq) {
+        for (const auto& sg : segs) {
+          shifted_sums<T>(parts[sg.part] + sg.src, ld[sg.part], sg.width, r0, r1, ps + sg.out, pq + sg.out);
+        }
+      });
+      for (const auto& sg : segs) {
+        for (int64_t k = 0; k < sg.width; ++k) {
+          const int64_t o = sg.out + k;
+          const double mu = s[o] / m;
+          pm[o] = T(double(parts[sg.part][sg.src + k]) + mu);
+          pv[o] = T(std::max(q[o] / m - mu * mu, 0.0));
         }
       }
     } else {
@@ -156,8 +182,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_bn_cpu(const at::Tensor& a,
     }
     T* po = out.mutable_data_ptr<T>();
     at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
-      affine_rows<T>(pa, ca, scale.data(), shift.data(), po, c, ca, r0, r1);
-      affine_rows<T>(pb, cb, scale.data() + ca, shift.data() + ca, po + ca, c, cb, r0, r1);
+      for (const auto& sg : segs) {
+        affine_rows<T>(parts[sg.part] + sg.src, ld[sg.part], scale.data() + sg.out, shift.data() + sg.out,
+                       po + sg.out, c, sg.width, r0, r1);
+      }
     });
   });
   return {out, mean, var};
@@ -165,13 +193,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_bn_cpu(const at::Tensor& a,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_bn_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& mean,
-    const at::Tensor& var, const at::Tensor& gamma, bool training, double eps) {
+    const at::Tensor& var, const at::Tensor& gamma, bool training, double eps, int64_t groups) {
   const int64_t ca = a.size(1), cb = b.size(1), c = ca + cb;
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(1) == c && grad_out.size(0) == a.size(0) &&
                   grad_out.size(2) == a.size(2) && grad_out.size(3) == a.size(3),
               "merge_bn_backward: grad_out must be N x ", c, " x H x W like the output, got ", grad_out.sizes());
+  TORCH_CHECK(groups >= 1 && ca % groups == 0 && cb % groups == 0, "merge_bn_backward: groups (", groups,
+              ") must be positive and divide both inputs' channels, ", ca, " and ", cb);
   const auto go = canonical_cl(grad_out), ac = canonical_cl(a), bc = canonical_cl(b);
   const int64_t m = a.numel() / ca;
+  const int64_t ld[2] = {ca, cb};
+  const auto segs = segments(ca, cb, groups);
   auto grad_a = empty_cl(a.sizes(), a.options()), grad_b = empty_cl(b.sizes(), b.options());
   auto grad_gamma = at::empty({c}, a.options()), grad_beta = at::empty({c}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dip_merge_bn_backward_cpu", [&] {
@@ -186,26 +218,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_bn_backward_cpu
     const T* pgo = go.const_data_ptr<T>();
     const T* parts[2] = {ac.const_data_ptr<T>(), bc.const_data_ptr<T>()};
     T* grads[2] = {grad_a.mutable_data_ptr<T>(), grad_b.mutable_data_ptr<T>()};
-    const int64_t widths[2] = {ca, cb};
+    std::vector<double> s, q;
+    reduce_rows(m, c, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq) {
+      for (const auto& sg : segs) {
+        grad_sums<T>(pgo + sg.out, c, parts[sg.part] + sg.src, ld[sg.part], pm + sg.out, invstd.data() + sg.out,
+                     sg.width, r0, r1, ps + sg.out, pq + sg.out);
+      }
+    });
     T* pgg = grad_gamma.mutable_data_ptr<T>();
     T* pgb = grad_beta.mutable_data_ptr<T>();
-    for (int p = 0, off = 0; p < 2; off += widths[p], ++p) {
-      const int64_t w = widths[p];
-      std::vector<double> s, q;
-      reduce_rows(m, w, s, q, [&](int64_t r0, int64_t r1, double* ps, double* pq) {
-        grad_sums<T>(pgo + off, c, parts[p], w, pm + off, invstd.data() + off, w, r0, r1, ps, pq);
-      });
-      for (int64_t k = 0; k < w; ++k) {
-        pgb[off + k] = T(s[k]);
-        pgg[off + k] = T(q[k]);
-        ka[off + k] = training ? T(-double(scale[off + k]) * q[k] / m) : T(0);
-        kb[off + k] = training ? T(-double(scale[off + k]) * s[k] / m) : T(0);
-      }
+    for (int64_t k = 0; k < c; ++k) {
+      pgb[k] = T(s[k]);
+      pgg[k] = T(q[k]);
+      ka[k] = training ? T(-double(scale[k]) * q[k] / m) : T(0);
+      kb[k] = training ? T(-double(scale[k]) * s[k] / m) : T(0);
     }
     at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
-      for (int p = 0, off = 0; p < 2; off += widths[p], ++p) {
-        grad_rows<T>(pgo + off, c, parts[p], widths[p], pm + off, invstd.data() + off, scale.data() + off,
-                     ka.data() + off, kb.data() + off, grads[p], widths[p], r0, r1);
+      for (const auto& sg : segs) {
+        const int64_t o = sg.out;
+        grad_rows<T>(pgo + o, c, parts[sg.part] + sg.src, ld[sg.part], pm + o, invstd.data() + o, scale.data() + o,
+                     ka.data() + o, kb.data() + o, grads[sg.part] + sg.src, sg.width, r0, r1);
       }
     });
   });

@@ -1,19 +1,20 @@
 """Networks: the skip-hourglass generator and its blocks."""
 from dip.nn.blocks import (
-    GROUPED_PATH,
+    PURE_PATH,
     ConvBlock,
     FusedConvBlock,
     active_path,
     fusable,
     make_activation,
     make_conv_block,
+    network_path,
 )
 from dip.nn.hourglass import PRESETS, Hourglass, HourglassConfig, build_network, preset
 
 __all__ = [
     "ConvBlock",
     "FusedConvBlock",
-    "GROUPED_PATH",
+    "PURE_PATH",
     "active_path",
     "fusable",
     "make_conv_block",
@@ -22,5 +23,6 @@ __all__ = [
     "PRESETS",
     "build_network",
     "make_activation",
+    "network_path",
     "preset",
 ]

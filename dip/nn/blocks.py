@@ -134,9 +134,8 @@ _FUSED_SLOPES = {"LeakyReLU": 0.2, "ReLU": 0.0, "none": 1.0}
 
 def fusable(stride: int = 1, *, pad: str = "reflection", downsample: str = "stride", batch_norm: bool = True,
             act: str = "LeakyReLU", bias: bool = True, groups: int = 1) -> bool:
-    """True when the fused operator covers these ConvBlock options (any padding, with or without bias; no groups)."""
-    return (batch_norm and act in _FUSED_SLOPES and (stride == 1 or downsample == "stride") and stride in (1, 2)
-            and groups == 1)
+    """True when the fused operator covers these ConvBlock options (any padding, bias and groups)."""
+    return batch_norm and act in _FUSED_SLOPES and (stride == 1 or downsample == "stride") and stride in (1, 2)
 
 
 def fused_default() -> bool:
@@ -144,16 +143,20 @@ def fused_default() -> bool:
     return has_op("conv_block")
 
 
-#: what runs the blocks of a grouped network (an ensemble, ``Hourglass(..., members=K)``) whatever the
-#: default path: the fused block has no grouped form
-GROUPED_PATH = "pure PyTorch (grouped)"
+#: what :func:`active_path` and :func:`network_path` say of the pure-PyTorch blocks
+PURE_PATH = "pure PyTorch"
 
 
 def active_path() -> str:
     """Which implementation runs the conv blocks by default, e.g. ``"fused C++ (CPU)"`` or ``"pure PyTorch"``."""
     if not fused_default():
-        return "pure PyTorch"
+        return PURE_PATH
     return "fused C++/CUDA (CPU, CUDA)" if build_info().get("with_cuda") else "fused C++ (CPU)"
+
+
+def network_path(net: nn.Module) -> str:
+    """Which implementation runs ``net``'s conv blocks: :func:`active_path` if it holds fused blocks, else pure."""
+    return active_path() if any(isinstance(m, FusedConvBlock) for m in net.modules()) else PURE_PATH
 
 
 class FusedConvBlock(ConvBlock):
@@ -166,14 +169,14 @@ class FusedConvBlock(ConvBlock):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *,
                  bias: bool = True, pad: str = "reflection", downsample: str = "stride", batch_norm: bool = True,
-                 act: str = "LeakyReLU"):
+                 act: str = "LeakyReLU", groups: int = 1):
         if not fusable(stride, pad=pad, downsample=downsample, batch_norm=batch_norm, act=act):
             raise DipError(
                 f"the fused conv block does not cover stride={stride}, downsample={downsample!r}, "
                 f"batch_norm={batch_norm}, act={act!r}; use ConvBlock"
             )
         super().__init__(in_channels, out_channels, kernel_size, stride, bias=bias, pad=pad, downsample=downsample,
-                         batch_norm=batch_norm, act=act)
+                         batch_norm=batch_norm, act=act, groups=groups)
         self.reflect = pad == "reflection"
         self.slope = self.act.negative_slope if isinstance(self.act, nn.LeakyReLU) else _FUSED_SLOPES[act]
         # The operator computes in channels_last; a weight stored that way is used
@@ -185,7 +188,7 @@ class FusedConvBlock(ConvBlock):
         """This block as a plain ``ConvBlock`` holding the same modules (same parameter and buffer names)."""
         with torch.device("meta"):  # its own new modules are replaced below: no memory, no random draws
             twin = ConvBlock(self.conv.in_channels, self.conv.out_channels, self.conv.kernel_size[0], self.stride,
-                             bias=self.conv.bias is not None, pad=self.pad_mode, act="none")
+                             bias=self.conv.bias is not None, pad=self.pad_mode, act="none", groups=self.conv.groups)
         twin.conv, twin.bn, twin.act = self.conv, self.bn, self.act
         return twin
 
@@ -203,6 +206,5 @@ def make_conv_block(in_channels: int, out_channels: int, kernel_size: int, strid
     """A ``FusedConvBlock`` when ``fused`` (default: the operator is loaded) and the options allow, else a ``ConvBlock``."""
     use_fused = fused_default() if fused is None else fused
     if use_fused and fusable(stride, **options):
-        options.pop("groups", None)
         return FusedConvBlock(in_channels, out_channels, kernel_size, stride, **options)
     return ConvBlock(in_channels, out_channels, kernel_size, stride, **options)

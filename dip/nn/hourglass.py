@@ -11,8 +11,8 @@ multiplied by K and every convolution grouped K ways (BatchNorm, activations,
 padding and resampling act per channel already), so one forward pass is one
 set of larger kernels instead of K networks in a Python loop. Its input is the
 K members' inputs concatenated on channels; its output is K×C×H×W, member by
-member. The fused conv block has no grouped form, so such a network uses the
-pure-PyTorch blocks.
+member. The fused operators run it too: the conv block's convolutions are
+grouped, and the decoder's merge concatenates member by member.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from dip.errors import DipError
 from dip.nn.blocks import ACTIVATIONS, DOWNSAMPLERS, PADDINGS, UPSAMPLERS, fused_default, make_conv_block
-from dip.ops.merge_bn import merge_bn
+from dip.ops.merge_bn import concat_members, merge_bn
 from dip.ops.upsample import UpsampleBilinear2x
 
 
@@ -122,7 +122,7 @@ class _Scale(nn.Module):
         in_channels *= k
         opts = dict(bias=cfg.bias, pad=cfg.pad, batch_norm=cfg.batch_norm, act=cfg.act, fused=fused)
         if k > 1:
-            opts.update(groups=k, fused=False)
+            opts.update(groups=k)
         self.has_skip = skip > 0
         self.skip = make_conv_block(in_channels, skip, cfg.filter_size_skip, **opts) if skip > 0 else nn.Identity()
         self.down = nn.Sequential(
@@ -132,7 +132,7 @@ class _Scale(nn.Module):
         self.deeper = deeper if deeper is not None else nn.Identity()
         deep_out = k * cfg.channels_up[i + 1] if i + 1 < cfg.scales else down
         align = None if cfg.upsample == "nearest" else False
-        use_fused = (fused_default() if fused is None else fused) and k == 1  # no grouped fused form
+        use_fused = fused_default() if fused is None else fused
         # No parameters either way, so the state_dict does not depend on the choice.
         self.upsample: nn.Module = (
             UpsampleBilinear2x() if use_fused and cfg.upsample == "bilinear"
@@ -159,14 +159,10 @@ class _Scale(nn.Module):
         if self.fused_merge:
             bn = self.merge_bn
             y = merge_bn(self.skip(x), y, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                         self.training, bn.momentum, bn.eps)
+                         self.training, bn.momentum, bn.eps, self.members)
             return self.up_1x1(self.up(y))
-        if self.has_skip and self.members > 1:  # member by member: [skip₁, deep₁, skip₂, deep₂, …]
-            n, k, h, w = y.shape[0], self.members, y.shape[2], y.shape[3]
-            skip = self.skip(x).reshape(n, k, -1, h, w)
-            y = torch.cat([skip, y.reshape(n, k, -1, h, w)], dim=2).reshape(n, -1, h, w)
-        elif self.has_skip:
-            y = torch.cat([self.skip(x), y], dim=1)
+        if self.has_skip:
+            y = concat_members(self.skip(x), y, self.members)
         return self.up_1x1(self.up(self.merge_bn(y)))
 
 
@@ -220,12 +216,15 @@ class Hourglass(nn.Module):
         return out
 
     @classmethod
-    def stack(cls, nets: Sequence[Hourglass]) -> Hourglass:
-        """One grouped network holding copies of ``nets`` (same configuration) as its members."""
+    def stack(cls, nets: Sequence[Hourglass], fused: Optional[bool] = None) -> Hourglass:
+        """One grouped network holding copies of ``nets`` (same configuration) as its members.
+
+        ``fused`` selects its blocks as in :class:`Hourglass` (default: fused when the operator is loaded).
+        """
         cfg = nets[0].config
         if any(n.config.to_dict() != cfg.to_dict() for n in nets):
             raise DipError("the networks of an ensemble must share one configuration")
-        grouped = cls(cfg, fused=False, members=len(nets))
+        grouped = cls(cfg, fused=fused, members=len(nets))
         states = [n.state_dict() for n in nets]
         with torch.no_grad():
             for key, value in grouped.state_dict().items():

@@ -13,6 +13,11 @@ separate operator ``torch.ops.dip.conv_block_backward``, wired in with
 ``torch.library.register_autograd``; ``register_fake`` lets
 ``torch.compile`` trace both.
 
+Grouped convolutions (the members of a seed ensemble side by side) need no
+argument: as in ``F.conv2d`` the weight is Cout × (Cin / groups) × k × k, and
+the groups follow from the shapes. BatchNorm and the activation act per
+channel either way.
+
 bfloat16: the operator convolves in its weight's dtype. On the CPU it also
 takes a bfloat16 weight (and bias) with a float32 input: the convolution then
 runs in bf16 (about twice the float32 speed on AVX512-BF16 and AMX), its
@@ -52,7 +57,8 @@ def conv_block_reference(
     """Pure-PyTorch conv block (the reference of the fused operator); updates running stats like BatchNorm2d."""
     if reflect and padding > 0:
         x = F.pad(x, (padding, padding, padding, padding), mode="reflect")
-    y = F.conv2d(x, weight, bias, stride, 0 if reflect else padding)
+    groups = x.shape[1] // weight.shape[1]  # implied by the shapes, as in the fused operator
+    y = F.conv2d(x, weight, bias, stride, 0 if reflect else padding, 1, groups)
     factor = _averaging_factor(training, momentum, running_mean, num_batches_tracked)
     use_batch_stats = training or running_mean is None
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, use_batch_stats, factor, eps)

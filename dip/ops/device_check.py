@@ -127,15 +127,16 @@ def _fused_conv_block(*args) -> torch.Tensor:
 
 
 def _check_conv_block(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Fused vs reference conv block, forward and gradients: 3×3 stride 2 reflect, and 1×1."""
+    """Fused vs reference conv block, forward and gradients: 3×3 stride 2 reflect, 1×1, and 3×3 in 2 groups."""
     from dip.ops.conv_block import conv_block_reference
 
     gen = torch.Generator().manual_seed(0)
     errors = []
-    for k, stride, reflect in ((3, 2, True), (1, 1, False)):
-        x = _random(gen, device, dtype, 2, 3, 9, 7)
-        params = [_random(gen, device, dtype, 5, 3, k, k), _random(gen, device, dtype, 5),
-                  _random(gen, device, dtype, 5).abs() + 0.5, _random(gen, device, dtype, 5)]
+    for k, stride, reflect, groups in ((3, 2, True, 1), (1, 1, False, 1), (3, 1, True, 2)):
+        cout = 5 * groups
+        x = _random(gen, device, dtype, 2, 3 * groups, 9, 7)
+        params = [_random(gen, device, dtype, cout, 3, k, k), _random(gen, device, dtype, cout),
+                  _random(gen, device, dtype, cout).abs() + 0.5, _random(gen, device, dtype, cout)]
         opts = (stride, (k - 1) // 2, reflect, 1e-5, 0.2)
         ins_f = [t.clone().requires_grad_() for t in (x, *params)]
         ins_r = [t.clone().requires_grad_() for t in (x, *params)]
@@ -143,13 +144,14 @@ def _check_conv_block(device: torch.device, dtype: torch.dtype) -> str | None:
         out_r = conv_block_reference(*ins_r, None, None, None, True, None, opts[3], opts[0], opts[1], opts[2],
                                      opts[4])
         tol = _CONV_TOL.get(dtype, 5e-2)
-        errors.append(_compare(f"k{k} output", out_f, out_r, tol))
+        case = f"k{k}" + (f" groups {groups}" if groups > 1 else "")
+        errors.append(_compare(f"{case} output", out_f, out_r, tol))
         if errors[-1] is None:
             grad = _random(gen, device, dtype, *out_r.shape)
             grads_f = torch.autograd.grad(out_f, ins_f, grad)
             grads_r = torch.autograd.grad(out_r, ins_r, grad)
             names = ("input", "weight", "bias", "bn weight", "bn bias")
-            errors += [_compare(f"k{k} grad {n}", a, b, tol) for n, a, b in zip(names, grads_f, grads_r)]
+            errors += [_compare(f"{case} grad {n}", a, b, tol) for n, a, b in zip(names, grads_f, grads_r)]
         if _first_error(errors):
             break
     return _first_error(errors)

@@ -403,9 +403,11 @@ def test_uncertainty_without_a_map_after_an_automatic_fit_is_an_error_but_the_im
 
 
 def test_info_says_what_ensembles_run_on(capsys):
+    from dip.nn import active_path
+
     assert main(["info"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("ensembles"))
-    assert "pure PyTorch" in line and "no grouped form" in line
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("compute path"))
+    assert active_path() in line and "ensembles too" in line
 
 
 def test_batch_takes_ensemble_and_blind_sigma(tmp_path, monkeypatch):

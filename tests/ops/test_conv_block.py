@@ -61,6 +61,15 @@ CASES = [
     (32, 32, 5, 1, 2, 5, 7, "zero", True),
 ]
 
+# Grouped blocks (the members of a seed ensemble side by side), with the groups last:
+# 3×3 stride 1 and 2, 1×1 (not the GEMM path), zero padding, 2 and 4 groups.
+GROUPED_CASES = [
+    (8, 12, 3, 1, 1, 9, 7, "reflection", True, 2),
+    (12, 8, 3, 2, 2, 11, 9, "reflection", True, 4),
+    (16, 8, 1, 1, 2, 7, 9, "reflection", False, 4),
+    (6, 6, 5, 1, 1, 9, 11, "zero", True, 3),
+]
+
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
     scale = max(expected.abs().max().item(), 1.0)
@@ -69,21 +78,22 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) 
 
 
 def _pair(case, dtype, device, seed=0):
-    cin, cout, k, stride, _, _, _, pad, bias = case
+    cin, cout, k, stride, _, _, _, pad, bias = case[:9]
+    groups = case[9] if len(case) > 9 else 1
     torch.manual_seed(seed)
-    ref = ConvBlock(cin, cout, k, stride, bias=bias, pad=pad).to(device, dtype)
+    ref = ConvBlock(cin, cout, k, stride, bias=bias, pad=pad, groups=groups).to(device, dtype)
     with torch.no_grad():  # non-trivial affine parameters and running stats
         ref.bn.weight.uniform_(0.5, 1.5)
         ref.bn.bias.uniform_(-0.5, 0.5)
         ref.bn.running_mean.uniform_(-0.5, 0.5)
         ref.bn.running_var.uniform_(0.5, 2.0)
-    fused = FusedConvBlock(cin, cout, k, stride, bias=bias, pad=pad).to(device, dtype)
+    fused = FusedConvBlock(cin, cout, k, stride, bias=bias, pad=pad, groups=groups).to(device, dtype)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
 
 def _input(case, dtype, device, contiguous=True):
-    cin, _, _, _, n, h, w, _, _ = case
+    cin, _, _, _, n, h, w = case[:7]
     if contiguous:
         return torch.randn(n, cin, h, w, dtype=dtype, device=device)
     # Non-contiguous: a transposed view of a larger tensor, every other column.
@@ -124,9 +134,23 @@ def test_block_matches_reference(case, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]], ids=["k3s2", "k1", "k5s2"])
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: "{}-{}-k{}-s{}-n{}-{}x{}-{}-{}-g{}".format(
+    *c[:8], "b" if c[8] else "nob", c[9]))
+def test_grouped_block_matches_reference(case, dtype, device):
+    _check_block(case, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], GROUPED_CASES[1], GROUPED_CASES[2]],
+                         ids=["k3s2", "k1", "k5s2", "grouped-k3s2", "grouped-k1"])
 def test_non_contiguous_input(case, dtype, device):
     _check_block(case, dtype, device, contiguous=False, steps=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_eval_mode_uses_running_stats(device):
+    _check_block(GROUPED_CASES[0], torch.float64, device, training=False, steps=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -149,7 +173,7 @@ def test_cumulative_average_when_momentum_is_none(device):
     assert fused.bn.num_batches_tracked.item() == ref.bn.num_batches_tracked.item() == 3
 
 
-def _op_args(dtype, k=3, stride=1, reflect=True, bias=True, training=True, cin=3, cout=4, device="cpu"):
+def _op_args(dtype, k=3, stride=1, reflect=True, bias=True, training=True, cin=3, cout=4, device="cpu", groups=1):
     g = torch.Generator().manual_seed(1)
 
     def r(*shape):
@@ -157,19 +181,27 @@ def _op_args(dtype, k=3, stride=1, reflect=True, bias=True, training=True, cin=3
 
     x = r(2, cin, 7, 5)
     return (
-        x, r(cout, cin, k, k), r(cout) if bias else None, r(cout).abs() + 0.5, r(cout),
+        x, r(cout, cin // groups, k, k), r(cout) if bias else None, r(cout).abs() + 0.5, r(cout),
         r(cout), r(cout).abs() + 0.5, training, stride, (k - 1) // 2, reflect, 1e-5, 0.2,
     )
 
 
 GRAD_CASES = [(3, 1, True, True), (3, 2, True, False), (1, 1, True, True), (5, 2, False, True), (3, 1, True, "eval")]
+# The same with 2 groups (6 input and 4 output channels): (k, stride, reflect, mode, groups).
+CASES_WITH_GROUPS = [(*c, 1) for c in GRAD_CASES] + [(3, 1, True, True, 2), (3, 2, False, "eval", 2),
+                                                      (1, 1, True, True, 2)]
+
+
+def _grouped_op_args(dtype, k, stride, reflect, groups, device, **kw):
+    cin = 6 if groups > 1 else 3
+    return _op_args(dtype, k, stride, reflect, cin=cin, device=device, groups=groups, **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("k,stride,reflect,mode", GRAD_CASES)
-def test_gradcheck(k, stride, reflect, mode, device):
+@pytest.mark.parametrize("k,stride,reflect,mode,groups", CASES_WITH_GROUPS)
+def test_gradcheck(k, stride, reflect, mode, groups, device):
     training = mode != "eval"
-    args = list(_op_args(torch.float64, k, stride, reflect, training=training, device=device))
+    args = list(_grouped_op_args(torch.float64, k, stride, reflect, groups, device, training=training))
     for i in (0, 1, 2, 3, 4):
         args[i] = args[i].requires_grad_()
 
@@ -183,10 +215,10 @@ def test_gradcheck(k, stride, reflect, mode, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("k,stride,reflect,mode", GRAD_CASES)
-def test_opcheck(k, stride, reflect, mode, device):
+@pytest.mark.parametrize("k,stride,reflect,mode,groups", CASES_WITH_GROUPS)
+def test_opcheck(k, stride, reflect, mode, groups, device):
     training = mode != "eval"
-    args = list(_op_args(torch.float32, k, stride, reflect, bias=k != 1, training=training, device=device))
+    args = list(_grouped_op_args(torch.float32, k, stride, reflect, groups, device, bias=k != 1, training=training))
     torch.library.opcheck(torch.ops.dip.conv_block.default, tuple(args))
     for i in (0, 1, 3, 4):
         args[i] = args[i].requires_grad_()
@@ -208,15 +240,26 @@ def test_op_rejects_bad_arguments():
     bad[0] = bad[0][:, :, :1, :1]  # reflection padding wider than the image
     with pytest.raises(RuntimeError, match="reflection padding"):
         torch.ops.dip.conv_block(*bad)
+    bad = list(args)
+    bad[1] = torch.randn(4, 2, 3, 3)  # 3 input channels cannot be split into groups of 2
+    with pytest.raises(RuntimeError, match="groups dividing"):
+        torch.ops.dip.conv_block(*bad)
+    bad[0], bad[1] = torch.randn(2, 6, 7, 5), torch.randn(4, 1, 3, 3)  # 6 groups do not divide 4 outputs
+    with pytest.raises(RuntimeError, match="groups dividing"):
+        torch.ops.dip.conv_block(*bad)
 
 
-def _small_nets(dtype, device="cpu"):
+def _small_nets(dtype, device="cpu", members=1):
+    """The same small network (or grouped ensemble of ``members``) on the fused and the pure path."""
     opts = dict(in_channels=4, channels_down=(8, 16), channels_up=(8, 16), channels_skip=(4, 4))
     torch.manual_seed(0)
-    fused = build_network("small", **opts).to(device, dtype)
+    fused = build_network("small", members=members, **opts).to(device, dtype)
     torch.manual_seed(0)
-    pure = build_network("small", fused=False, **opts).to(device, dtype)
+    pure = build_network("small", fused=False, members=members, **opts).to(device, dtype)
     return fused, pure
+
+
+MEMBERS = pytest.mark.parametrize("members", [1, 2], ids=["single", "ensemble2"])
 
 
 def test_nets_share_parameters_and_names():
@@ -247,13 +290,17 @@ def test_options_outside_the_fused_op_fall_back():
 FIT_STEPS = {torch.float64: 30, torch.float32: 10}
 
 
+@MEMBERS
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_whole_net_output_and_fit(dtype, device):
-    fused, pure = _small_nets(dtype, device)
+def test_whole_net_output_and_fit(dtype, device, members):
+    fused, pure = _small_nets(dtype, device, members)
+    if members > 1:  # every block of the ensemble is fused, and so is every merge
+        assert all(isinstance(m, FusedConvBlock) for m in fused.modules() if isinstance(m, ConvBlock))
+        assert all(scale.fused_merge for scale in fused.modules() if hasattr(scale, "fused_merge"))
     g = torch.Generator().manual_seed(0)
-    z = torch.rand(1, 4, 29, 27, generator=g, dtype=dtype).to(device)
-    target = torch.rand(1, 3, 29, 27, generator=g, dtype=dtype).to(device)
+    z = torch.rand(1, 4 * members, 29, 27, generator=g, dtype=dtype).to(device)
+    target = torch.rand(members, 3, 29, 27, generator=g, dtype=dtype).to(device)
     _close(fused(z), pure(z), TOL[dtype], "net output")
     losses = {}
     for name, net in (("fused", fused), ("pure", pure)):
@@ -267,10 +314,11 @@ def test_whole_net_output_and_fit(dtype, device):
     assert abs(losses["fused"] - losses["pure"]) <= 1e-4 * abs(losses["pure"]), losses
 
 
-def test_torchscript_of_fused_net():
-    fused, pure = _small_nets(torch.float64)
+@MEMBERS
+def test_torchscript_of_fused_net(members):
+    fused, pure = _small_nets(torch.float64, members=members)
     scripted = torch.jit.script(fused)
-    z = torch.rand(2, 4, 17, 19, dtype=torch.float64)
+    z = torch.rand(2, 4 * members, 17, 19, dtype=torch.float64)
     out, expected = scripted(z), pure(z)
     _close(out, expected, 1e-9, "scripted output")
     out.sum().backward()
@@ -280,11 +328,12 @@ def test_torchscript_of_fused_net():
     _close(fused.body.down[0].bn.running_mean, pure.body.down[0].bn.running_mean, 1e-9, "scripted running_mean")
 
 
-def test_torch_compile_fullgraph_of_fused_net():
-    fused, pure = _small_nets(torch.float32)
+@MEMBERS
+def test_torch_compile_fullgraph_of_fused_net(members):
+    fused, pure = _small_nets(torch.float32, members=members)
     reference = copy.deepcopy(fused)
     compiled = torch.compile(fused, fullgraph=True)
-    z = torch.rand(1, 4, 16, 16)
+    z = torch.rand(1, 4 * members, 16, 16)
     out, expected = compiled(z), reference(z)
     _close(out, expected, 1e-4, "compiled output")
     out.sum().backward()

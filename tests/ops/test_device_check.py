@@ -42,6 +42,12 @@ def _wrong_backward_conv_block(*args):
     return out.detach() + (out - out.detach()) * 2.0  # right values, gradients twice too large
 
 
+def _wrong_grouped_conv_block(*args):
+    out = _right_conv_block(*args)
+    grouped = args[0].shape[1] != args[1].shape[1]
+    return out + 0.5 if grouped else out  # right on single convolutions, wrong on grouped ones
+
+
 def _raising_kernel(*args):
     raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
 
@@ -65,6 +71,7 @@ def test_cpu_kernels_are_not_checked_by_default(monkeypatch):
 
 @pytest.mark.parametrize("kernel, what", [(_wrong_conv_block, "output differs"),
                                           (_wrong_backward_conv_block, "grad input differs"),
+                                          (_wrong_grouped_conv_block, "k3 groups 2 output differs"),
                                           (_raising_kernel, "raised RuntimeError: CUDA error")])
 def test_bad_conv_block_kernel_falls_back_with_one_warning(cpu_checked, monkeypatch, kernel, what):
     monkeypatch.setattr(device_check, "_fused_conv_block", kernel)
@@ -85,7 +92,7 @@ def test_right_conv_block_kernel_passes(cpu_checked, monkeypatch, dtype):
         warnings.simplefilter("error")
         assert device_check.fused_ok("conv_block", torch.zeros(1, 3, 4, 4, dtype=dtype))
         assert device_check.fused_ok("conv_block", torch.zeros(1, 3, 4, 4, dtype=dtype))
-    assert len(calls) == 2  # two configurations, checked once
+    assert len(calls) == 3  # three configurations (one grouped), checked once
 
 
 def test_verdicts_are_per_dtype(cpu_checked, monkeypatch):

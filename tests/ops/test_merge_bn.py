@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dip._extension import has_op
-from dip.ops.merge_bn import merge_bn, merge_bn_reference
+from dip.ops.merge_bn import concat_members, merge_bn, merge_bn_reference
 
 pytestmark = pytest.mark.skipif(
     not has_op("merge_bn"),
@@ -14,12 +14,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
-# (N, skip channels, upsampled channels, H, W): odd sizes, a 1-channel part, the hourglass's 4 + 128.
-CASES = [(1, 4, 128, 9, 7), (2, 1, 5, 3, 5), (2, 3, 2, 1, 1), (2, 4, 16, 6, 11)]
+# (N, skip channels, upsampled channels, H, W[, groups]): odd sizes, a 1-channel part, the hourglass's 4 + 128,
+# and grouped merges (seed ensembles: K members' channels side by side, concatenated member by member).
+CASES = [(1, 4, 128, 9, 7), (2, 1, 5, 3, 5), (2, 3, 2, 1, 1), (2, 4, 16, 6, 11),
+         (1, 16, 64, 9, 7, 4), (2, 2, 6, 5, 3, 2), (2, 3, 3, 4, 5, 3)]
 
 
 def _inputs(case, dtype, layout="channels_last"):
-    n, ca, cb, h, w = case
+    n, ca, cb, h, w = case[:5]
     g = torch.Generator().manual_seed(sum(case))
     a = torch.randn(n, ca, h, w, generator=g, dtype=dtype) * 3 + 1
     b = torch.randn(n, cb, h, w, generator=g, dtype=dtype) - 2
@@ -35,9 +37,13 @@ def _inputs(case, dtype, layout="channels_last"):
     return a, b, bn
 
 
-def _run(fn, a, b, bn, training=True):
+def _run(fn, a, b, bn, training=True, groups=1):
     return fn(a, b, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, training,
-              bn.momentum, bn.eps)
+              bn.momentum, bn.eps, groups)
+
+
+def _groups(case):
+    return case[5] if len(case) > 5 else 1
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
@@ -49,8 +55,8 @@ def test_matches_reference_forward_backward_and_running_stats(case, dtype, layou
     bn_ref.load_state_dict(bn.state_dict())
     a1, b1 = a.detach().requires_grad_(), b.detach().requires_grad_()
     a2, b2 = a.detach().requires_grad_(), b.detach().requires_grad_()
-    out = _run(merge_bn, a1, b1, bn)
-    expected = _run(merge_bn_reference, a2, b2, bn_ref)
+    out = _run(merge_bn, a1, b1, bn, groups=_groups(case))
+    expected = _run(merge_bn_reference, a2, b2, bn_ref, groups=_groups(case))
     tol = TOL[dtype]
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
     grad = torch.randn_like(expected)
@@ -63,36 +69,49 @@ def test_matches_reference_forward_backward_and_running_stats(case, dtype, layou
         torch.testing.assert_close(getattr(bn, name), getattr(bn_ref, name), rtol=tol, atol=tol, msg=name)
 
 
-def test_eval_mode_uses_running_stats():
-    a, b, bn = _inputs(CASES[0], torch.float64)
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=["single", "grouped"])
+def test_eval_mode_uses_running_stats(case):
+    a, b, bn = _inputs(case, torch.float64)
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
     before = bn.running_mean.clone()
-    out = _run(merge_bn, a, b, bn, training=False)
-    torch.testing.assert_close(out, _run(merge_bn_reference, a, b, bn, training=False), rtol=1e-12, atol=1e-12)
+    groups = _groups(case)
+    out = _run(merge_bn, a, b, bn, training=False, groups=groups)
+    expected = _run(merge_bn_reference, a, b, bn, training=False, groups=groups)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert torch.equal(bn.running_mean, before)
 
 
-def test_gradcheck_training_and_eval():
-    a, b, bn = _inputs((1, 2, 3, 3, 4), torch.float64)
+def test_concat_members_puts_each_members_channels_together():
+    a, b = torch.arange(6.0).view(1, 6, 1, 1), 100 + torch.arange(4.0).view(1, 4, 1, 1)
+    order = concat_members(a, b, 2).flatten().tolist()
+    assert order == [0, 1, 2, 100, 101, 3, 4, 5, 102, 103]
+    assert torch.equal(concat_members(a, b), torch.cat([a, b], dim=1))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gradcheck_training_and_eval(groups):
+    a, b, bn = _inputs((1, 2, 4, 3, 4), torch.float64)
     args = [t.detach().requires_grad_() for t in (a, b, bn.weight, bn.bias)]
-    rm, rv = torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    rm, rv = torch.rand(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5
     for training in (True, False):
         def f(a, b, w, bias, training=training):
-            return torch.ops.dip.merge_bn(a, b, w, bias, rm, rv, training, 1e-5)[0]
+            return torch.ops.dip.merge_bn(a, b, w, bias, rm, rv, training, 1e-5, groups)[0]
 
         assert torch.autograd.gradcheck(f, tuple(args))
 
 
-def test_opcheck():
-    a, b, bn = _inputs(CASES[1], torch.float32)
-    args = (a, b, bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, True, 1e-5)
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=["single", "grouped"])
+def test_opcheck(case):
+    a, b, bn = _inputs(case, torch.float32)
+    groups = _groups(case)
+    args = (a, b, bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, True, 1e-5, groups)
     torch.library.opcheck(torch.ops.dip.merge_bn.default, args)
     grad_args = (a.requires_grad_(), b, bn.weight.detach().requires_grad_(), bn.bias.detach()) + args[4:]
     torch.library.opcheck(torch.ops.dip.merge_bn.default, grad_args)
     out, mean, var = torch.ops.dip.merge_bn(*args)
-    back = (torch.randn_like(out), a.detach(), b, mean, var, bn.weight.detach(), True, 1e-5)
+    back = (torch.randn_like(out), a.detach(), b, mean, var, bn.weight.detach(), True, 1e-5, groups)
     torch.library.opcheck(torch.ops.dip.merge_bn_backward.default, back)
 
 
@@ -117,3 +136,5 @@ def test_bad_arguments():
         torch.ops.dip.merge_bn(a, b, bn.weight[:3], bn.bias[:3], None, None, True, 1e-5)
     with pytest.raises(RuntimeError, match="eval mode"):
         torch.ops.dip.merge_bn(a, b, bn.weight, bn.bias, None, None, False, 1e-5)
+    with pytest.raises(RuntimeError, match="groups"):  # 2 groups do not divide a's 1 channel
+        torch.ops.dip.merge_bn(a, b, bn.weight, bn.bias, None, None, True, 1e-5, 2)

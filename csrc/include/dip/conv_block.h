@@ -89,8 +89,10 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, co
                                const c10::optional<at::Tensor>& running_var, bool training,
                                const ConvBlockArgs& a) {
   TORCH_CHECK(x.dim() == 4, "conv_block: input must be N x C x H x W, got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == weight.size(3),
-              "conv_block: weight must be Cout x Cin x k x k with Cin = ", x.size(1), ", got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) > 0 && x.size(1) % weight.size(1) == 0 &&
+                  weight.size(0) % (x.size(1) / weight.size(1)) == 0 && weight.size(2) == weight.size(3),
+              "conv_block: weight must be Cout x (Cin / groups) x k x k with groups dividing Cin = ", x.size(1),
+              " and Cout, got ", weight.sizes());
   TORCH_CHECK(weight.size(2) % 2 == 1, "conv_block: kernel size must be odd, got ", weight.size(2));
   TORCH_CHECK(a.stride == 1 || a.stride == 2, "conv_block: stride must be 1 or 2, got ", a.stride);
   TORCH_CHECK(a.padding >= 0 && 2 * a.padding == weight.size(2) - 1,
@@ -124,8 +126,17 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, co
               "conv_block: input ", x.sizes(), " is smaller than the kernel");
 }
 
-inline bool is_pointwise(const at::Tensor& weight, int64_t stride, int64_t zero_pad) {
-  return weight.size(2) == 1 && stride == 1 && zero_pad == 0;
+// The convolution's groups, implied by the shapes as in at::convolution: the
+// weight is Cout x (Cin / groups) x k x k. Grouped blocks are the members of a
+// seed ensemble side by side (dip.nn.Hourglass(..., members=K)); the
+// per-channel BatchNorm and activation do not depend on the grouping.
+inline int64_t conv_groups(const at::Tensor& xin, const at::Tensor& weight) {
+  return xin.size(1) / weight.size(1);
+}
+
+// A 1x1 stride-1 ungrouped convolution, which runs as one GEMM.
+inline bool is_pointwise(const at::Tensor& xin, const at::Tensor& weight, int64_t stride, int64_t zero_pad) {
+  return weight.size(2) == 1 && stride == 1 && zero_pad == 0 && conv_groups(xin, weight) == 1;
 }
 
 // Rows x channels view of a canonical channels_last tensor.
@@ -138,21 +149,21 @@ inline at::Tensor rows(const at::Tensor& t) {
 // a plain GEMM on the rows x channels view, which beats the vendor kernel.
 inline at::Tensor conv_forward(const at::Tensor& xin, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                int64_t stride, int64_t zero_pad) {
-  if (is_pointwise(weight, stride, zero_pad)) {
+  if (is_pointwise(xin, weight, stride, zero_pad)) {
     auto w2 = weight.reshape({weight.size(0), weight.size(1)});
     auto x2 = rows(xin);
     auto y2 = bias.has_value() ? at::addmm(*bias, x2, w2.t()) : at::mm(x2, w2.t());
     return y2.view({xin.size(0), xin.size(2), xin.size(3), weight.size(0)}).permute({0, 3, 1, 2});
   }
   return canonical_cl(at::convolution(xin, weight, bias, {stride, stride}, {zero_pad, zero_pad}, {1, 1}, false,
-                                      {0, 0}, 1));
+                                      {0, 0}, conv_groups(xin, weight)));
 }
 
 // Gradients of conv_forward with respect to xin (when need_input) and weight.
 inline std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y, const at::Tensor& xin,
                                                         const at::Tensor& weight, int64_t stride, int64_t zero_pad,
                                                         bool need_input) {
-  if (is_pointwise(weight, stride, zero_pad)) {
+  if (is_pointwise(xin, weight, stride, zero_pad)) {
     auto w2 = weight.reshape({weight.size(0), weight.size(1)});
     auto g2 = rows(grad_y);
     at::Tensor gx;
@@ -167,7 +178,7 @@ inline std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_y
     return {gx, gw};
   }
   auto res = at::convolution_backward(grad_y, xin, weight, c10::nullopt, {stride, stride}, {zero_pad, zero_pad},
-                                      {1, 1}, false, {0, 0}, 1, {need_input, true, false});
+                                      {1, 1}, false, {0, 0}, conv_groups(xin, weight), {need_input, true, false});
   auto gx = need_input ? canonical_cl(std::get<0>(res)) : at::Tensor();
   return {gx, like(std::get<1>(res), weight)};
 }
