@@ -11,7 +11,9 @@ is skipped is recorded and the next one runs:
   build    ``python3 setup.py build_ext --inplace`` with DIP_BUILD_CUDA=1 against this machine's torch
   tests    ``pytest -k cuda tests``: every test marked ``cuda`` and every test with a CUDA device parameter
   bench    one fitting iteration of the ``denoise`` net (forward, MSE, backward, Adam) at each size:
-           fused / eager × float32 / TF32 / bf16 autocast × without / with a CUDA graph of the whole step
+           fused / eager × float32 / TF32 / bf16 autocast × without / with a CUDA graph of the whole step;
+           last, a seed ensemble of ENSEMBLE members (one grouped network, ``restore(ensemble=K)``'s)
+           at the smallest size, fused / eager in TF32
   f16      the F16 restoration: 512², σ = 25, ``dip.restore(..., iterations="auto")``, wall time and PSNR
   compile  the benchmark of ``torch.compile`` (pure net, fullgraph), most useful combinations first
 
@@ -53,6 +55,7 @@ PRECISIONS = ("float32", "tf32", "bf16")
 #: The order in which torch.compile combinations are tried: each costs a compile (tens of seconds).
 COMPILE_ORDER = (("tf32", 512), ("bf16", 512), ("tf32", 256), ("bf16", 256), ("float32", 512), ("float32", 256))
 CHILD_START_S = 8.0  # importing torch and dip and starting CUDA in a fresh process
+ENSEMBLE = 4  # members of the ensemble benchmark (issue 15: "what makes an ensemble cheap on a GPU")
 
 
 @dataclass(frozen=True)
@@ -124,12 +127,13 @@ def bench_combos(stage: str, sizes, device: str) -> list[dict]:
         # what a shortage of time cuts is the least telling.
         groups = [dict(path=p, size=s, precision=q) for s in sorted(sizes, reverse=True)
                   for q in ("tf32", "float32", "bf16") for p in ("fused", "eager")]
+        groups += [dict(path=p, size=min(sizes), precision="tf32", members=ENSEMBLE) for p in ("fused", "eager")]
     else:
         order = [(q, s) for q, s in COMPILE_ORDER if s in sizes]
         order += [(q, s) for s in sorted(sizes) for q in PRECISIONS if (q, s) not in order]
         groups = [dict(path="compile", size=s, precision=q) for q, s in order]
     for g in groups:
-        g["id"] = f"{g['path']}-{g['size']}-{g['precision']}"
+        g["id"] = f"{g['path']}-{g['size']}-{g['precision']}" + (f"-k{g['members']}" if "members" in g else "")
         g["device"] = device
     return groups
 
@@ -624,11 +628,23 @@ def summary_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_table(records: list[dict]) -> list[str]:
-    ms = {}
+def _timings(records: list[dict]) -> tuple[dict, dict]:
+    """Median ms of the successful records: single networks by (path, precision, size, graph), and
+    ensembles by (members, size, precision) then (path, graph)."""
+    single, ensembles = {}, {}
     for r in records:
-        if r.get("status") == "ok":
-            ms[(r["path"], r["precision"], r["size"], bool(r["graph"]))] = r["median_ms"]
+        if r.get("status") != "ok":
+            continue
+        if r.get("members", 1) > 1:
+            ensembles.setdefault((r["members"], r["size"], r["precision"]), {})[(r["path"], bool(r["graph"]))] = \
+                r["median_ms"]
+        else:
+            single[(r["path"], r["precision"], r["size"], bool(r["graph"]))] = r["median_ms"]
+    return single, ensembles
+
+
+def bench_table(records: list[dict]) -> list[str]:
+    ms, ensembles = _timings(records)
     sizes = sorted({r["size"] for r in records if "size" in r})
     if not sizes:
         return []
@@ -654,9 +670,29 @@ def bench_table(records: list[dict]) -> list[str]:
                     parts.append(f"compile/fused {c / f:.2f}x ({tag})")
             if parts:
                 lines.append(f"  {s}² {prec}: " + ", ".join(parts))
+    lines += _ensemble_lines(ensembles, ms)
     bad = [r for r in records if r.get("status") not in ("ok", None)]
     for r in bad[:12]:
         lines.append(f"  {r['id']} graph={r.get('graph', '-')}: {r['status']}: {str(r.get('reason'))[:110]}")
+    return lines
+
+
+def _ensemble_lines(ensembles: dict, single: dict) -> list[str]:
+    """One line per ensemble benchmark: ms per iteration, eager/fused, and the cost per member vs one network."""
+    lines = []
+    for (k, s, prec), t in sorted(ensembles.items()):
+        for graph in (False, True):
+            f, e = t.get(("fused", graph)), t.get(("eager", graph))
+            if f is None and e is None:
+                continue
+            tag = "graph" if graph else "no graph"
+            cells = [f"{p} {v:.2f} ms" for p, v in (("fused", f), ("eager", e)) if v is not None]
+            if f and e:
+                cells.append(f"eager/fused {e / f:.2f}x")
+            one = single.get(("fused", prec, s, graph))
+            if f and one:
+                cells.append(f"fused per member / one fused network {f / k / one:.2f}x")
+            lines.append(f"  ensemble K={k} {s}² {prec} ({tag}): " + ", ".join(cells))
     return lines
 
 
@@ -749,14 +785,16 @@ def _iterations_for(torch, fn, device: str, seconds: float = 0.75) -> int:
 def _make_net(torch, combo: dict):
     from dip.nn import FusedConvBlock, build_network
 
+    members = combo.get("members", 1)
     torch.manual_seed(0)
-    net = build_network("denoise", fused=None if combo["path"] == "fused" else False).to(combo["device"])
+    net = build_network("denoise", fused=None if combo["path"] == "fused" else False, members=members)
+    net = net.to(combo["device"])
     if combo["path"] == "fused" and not any(isinstance(m, FusedConvBlock) for m in net.modules()):
         raise RuntimeError("the fused net has no fused blocks: the extension is not loaded")
     g = torch.Generator().manual_seed(0)
     size = combo["size"]
-    z = (torch.rand(1, net.config.in_channels, size, size, generator=g) * 0.1).to(combo["device"])
-    target = torch.rand(1, 3, size, size, generator=g).to(combo["device"])
+    z = (torch.rand(1, members * net.config.in_channels, size, size, generator=g) * 0.1).to(combo["device"])
+    target = torch.rand(members, 3, size, size, generator=g).to(combo["device"])
     return net, z, target
 
 
@@ -771,7 +809,7 @@ def _measure_group(torch, combo: dict, part: Part, deadline: float) -> None:
     net, z, target = _make_net(torch, combo)
     model = torch.compile(net, fullgraph=True, dynamic=False) if combo["path"] == "compile" else net
     base = dict(event="result", id=combo["id"], stage=combo.get("stage"), path=combo["path"], size=combo["size"],
-                precision=precision, device=device, tf32=precision != "float32",
+                members=combo.get("members", 1), precision=precision, device=device, tf32=precision != "float32",
                 note=combo_notes(combo["path"], precision, device))
     for graph in (False, True):
         rec = dict(base, graph=graph)

@@ -96,10 +96,12 @@ def test_stage_caps_keep_time_for_later_stages(gc):
 
 def test_benchmark_combinations(gc):
     bench = gc.bench_combos("bench", [512, 256], "cuda")
-    assert len(bench) == 2 * 2 * 3
+    assert len(bench) == 2 * 2 * 3 + 2
     assert {(c["path"], c["precision"]) for c in bench} == {(p, q) for p in ("fused", "eager")
                                                             for q in ("float32", "tf32", "bf16")}
     assert [c["id"] for c in bench[:2]] == ["fused-512-tf32", "eager-512-tf32"]  # the headline pair first
+    assert [c["id"] for c in bench[-2:]] == ["fused-256-tf32-k4", "eager-256-tf32-k4"]  # the ensemble last
+    assert all(c["members"] == gc.ENSEMBLE for c in bench[-2:]) and "members" not in bench[0]
     compiled = gc.bench_combos("compile", [256, 512], "cuda")
     assert [c["id"] for c in compiled][:2] == ["compile-512-tf32", "compile-512-bf16"]
     assert len(compiled) == 6
@@ -146,7 +148,7 @@ def test_a_crashed_child_is_restarted_for_the_groups_left(gc, monkeypatch, tmp_p
     for r in report.data["bench"]:
         by_status.setdefault(r["status"], []).append(r["id"])
     assert by_status["crashed"] == ["fused-256-tf32"]
-    assert len(by_status["ok"]) == 2 * 5  # the other five groups, without and with a graph
+    assert len(by_status["ok"]) == 2 * 7  # the other seven groups (two of the ensemble), without and with a graph
     assert result["status"] == "partial" and result["failed"] == 1
     assert (tmp_path / "attempts").read_text() == "2"
     table = gc.summary_table(report.data)
@@ -196,13 +198,18 @@ def test_summary_table_from_a_report(gc):
                 tests=dict(summary="120 passed, 1 failed", failed=["tests/ops/test_x.py::test_y[cuda]"]),
                 bench=[dict(path=p, size=512, precision="tf32", graph=g, status="ok", median_ms=ms)
                        for p, g, ms in (("fused", False, 10.0), ("eager", False, 16.0), ("fused", True, 8.0),
-                                        ("eager", True, 9.0), ("compile", False, 12.0))],
+                                        ("eager", True, 9.0), ("compile", False, 12.0))]
+                + [dict(path=p, size=512, precision="tf32", graph=False, members=4, status="ok", median_ms=ms)
+                   for p, ms in (("fused", 30.0), ("eager", 45.0))],
                 f16=dict(size="512x512", psnr=32.5, psnr_noisy=20.2, restore_s=25.0, iterations=2400,
                          stopped_at=2100, stop_reason="plateau"))
     table = gc.summary_table(data)
     assert table.splitlines()[0].startswith("== dip gpu-check: NVIDIA H100 80GB HBM3 | torch 2.11.0+cu130")
     assert "eager/fused 1.60x (no graph)" in table and "eager/fused 1.12x (graph)" in table
     assert "compile/fused 1.20x (no graph)" in table
+    assert ("ensemble K=4 512² tf32 (no graph): fused 30.00 ms, eager 45.00 ms, eager/fused 1.50x, "
+            "fused per member / one fused network 0.75x") in table
+    assert "eager/fused 1.60x (no graph)" in table  # the ensemble does not overwrite the single network's cells
     assert "FAILED tests/ops/test_x.py::test_y[cuda]" in table
     assert "PSNR 32.50 dB" in table and "25.0 s" in table
 
@@ -210,11 +217,16 @@ def test_summary_table_from_a_report(gc):
 def test_benchmark_child_on_the_cpu(gc, tmp_path):
     """The measuring code itself, on the pure net at 64² (CUDA graphs are skipped off CUDA)."""
     part = tmp_path / "part.jsonl"
-    combos = [dict(path="eager", size=64, precision="float32", id="eager-64-float32", device="cpu", stage="bench")]
+    combos = [dict(path="eager", size=64, precision="float32", id="eager-64-float32", device="cpu", stage="bench"),
+              dict(path="eager", size=64, precision="float32", id="eager-64-float32-k2", device="cpu", stage="bench",
+                   members=2)]
     assert gc.main(["--child", "bench", "--part", str(part), "--deadline", "1e12", "--device", "cpu",
                     "--combos", json.dumps(combos)]) == 0
     records = gc.read_part(part)
     assert records[0] == {"event": "start", "id": "eager-64-float32"}
-    plain, graph = records[1:]
+    plain, graph = records[1:3]
     assert plain["status"] == "ok" and plain["median_ms"] > 0 and plain["iters"] >= 5 and plain["loss"] > 0
     assert graph["status"] == "skipped" and "CUDA" in graph["reason"]
+    assert records[3] == {"event": "start", "id": "eager-64-float32-k2"}
+    ensemble = records[4]
+    assert ensemble["status"] == "ok" and ensemble["members"] == 2 and ensemble["loss"] > 0

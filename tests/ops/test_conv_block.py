@@ -398,16 +398,17 @@ def test_fused_net_uses_fused_upsampling_and_a_gemm_head():
 
 
 
-def test_fused_net_under_cpu_bfloat16_autocast():
+@MEMBERS
+def test_fused_net_under_cpu_bfloat16_autocast(members):
     """Issue 13: under CPU bf16 autocast the kernel's own ATen convolution returned bf16 into a float32 kernel.
 
-    The fused net must run forward and backward under autocast, give float32 gradients, and be as close to
-    the float32 net as the pure net under the same autocast is (on this tiny net bf16 convolutions put the
-    gradients ~9 % off in norm, whichever path runs them).
+    The fused net (and a fused ensemble) must run forward and backward under autocast, give float32
+    gradients, and be as close to the float32 net as the pure net under the same autocast is (on this tiny
+    net bf16 convolutions put the gradients ~9 % off in norm, whichever path runs them).
     """
-    fused, pure = _small_nets(torch.float32)
+    fused, pure = _small_nets(torch.float32, members=members)
     eager = copy.deepcopy(pure)
-    z = torch.rand(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))
+    z = torch.rand(1, 4 * members, 24, 24, generator=torch.Generator().manual_seed(0))
     outs = {}
     for name, net, bf16 in (("fused", fused, True), ("eager", eager, True), ("float32", pure, False)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
