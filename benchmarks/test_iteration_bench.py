@@ -77,25 +77,26 @@ def _status_mib(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def peak_memory_child(path: str, size: int) -> dict:
+def peak_memory_child(path: str, size: int, members: int = 1) -> dict:
     """Run in a subprocess: one warm-up and one timed iteration; report peak RSS growth in MiB."""
     torch.set_num_threads(THREADS)
-    step = make_step(path, size)
+    step = make_step(path, size, members=members)
     base = _status_mib("VmRSS")
     step()
     step()
     # VmHWM, not ru_maxrss: Linux carries the parent's peak RSS across fork + exec into ru_maxrss, so a child
     # started by a big benchmark process would report the parent's peak for every path.
     peak = _status_mib("VmHWM")
-    return {"path": path, "size": size, "base_mib": base, "peak_mib": peak, "iteration_mib": peak - base}
+    return {"path": path, "size": size, "members": members, "base_mib": base, "peak_mib": peak,
+            "iteration_mib": peak - base}
 
 
-def measure_peak_memory(path: str, size: int) -> dict:
-    """Peak-memory figures of one path and size, from a fresh Python process."""
+def measure_peak_memory(path: str, size: int, members: int = 1) -> dict:
+    """Peak-memory figures of one path, size and ensemble size, from a fresh Python process."""
     code = (
         f"import json, sys; sys.path.insert(0, {os.getcwd()!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from test_iteration_bench import peak_memory_child\n"
-        f"print(json.dumps(peak_memory_child({path!r}, {size:d})))"
+        f"print(json.dumps(peak_memory_child({path!r}, {size:d}, {members:d})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
