@@ -135,6 +135,20 @@ def test_cpu_ensemble_runs_channels_last_and_hands_back_a_plain_member(clean64, 
     assert [p.stride() for p in r.network.parameters()] == [p.stride() for p in fresh.parameters()]
 
 
+def test_interrupted_ensemble_resumes_to_the_uninterrupted_image(clean64, noisy, tmp_path):
+    """A checkpointed ensemble fit stopped halfway and resumed returns what one uninterrupted fit returns."""
+    obs = noisy(clean64[:32, :32])
+    opts = dict(iterations=30, ensemble=2, **TINY)
+    whole = dip.restore(obs, **opts)
+    halfway = dip.restore(obs, checkpoint=tmp_path / "fit.pt", checkpoint_every=5,
+                          callbacks=[lambda step: step.iteration >= 15], **opts)
+    assert halfway.stopped_at == 15
+    resumed = dip.restore(obs, resume=tmp_path / "fit.pt", **opts)
+    assert resumed.stopped_at == 30 and resumed.settings["blocks"] == whole.settings["blocks"]
+    np.testing.assert_array_equal(resumed.image, whole.image)
+    np.testing.assert_array_equal(resumed.members, whole.members)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_bad_ensemble(clean64, bad):
     with pytest.raises(DipError, match="ensemble"):
