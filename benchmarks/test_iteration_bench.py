@@ -32,6 +32,7 @@ from bench_settings import THREADS, device, timed
 
 from dip._extension import has_op
 from dip.nn import build_network
+from dip.pipeline import lay_out_ensemble
 
 SIZES = [64, 128, 256] + ([512] if os.environ.get("DIP_BENCH_LARGE") else [])
 PATHS = ["fused", "eager"] + (["compile"] if os.environ.get("DIP_BENCH_COMPILE") else [])
@@ -49,8 +50,8 @@ def make_step(path: str, size: int, seed: int = 0, dev: str = "cpu", precision: 
     g = torch.Generator().manual_seed(seed)
     z = torch.rand(1, 32 * members, size, size, generator=g).to(dev)
     target = torch.rand(members, 3, size, size, generator=g).to(dev)
-    if members > 1 and torch.device(dev).type == "cpu":
-        net, z = net.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
+    if members > 1:
+        net, z = lay_out_ensemble(net, z, torch.device(dev))
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     model = torch.compile(net, fullgraph=True) if path == "compile" else net
 

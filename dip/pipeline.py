@@ -248,10 +248,15 @@ def _stack_members(net, z, cfg, problem: Problem, settings: FitSettings, dev, ma
         gen = torch.Generator(device=dev).manual_seed(settings.seed + k)
         inputs.append(make_input(member, cfg, problem, settings, dev, gen, max_memory)[0])
         nets.append(member)
-    grouped, z = Hourglass.stack(nets), torch.cat(inputs, dim=1)
-    if dev.type == "cpu":  # oneDNN's grouped convolutions run ≈ 1.3× faster channels_last (RESULTS.md, issue 15)
-        grouped, z = grouped.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
-    return grouped, z
+    return lay_out_ensemble(Hourglass.stack(nets), torch.cat(inputs, dim=1), dev)
+
+
+def lay_out_ensemble(net: nn.Module, z: torch.Tensor, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
+    """A grouped network and its input in the layout ``restore(ensemble=K)`` fits them in: channels_last on the
+    CPU, where oneDNN's grouped convolutions run ≈ 1.3× faster (RESULTS.md, issue 15); as they are elsewhere."""
+    if device.type == "cpu":
+        return net.to(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
+    return net, z
 
 
 def _monitors(settings: FitSettings, ref, callbacks, checkpoint, meta, warmup) -> list:

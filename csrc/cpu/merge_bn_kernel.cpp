@@ -112,6 +112,12 @@ std::vector<Segment> segments(int64_t ca, int64_t cb, int64_t groups) {
   return segs;
 }
 
+// groups must split both inputs' channels into equal member blocks.
+void check_groups(const char* op, int64_t ca, int64_t cb, int64_t groups) {
+  TORCH_CHECK(groups >= 1 && ca % groups == 0 && cb % groups == 0, op, ": groups (", groups,
+              ") must be positive and divide both inputs' channels, ", ca, " and ", cb);
+}
+
 void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gamma, const at::Tensor& beta,
                   int64_t groups) {
   TORCH_CHECK(a.dim() == 4 && b.dim() == 4, "merge_bn: inputs must be N x C x H x W, got ", a.sizes(), " and ",
@@ -126,8 +132,7 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& ga
   const int64_t c = a.size(1) + b.size(1);
   TORCH_CHECK(gamma.numel() == c && beta.numel() == c, "merge_bn: BatchNorm weight and bias need ", c, " elements");
   TORCH_CHECK(a.numel() > 0 && b.numel() > 0, "merge_bn: empty input");
-  TORCH_CHECK(groups >= 1 && a.size(1) % groups == 0 && b.size(1) % groups == 0, "merge_bn: groups (", groups,
-              ") must be positive and divide both inputs' channels, ", a.size(1), " and ", b.size(1));
+  check_groups("merge_bn", a.size(1), b.size(1), groups);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_bn_cpu(const at::Tensor& a, const at::Tensor& b,
@@ -198,8 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_bn_backward_cpu
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(1) == c && grad_out.size(0) == a.size(0) &&
                   grad_out.size(2) == a.size(2) && grad_out.size(3) == a.size(3),
               "merge_bn_backward: grad_out must be N x ", c, " x H x W like the output, got ", grad_out.sizes());
-  TORCH_CHECK(groups >= 1 && ca % groups == 0 && cb % groups == 0, "merge_bn_backward: groups (", groups,
-              ") must be positive and divide both inputs' channels, ", ca, " and ", cb);
+  check_groups("merge_bn_backward", ca, cb, groups);
   const auto go = canonical_cl(grad_out), ac = canonical_cl(a), bc = canonical_cl(b);
   const int64_t m = a.numel() / ca;
   const int64_t ld[2] = {ca, cb};

@@ -120,9 +120,7 @@ class _Scale(nn.Module):
         k = self.members = members
         down, up, skip = k * cfg.channels_down[i], k * cfg.channels_up[i], k * cfg.channels_skip[i]
         in_channels *= k
-        opts = dict(bias=cfg.bias, pad=cfg.pad, batch_norm=cfg.batch_norm, act=cfg.act, fused=fused)
-        if k > 1:
-            opts.update(groups=k)
+        opts = dict(bias=cfg.bias, pad=cfg.pad, batch_norm=cfg.batch_norm, act=cfg.act, fused=fused, groups=k)
         self.has_skip = skip > 0
         self.skip = make_conv_block(in_channels, skip, cfg.filter_size_skip, **opts) if skip > 0 else nn.Identity()
         self.down = nn.Sequential(

@@ -82,6 +82,14 @@ struct ConvBlockArgs {
   bool reflect;
 };
 
+// The convolution's groups, implied by the shapes as in at::convolution: the
+// weight is Cout x (Cin / groups) x k x k. Grouped blocks are the members of a
+// seed ensemble side by side (dip.nn.Hourglass(..., members=K)); the
+// per-channel BatchNorm and activation do not depend on the grouping.
+inline int64_t conv_groups(const at::Tensor& xin, const at::Tensor& weight) {
+  return xin.size(1) / weight.size(1);
+}
+
 // User-facing checks shared by the CPU and CUDA forward kernels.
 inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                const at::Tensor& bn_weight, const at::Tensor& bn_bias,
@@ -90,7 +98,7 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, co
                                const ConvBlockArgs& a) {
   TORCH_CHECK(x.dim() == 4, "conv_block: input must be N x C x H x W, got ", x.sizes());
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) > 0 && x.size(1) % weight.size(1) == 0 &&
-                  weight.size(0) % (x.size(1) / weight.size(1)) == 0 && weight.size(2) == weight.size(3),
+                  weight.size(0) % conv_groups(x, weight) == 0 && weight.size(2) == weight.size(3),
               "conv_block: weight must be Cout x (Cin / groups) x k x k with groups dividing Cin = ", x.size(1),
               " and Cout, got ", weight.sizes());
   TORCH_CHECK(weight.size(2) % 2 == 1, "conv_block: kernel size must be odd, got ", weight.size(2));
@@ -124,14 +132,6 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, co
   }
   TORCH_CHECK(x.size(2) + 2 * a.padding >= weight.size(2) && x.size(3) + 2 * a.padding >= weight.size(3),
               "conv_block: input ", x.sizes(), " is smaller than the kernel");
-}
-
-// The convolution's groups, implied by the shapes as in at::convolution: the
-// weight is Cout x (Cin / groups) x k x k. Grouped blocks are the members of a
-// seed ensemble side by side (dip.nn.Hourglass(..., members=K)); the
-// per-channel BatchNorm and activation do not depend on the grouping.
-inline int64_t conv_groups(const at::Tensor& xin, const at::Tensor& weight) {
-  return xin.size(1) / weight.size(1);
 }
 
 // A 1x1 stride-1 ungrouped convolution, which runs as one GEMM.
