@@ -169,7 +169,7 @@ def _row(image, gt, seconds) -> dict:
     return {"psnr": dip.psnr(image, gt), "ssim": ssim(image, gt), "seconds": seconds}
 
 
-def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
+def run(name, gt, seed, members, args, precision: str = "float32", objective: str = "mse") -> dict:
     observed = np.clip(gt + np.random.default_rng(seed).normal(0, args.sigma / 255, gt.shape), 0, 1)
     observed = observed.astype(np.float32)
     oracle = Oracle(gt, args.device, prefixes(members), curves=args.history, window=args.window)
@@ -179,10 +179,12 @@ def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
     r = dip.restore(observed, iterations="auto", max_iterations=args.max_iterations, device=args.device,
                     seed=1000 * seed, network=args.network, reference=gt, progress=False, ensemble=members,
                     noise_sigma="auto" if args.blind_sigma else None, callbacks=[oracle], precision=precision,
+                    objective=objective,
                     early_stopping=EarlyStopping(window=args.window, patience=args.patience))
     seconds = time.perf_counter() - t
     best = float(oracle.best[-1])
-    record = {"case": name, "seed": seed, "ensemble": members, "precision": precision, "psnr": r.psnr,
+    record = {"case": name, "seed": seed, "ensemble": members, "precision": precision, "objective": objective,
+              "psnr": r.psnr,
               "ssim": r.ssim,
               "oracle_psnr": best, "gap": r.psnr - best,
               "stopped_at": r.stopped_at, "iterations": r.iterations, "stop_reason": r.stop_reason.value,
@@ -196,7 +198,8 @@ def run(name, gt, seed, members, args, precision: str = "float32") -> dict:
     if args.history:  # to replay other stop rules offline: the stop signal and both PSNR curves, per iteration
         record["history"] = {k: v for k, v in r.history.as_dict().items() if k in ("variance", "loss", "psnr", "psnr_ema")}
         record["history"].update(oracle.curve_dict())  # per sub-ensemble; "variance" is the members' mean score
-    if members == min(args.ensemble) and precision == args.precision[0] and not args.no_classical:
+    first = precision == args.precision[0] and objective == args.objective[0]
+    if members == min(args.ensemble) and first and not args.no_classical:
         record["classical"] = classical(observed, gt, args.sigma / 255)
     return record
 
@@ -209,7 +212,7 @@ def _sub_ensemble(members: np.ndarray, gt: np.ndarray, oracle: float, iteration:
 
 
 def summary(records) -> str:
-    lines = ["| case | seed | K | precision | PSNR / SSIM | oracle | gap | stop (iter / ran, reason) | σ̂ | s | CBM3D "
+    lines = ["| case | seed | K | variant | PSNR / SSIM | oracle | gap | stop (iter / ran, reason) | σ̂ | s | CBM3D "
              "| NLM |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     classical_of = {(r["case"], r["seed"]): r["classical"] for r in records if "classical" in r}
@@ -217,25 +220,31 @@ def summary(records) -> str:
         c = classical_of.get((r["case"], r["seed"]), {})
         anchors = [f"{c[k]['psnr']:.2f} / {c[k]['ssim']:.3f}" if "psnr" in c.get(k, {}) else "—"
                    for k in ("CBM3D", "NLM")]
-        lines.append(f"| {r['case']} | {r['seed']} | {r['ensemble']} | {r.get('precision', 'float32')} | "
+        lines.append(f"| {r['case']} | {r['seed']} | {r['ensemble']} | {_variant(r)} | "
                      f"{r['psnr']:.2f} / {r['ssim']:.3f} | "
                      f"{r['oracle_psnr']:.2f} | {r['gap']:+.2f} | {r['stopped_at']} / {r['iterations']}, "
                      f"{r['stop_reason']} | {r['sigma_estimate']:.1f} | {r['seconds']:.1f} | "
                      f"{anchors[0]} | {anchors[1]} |")
         for sub in r.get("sub_ensembles", []):
             lines.append(f"| {r['case']} | {r['seed']} | first {sub['ensemble']} of {r['ensemble']} | "
-                         f"{r.get('precision', 'float32')} | {sub['psnr']:.2f} / {sub['ssim']:.3f} | "
+                         f"{_variant(r)} | {sub['psnr']:.2f} / {sub['ssim']:.3f} | "
                          f"{sub['oracle_psnr']:.2f} | {sub['gap']:+.2f} | | | | {anchors[0]} | {anchors[1]} |")
     by_k = {}
     for r in records:
-        by_k.setdefault((r["ensemble"], r.get("precision", "float32")), []).append(r)
+        by_k.setdefault((r["ensemble"], _variant(r)), []).append(r)
         for sub in r.get("sub_ensembles", []):
-            by_k.setdefault((sub["ensemble"], r.get("precision", "float32")), []).append(sub)
-    for (k, precision), rs in sorted(by_k.items()):
-        lines.append(f"\nK={k}, {precision}: mean PSNR {np.mean([r['psnr'] for r in rs]):.2f}, mean SSIM "
+            by_k.setdefault((sub["ensemble"], _variant(r)), []).append(sub)
+    for (k, variant), rs in sorted(by_k.items()):
+        lines.append(f"\nK={k}, {variant}: mean PSNR {np.mean([r['psnr'] for r in rs]):.2f}, mean SSIM "
                      f"{np.mean([r['ssim'] for r in rs]):.3f}, mean gap {np.mean([r['gap'] for r in rs]):+.2f}, "
                      f"worst gap {min(r['gap'] for r in rs):+.2f}, mean s {_mean_seconds(rs)} ({len(rs)} runs)")
     return "\n".join(lines)
+
+
+def _variant(record) -> str:
+    """The precision, and the objective when it is not the original one."""
+    objective = record.get("objective", "mse")
+    return record.get("precision", "float32") + ("" if objective == "mse" else f", {objective}")
 
 
 def _mean_seconds(rows) -> str:
@@ -262,6 +271,9 @@ def main(argv=None) -> int:
     parser.add_argument("--patience", type=int, default=EarlyStopping.patience)
     parser.add_argument("--precision", default="float32",
                         help="comma-separated fit precisions, e.g. float32,bfloat16 (each case runs in each)")
+    parser.add_argument("--objective", default="mse",
+                        help="comma-separated fit objectives, e.g. mse,sure (each case runs with each; sure uses "
+                             "the estimated σ)")
     parser.add_argument("--blind-sigma", action="store_true",
                         help="also stop at the estimated noise level (noise_sigma='auto')")
     parser.add_argument("--no-classical", action="store_true", help="skip CBM3D and NLM")
@@ -276,6 +288,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     args.ensemble = _ints(args.ensemble)
     args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
+    args.objective = [o.strip() for o in args.objective.split(",") if o.strip()]
     device = resolve_device(args.device)
     args.device = str(device)
     machine = bench_settings.machine(args.device, torch.get_num_threads())
@@ -288,13 +301,13 @@ def main(argv=None) -> int:
     start, records, cut = time.perf_counter(), [], False
     for seed in _ints(args.seeds):
         for name, gt in crops.items():
-            for members, precision in itertools.product(args.ensemble, args.precision):
+            for members, precision, objective in itertools.product(args.ensemble, args.precision, args.objective):
                 if gt is None:
                     continue
                 if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
                     cut = True
                     break
-                record = run(name, gt, seed, members, args, precision)
+                record = run(name, gt, seed, members, args, precision, objective)
                 records.append(record)
                 print(json.dumps(record, default=float), flush=True)
                 if args.json:

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "BatchSummary": "dip.batch", "restore_many": "dip.batch",
     "DipError": "dip.errors", "ImageTooLargeError": "dip.errors",
-    "FitSettings": "dip.fit.settings", "Precision": "dip.fit.settings", "StopReason": "dip.fit.settings",
+    "FitSettings": "dip.fit.settings", "Objective": "dip.fit.settings", "Precision": "dip.fit.settings", "StopReason": "dip.fit.settings",
     "load_image": "dip.io", "save_image": "dip.io",
     "psnr": "dip.metrics",
     "Hourglass": "dip.nn", "HourglassConfig": "dip.nn", "build_network": "dip.nn", "preset": "dip.nn",
@@ -28,15 +28,15 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "BatchSummary", "DipError", "FitSettings", "Hourglass", "HourglassConfig", "ImageTooLargeError", "Precision",
-    "Restoration", "StopReason", "Task", "build_network", "load_image", "preset", "psnr", "restore", "restore_many",
+    "BatchSummary", "DipError", "FitSettings", "Hourglass", "HourglassConfig", "ImageTooLargeError", "Objective",
+    "Precision", "Restoration", "StopReason", "Task", "build_network", "load_image", "preset", "psnr", "restore", "restore_many",
     "save_image",
 ]
 
 if TYPE_CHECKING:  # what static tools and IDEs see
     from dip.batch import BatchSummary, restore_many
     from dip.errors import DipError, ImageTooLargeError
-    from dip.fit.settings import FitSettings, Precision, StopReason
+    from dip.fit.settings import FitSettings, Objective, Precision, StopReason
     from dip.io import load_image, save_image
     from dip.metrics import psnr
     from dip.nn import Hourglass, HourglassConfig, build_network, preset

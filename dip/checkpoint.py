@@ -72,8 +72,8 @@ def check_compatible(saved: dict, current: dict, path="the checkpoint") -> None:
 
     Both dictionaries may hold ``task``, ``network`` (the preset configuration),
     ``architecture`` (see :func:`architecture`), ``image_size`` (the restored
-    image, H×W), ``input_shape`` (``z``), ``observation`` (a fingerprint) and
-    ``early_stopping``; each present in both must agree.
+    image, H×W), ``input_shape`` (``z``), ``observation`` (a fingerprint),
+    ``objective`` and ``early_stopping``; each present in both must agree.
     """
     def differs(key):
         return key in saved and key in current and saved[key] != current[key]
@@ -92,6 +92,9 @@ def check_compatible(saved: dict, current: dict, path="the checkpoint") -> None:
         )
     if differs("observation"):
         raise DipError(f"{path} was written for a different image (or mask/factor) of the same size")
+    if differs("objective"):
+        raise DipError(f"{path} is from a fit with objective={saved['objective']!r}, this one is "
+                       f"{current['objective']!r}; resume with the same objective")
     if differs("early_stopping"):
         raise DipError(
             f"{path} was written with iterations={'auto' if saved['early_stopping'] else 'N'} "

@@ -86,6 +86,21 @@ def _ensemble_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", type=int, default=1, metavar="K",
                    help="fit K networks of consecutive seeds together and average their images (default 1), "
                         "fitted as one grouped network")
+    # No argparse choices: listing the enums here would load torch for --help; restore() checks both words.
+    p.add_argument("--objective", default=None,
+                   help="mse (default): the original random input and misfit; sure (denoise only): the network "
+                        "sees the noisy image and minimises an unbiased estimate of its error (σ: --sigma or "
+                        "estimated), two passes per step")
+    p.add_argument("--precision", default=None,
+                   help="float32 (default), bfloat16 (bf16 compute, float32 weights and output) or auto (bf16 "
+                        "where the hardware runs it fast)")
+
+
+def _method_options(args) -> dict:
+    """restore()'s keywords for --ensemble, --objective and --precision (left out when not given)."""
+    options = {} if args.ensemble == 1 else {"ensemble": args.ensemble}
+    options.update({k: getattr(args, k) for k in ("objective", "precision") if getattr(args, k) is not None})
+    return options
 
 
 def _common(p: argparse.ArgumentParser, *, output: bool = True) -> None:
@@ -276,6 +291,7 @@ _FLAGS = {
     "max_iterations": "--max-iterations", "checkpoint_every": "--checkpoint-every", "checkpoint": "--checkpoint",
     "resume": "--resume", "max_pixels": "--max-pixels", "reg_noise_std": "--reg-noise-std", "network": "--network",
     "reference": "--reference", "seed": "--seed", "lr": "--lr", "ensemble": "--ensemble",
+    "objective": "--objective", "precision": "--precision",
 }
 _KEYWORD = "|".join(sorted(_FLAGS, key=len, reverse=True))
 _SNAKE = "|".join(k for k in _FLAGS if "_" in k)
@@ -622,8 +638,7 @@ def _restore_options(args, task: Task, mask) -> dict:
         options["resume"] = args.resume
     if args.sigma is not None:
         options["noise_sigma"] = _noise_sigma(args.sigma)
-    if args.ensemble != 1:
-        options["ensemble"] = args.ensemble
+    options.update(_method_options(args))
     if task is Task.SUPER_RESOLUTION:
         options["factor"] = args.factor
     if mask is not None:
@@ -792,8 +807,7 @@ def _batch(args) -> int:
     _check_number_rules(args, ["--sigma"])  # the fit settings are checked by restore_many, before any worker
     if args.sigma is not None:
         options["noise_sigma"] = _noise_sigma(args.sigma)
-    if args.ensemble != 1:
-        options["ensemble"] = args.ensemble
+    options.update(_method_options(args))
     if task is Task.SUPER_RESOLUTION:
         if args.factor is None:
             raise DipError("super-resolve needs --factor (an integer from 2 to 32)")

@@ -17,8 +17,11 @@ _SAVED_TENSORS_PER_BLOCK = 2.6
 _BYTES = 4
 
 
-def estimate_fit_bytes(cfg: HourglassConfig, height: int, width: int) -> int:
-    """Approximate peak bytes of one fitting iteration of ``cfg`` on a ``height``×``width`` input."""
+def estimate_fit_bytes(cfg: HourglassConfig, height: int, width: int, passes: int = 1) -> int:
+    """Approximate peak bytes of one fitting iteration of ``cfg`` on a ``height``×``width`` input.
+
+    ``passes``: forward passes kept for one backward (2 for ``Objective.SURE``'s probe).
+    """
     elements = cfg.in_channels * height * width
     h, w = height, width
     for i in range(cfg.scales):
@@ -32,7 +35,7 @@ def estimate_fit_bytes(cfg: HourglassConfig, height: int, width: int) -> int:
     elements += cfg.channels_up[0] * height * width + cfg.out_channels * height * width
     params = _parameter_count(cfg)
     # weights, gradients and Adam's two moments
-    return int(elements * _SAVED_TENSORS_PER_BLOCK * _BYTES + params * 4 * _BYTES)
+    return int(passes * elements * _SAVED_TENSORS_PER_BLOCK * _BYTES + params * 4 * _BYTES)
 
 
 def _parameter_count(cfg: HourglassConfig) -> int:
@@ -69,13 +72,14 @@ def format_bytes(n: float) -> str:
 
 
 def check_fits_in_memory(cfg: HourglassConfig, height: int, width: int, device: torch.device,
-                         limit: Optional[int] = None, *, image_size: Optional[tuple] = None) -> int:
+                         limit: Optional[int] = None, *, image_size: Optional[tuple] = None,
+                         passes: int = 1) -> int:
     """Raise :class:`ImageTooLargeError` when the fit's estimate exceeds the free (or given) memory.
 
     ``height``×``width`` is the network's (padded) input; ``image_size`` the
     user's image, which the message names.
     """
-    need = estimate_fit_bytes(cfg, height, width)
+    need = estimate_fit_bytes(cfg, height, width, passes)
     have = limit if limit is not None else available_bytes(device)
     if have is not None and need > have:
         h, w = image_size or (height, width)

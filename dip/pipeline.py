@@ -17,6 +17,7 @@ from dip.fit import (
     EarlyStopping,
     FitSettings,
     GuardSettings,
+    Objective,
     Precision,
     default_monitors,
     fit,
@@ -26,6 +27,7 @@ from dip.fit.loop import FitResult
 from dip.fit.members import MemberVarianceStopper
 from dip.fit.settings import is_auto
 from dip.fit.stopping import VarianceStopper
+from dip.fit.sure import pad_to_input
 from dip.io import MAX_PIXELS, ImageLike, load_image
 from dip.memory import check_fits_in_memory
 from dip.nn.blocks import network_path
@@ -91,6 +93,7 @@ def restore(
     resume: Union[str, os.PathLike, None] = None,
     overwrite_checkpoint: bool = False,
     precision: Union[str, Precision] = Precision.FLOAT32,
+    objective: Union[str, Objective] = Objective.MSE,
     threads: Union[int, str, None] = None,
     description: Optional[str] = None,
 ) -> Restoration:
@@ -164,6 +167,12 @@ def restore(
             float32 weights, loss, average and output) or ``"auto"`` (bf16
             only where the hardware runs it fast: Ampere+ GPUs, CPUs with AMX
             or AVX512-BF16).
+        objective: ``"mse"`` (default: the original work's random input and
+            misfit, any task) or ``"sure"`` (denoising only: the network sees
+            the noisy image and minimises Stein's unbiased estimate of its
+            error to the clean image, with ``noise_sigma`` or, when it is left
+            out, the estimated σ; two network passes per step, float32, no
+            discrepancy stop; see :mod:`dip.fit.sure`).
         threads: CPU threads for this fit: a count, ``"auto"`` (the cores free
             now, dropping to one thread while another process competes for
             them; see :mod:`dip.threads`; the command line's default) or
@@ -176,24 +185,26 @@ def restore(
     problem = Problem.create(task, image, factor=factor, mask=mask, operator=operator, max_pixels=max_pixels)
     members = ensemble_size(ensemble, network, init)
     sigma_estimate = estimate_sigma(problem.observation())
-    noise_sigma = _noise_sigma(noise_sigma, sigma_estimate)
+    objective = _objective(objective, problem)
+    noise_sigma = _noise_sigma("auto" if noise_sigma is None and objective is Objective.SURE else noise_sigma,
+                               sigma_estimate)
     settings = FitSettings(
         iterations=iterations, max_iterations=max_iterations, lr=lr, reg_noise_std=reg_noise_std,
         ema_weight=ema_weight, input_scale=input_scale, noise_sigma=noise_sigma,
         early_stopping=early_stopping, guard=guard,
-        checkpoint_every=checkpoint_every, precision=precision, seed=seed,
+        checkpoint_every=checkpoint_every, precision=precision, seed=seed, objective=objective,
     ).for_task(problem.defaults)
     dev = resolve_device(device)
     governor = _set_threads(threads, dev)
     ref = _load_reference(reference, problem, max_pixels, dev)
-    net, cfg = make_network(network, problem, settings.seed)
+    net, cfg = make_network(network, problem, settings.seed, objective)
     gen = torch.Generator(device=dev).manual_seed(settings.seed)
     z, crop = make_input(net, cfg, problem, settings, dev, gen, max_memory)
     if members > 1:
         net, z = _stack_members(net, z, cfg, problem, settings, dev, max_memory, members)
     warmup = 0
     if init is not None:
-        z, warmup = _warm_start(net, init, z), WARMUP_ITERATIONS
+        z, warmup = _warm_start(net, init, z, objective), WARMUP_ITERATIONS
     net = net.to(dev)
     problem.check_operator(dev)
     meta = _checkpoint_meta(problem, net, cfg, z, settings)
@@ -230,6 +241,14 @@ def ensemble_size(ensemble, network=None, init=None) -> int:
     return ensemble
 
 
+def _objective(objective, problem: Problem) -> Objective:
+    objective = Objective.parse(objective)
+    if objective is Objective.SURE and problem.task is not Task.DENOISE:
+        raise DipError("objective='sure' is for denoising only (it estimates a denoiser's error to the clean "
+                       "image); use objective='mse' for other tasks")
+    return objective
+
+
 def _noise_sigma(noise_sigma, estimate: float) -> Optional[float]:
     if isinstance(noise_sigma, str):
         if not is_auto(noise_sigma):
@@ -244,7 +263,7 @@ def _stack_members(net, z, cfg, problem: Problem, settings: FitSettings, dev, ma
     """The grouped network of ``members`` seeds (member k: the network and input of seed ``seed + k``)."""
     nets, inputs = [net], [z]
     for k in range(1, members):
-        member, _ = make_network(cfg, problem, settings.seed + k)
+        member, _ = make_network(cfg, problem, settings.seed + k, settings.objective)
         gen = torch.Generator(device=dev).manual_seed(settings.seed + k)
         inputs.append(make_input(member, cfg, problem, settings, dev, gen, max_memory)[0])
         nets.append(member)
@@ -299,17 +318,24 @@ def _set_threads(threads: Union[int, str, None], device: torch.device):
     return None
 
 
-def make_network(network: Union[str, HourglassConfig, nn.Module, None], problem: Problem,
-                 seed: int) -> tuple[nn.Module, Optional[HourglassConfig]]:
-    """The network to fit (seeded) and its configuration (None for a user's own module)."""
+def make_network(network: Union[str, HourglassConfig, nn.Module, None], problem: Problem, seed: int,
+                 objective: Objective = Objective.MSE) -> tuple[nn.Module, Optional[HourglassConfig]]:
+    """The network to fit (seeded) and its configuration (None for a user's own module).
+
+    With ``Objective.SURE`` the network's input is the observation: a preset's
+    or configuration's input channels become the image's.
+    """
     if isinstance(network, nn.Module):
         return network, network.config if isinstance(network, Hourglass) else None
     if network is None:
         network = problem.defaults.network
+    channels = {"out_channels": problem.channels}
+    if objective is Objective.SURE:
+        channels["in_channels"] = problem.channels
     if isinstance(network, str):
-        cfg = preset(network, out_channels=problem.channels)
+        cfg = preset(network, **channels)
     elif isinstance(network, HourglassConfig):
-        cfg = HourglassConfig(**{**network.to_dict(), "out_channels": problem.channels})
+        cfg = HourglassConfig(**{**network.to_dict(), **channels})
     else:
         raise DipError(f"network must be a preset name, a HourglassConfig or an nn.Module, got {type(network).__name__}")
     with torch.random.fork_rng(devices=[]):  # seed the initial weights without touching the caller's RNG
@@ -319,14 +345,23 @@ def make_network(network: Union[str, HourglassConfig, nn.Module, None], problem:
 
 def make_input(net: nn.Module, cfg: Optional[HourglassConfig], problem: Problem, settings: FitSettings,
                device: torch.device, generator: torch.Generator, max_memory: Optional[int] = None):
-    """The fixed input ``z`` (padded to what the hourglass takes) and the crop of the image inside its output."""
+    """The fixed input ``z`` (padded to what the hourglass takes) and the crop of the image inside its output.
+
+    ``z`` is random noise, or with ``Objective.SURE`` the observation itself, padded by reflection.
+    """
     out_h, out_w = problem.output_size
     multiple, minimum = (cfg.multiple(), cfg.min_size()) if cfg is not None else (1, 1)
     pad_h, pad_w = _padded(out_h, multiple, minimum), _padded(out_w, multiple, minimum)
     if cfg is not None:
-        check_fits_in_memory(cfg, pad_h, pad_w, device, max_memory, image_size=(out_h, out_w))
+        check_fits_in_memory(cfg, pad_h, pad_w, device, max_memory, image_size=(out_h, out_w),
+                             passes=2 if settings.objective is Objective.SURE else 1)
     crop = ((pad_h - out_h) // 2, (pad_w - out_w) // 2, out_h, out_w)
     channels = cfg.in_channels if cfg is not None else _module_in_channels(net)
+    if settings.objective is Objective.SURE:
+        if channels != problem.channels:
+            raise DipError(f"objective='sure' feeds the network the {problem.channels}-channel image, but it takes "
+                           f"{channels} input channels; give it {problem.channels} (or use a preset)")
+        return pad_to_input(problem.observation(device), pad_h, pad_w, crop), crop
     z = make_noise_input(channels, pad_h, pad_w, scale=settings.input_scale, generator=generator, device=device)
     return z, crop
 
@@ -335,9 +370,10 @@ def _padded(size: int, multiple: int, minimum: int) -> int:
     return max(minimum, int(math.ceil(size / multiple)) * multiple)
 
 
-def _warm_start(net: nn.Module, init, z: torch.Tensor) -> torch.Tensor:
+def _warm_start(net: nn.Module, init, z: torch.Tensor, objective: Objective) -> torch.Tensor:
     init_z = warm_start(net, init)
-    if init_z is not None and init_z.shape == z.shape:
+    # SURE's input is this observation, never another fit's
+    if init_z is not None and init_z.shape == z.shape and objective is Objective.MSE:
         return init_z.detach().to(z.device, z.dtype).clone()
     return z
 
@@ -345,7 +381,7 @@ def _warm_start(net: nn.Module, init, z: torch.Tensor) -> torch.Tensor:
 def _checkpoint_meta(problem: Problem, net: nn.Module, cfg, z: torch.Tensor, settings: FitSettings) -> dict:
     return dict(task=problem.task.value, network=cfg.to_dict() if cfg is not None else None,
                 architecture=architecture(net), image_size=list(problem.output_size), input_shape=list(z.shape),
-                observation=problem.fingerprint(),
+                observation=problem.fingerprint(), objective=settings.objective.value,
                 early_stopping=settings.early_stopping.to_dict() if settings.auto else None)
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from dip.batch.records import Job, Record, RecordStatus, image_seed
 from dip.errors import DipError
-from dip.fit.settings import FitSettings, is_auto
+from dip.fit.settings import FitSettings, Objective, is_auto
 from dip.tasks import Task, task_defaults
 
 PathLike = Union[str, os.PathLike]
@@ -218,6 +218,8 @@ def settings_fingerprint(task: Task, factor: Optional[int], network: Any, settin
     description = dict(task=task.value, factor=factor,
                        network=_network_key(network if network is not None else defaults.network),
                        fit=settings.for_task(defaults).to_dict())
+    if settings.objective is Objective.MSE:  # as before objectives existed
+        del description["fit"]["objective"]
     # Only when they differ from a single fit without an estimated noise level, so that outputs made before
     # these options existed keep their fingerprint.
     if ensemble != 1:

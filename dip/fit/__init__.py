@@ -10,6 +10,7 @@ from dip.fit.settings import (
     EarlyStopping,
     FitSettings,
     GuardSettings,
+    Objective,
     Precision,
     Selection,
     StopMode,
@@ -17,4 +18,4 @@ from dip.fit.settings import (
 )
 
 __all__ = ["Callback", "EarlyStopping", "FitLoop", "FitResult", "FitSettings", "GuardSettings", "History", "Monitor",
-           "Precision", "Selection", "Step", "StopMode", "StopReason", "default_monitors", "fit", "make_noise_input"]
+           "Objective", "Precision", "Selection", "Step", "StopMode", "StopReason", "default_monitors", "fit", "make_noise_input"]

@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 from dip.errors import DipError
 from dip.fit.guard import DivergenceGuard, GuardVerdict, copy_state
 from dip.fit.monitors import Callbacks, Checkpointer, DiscrepancyStop, LearningRate, Monitor, PsnrRecorder
-from dip.fit.settings import FitSettings, GuardSettings, Precision, StopReason
+from dip.fit.settings import FitSettings, GuardSettings, Objective, Precision, StopReason
 from dip.fit.stopping import VarianceStopper
+from dip.fit.sure import PROBE_STEP, pad_to_input, sure_objective
 
 
 @dataclass
@@ -172,6 +173,8 @@ class FitLoop:
         self.output: Optional[torch.Tensor] = None
         self.done = 0
         self._autocast = autocast_dtype(settings.precision, z.device)
+        if settings.objective is Objective.SURE and settings.noise_sigma is None:
+            raise DipError("objective='sure' needs the noise level: give noise_sigma= (restore() estimates it)")
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One Adam step; returns the (detached) loss and cropped output of the weights before it."""
@@ -180,6 +183,8 @@ class FitLoop:
         if s.reg_noise_std:
             noise = torch.randn(self.z.shape, generator=self.generator, device=self.z.device, dtype=self.z.dtype)
             net_in = self.z + s.reg_noise_std * noise
+        if s.objective is Objective.SURE:
+            return self._sure_step(net_in)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.z.device.type, dtype=self._autocast or torch.bfloat16,
                             enabled=self._autocast is not None):
@@ -189,6 +194,25 @@ class FitLoop:
         loss.backward()
         self.optimizer.step()
         return loss.detach(), out.detach()
+
+    def _sure_step(self, net_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Adam step on the SURE objective (:mod:`dip.fit.sure`); returns the misfit and the output.
+
+        The network's input is the padded observation; a second pass on the
+        input plus a small multiple of a random probe (padded like it) gives
+        the divergence. Float32 throughout (the settings refuse bfloat16).
+        """
+        height, width = self.z.shape[-2:]
+        crop = self.crop or (0, 0, height, width)
+        probe = torch.randn((1, self.z.shape[1], crop[2], crop[3]), generator=self.generator,
+                            device=self.z.device, dtype=self.z.dtype)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = _crop(self.net(net_in), self.crop).float()
+        probed = _crop(self.net(net_in + PROBE_STEP * pad_to_input(probe, height, width, crop)), self.crop).float()
+        objective, misfit = sure_objective(out, probed, probe, self.target, self.settings.noise_sigma)
+        objective.backward()
+        self.optimizer.step()
+        return misfit, out.detach()
 
     def run(self, *, progress: Optional[bool] = None, description: str = "dip") -> FitResult:
         """Take steps until the budget is spent or a monitor stops the fit; Ctrl-C ends it early."""
@@ -327,7 +351,7 @@ def default_monitors(settings: FitSettings, *, reference: Optional[torch.Tensor]
         monitors.append(PsnrRecorder(reference))
     if settings.auto:
         monitors.append(VarianceStopper(settings.early_stopping, every))
-    if settings.noise_sigma is not None:
+    if settings.noise_sigma is not None and settings.objective is Objective.MSE:  # SURE's σ is the loss's own
         monitors.append(DiscrepancyStop(settings.noise_sigma, every))
     callbacks = list(callbacks)
     if callbacks:

@@ -61,6 +61,23 @@ class Precision(str, Enum):
         return self.value
 
 
+class Objective(str, Enum):
+    """What a fit minimises, and what its network sees (``restore(objective=...)``)."""
+
+    #: The original work's: a fixed random input z, the misfit ‖A(f(z)) − y‖²; any task.
+    MSE = "mse"
+    #: Denoising only: the network sees the noisy image y and minimises Stein's unbiased estimate of its
+    #: error to the clean image, ‖f(y) − y‖² + 2σ²·div f(y) (see :mod:`dip.fit.sure`); needs σ.
+    SURE = "sure"
+
+    @classmethod
+    def parse(cls, value: Union[str, Objective]) -> Objective:
+        return _enum(cls, value.strip().lower() if isinstance(value, str) else value, "objective")
+
+    def __str__(self) -> str:
+        return self.value
+
+
 AUTO = "auto"
 
 
@@ -193,8 +210,11 @@ class FitSettings:
     :mod:`dip.fit.stopping`, after at most ``max_iterations``) or a number of
     Adam steps. ``None`` values of ``max_iterations`` and ``reg_noise_std``
     mean "the task's default" and are filled by :meth:`for_task`.
-    ``noise_sigma`` is the noise std in [0, 1] units (stop at the discrepancy
-    level). ``guard=None`` (or False) turns the rollbacks off (a non-finite loss still
+    ``noise_sigma`` is the noise std in [0, 1] units: with the ``mse`` objective the
+    fit stops at the discrepancy level, with ``sure`` it is the σ of the
+    estimate (None: ``restore`` fills in the estimated σ; there is no discrepancy stop). ``objective``: an
+    :class:`Objective`; ``sure`` computes in float32 (``precision="auto"``
+    resolves to it, ``"bfloat16"`` is refused: its divergence probe is below bf16's resolution). ``guard=None`` (or False) turns the rollbacks off (a non-finite loss still
     ends the fit with the last good state). ``check_every``: how often the
     host reads the device (stopping, guard, progress): the only syncs a fit makes.
     """
@@ -212,6 +232,7 @@ class FitSettings:
     precision: Precision = Precision.FLOAT32
     seed: int = 0
     check_every: int = 10
+    objective: Objective = Objective.MSE
 
     def __post_init__(self):
         it = self.iterations
@@ -230,6 +251,8 @@ class FitSettings:
         object.__setattr__(self, "checkpoint_every", _positive_int("checkpoint_every", self.checkpoint_every,
                                                                    allow_none=True))
         object.__setattr__(self, "precision", Precision.parse(self.precision))
+        object.__setattr__(self, "objective", Objective.parse(self.objective))
+        self._check_objective()
         object.__setattr__(self, "check_every", _positive_int("check_every", self.check_every))
         if self.early_stopping is None:  # restore()'s None: the default rule
             object.__setattr__(self, "early_stopping", EarlyStopping())
@@ -243,6 +266,15 @@ class FitSettings:
                 -(2 ** 63) <= int(self.seed) < 2 ** 64):
             raise DipError(f"seed must be an integer that fits in 64 bits, got {self.seed!r}")
         object.__setattr__(self, "seed", int(self.seed))
+
+    def _check_objective(self) -> None:
+        if self.objective is not Objective.SURE:
+            return
+        if self.precision is Precision.BFLOAT16:
+            raise DipError("objective='sure' computes in float32 (its divergence probe is finer than bfloat16 "
+                           "resolves); use precision='float32' or 'auto'")
+        if self.precision is Precision.AUTO:
+            object.__setattr__(self, "precision", Precision.FLOAT32)
 
     @property
     def auto(self) -> bool:
@@ -293,6 +325,7 @@ class FitSettings:
         """Plain values only (numbers, strings, None, dicts): checkpoints, results and manifests store this."""
         d = asdict(self)
         d["precision"] = self.precision.value
+        d["objective"] = self.objective.value
         d["early_stopping"] = self.early_stopping.to_dict() if self.early_stopping is not None else None
         d["guard"] = self.guard.to_dict() if self.guard is not None else None
         return d

@@ -156,8 +156,10 @@ def test_settings_fingerprint_changes_with_what_decides_an_output():
               settings_fingerprint(Task.DENOISE, None, None, fit_settings({}, 0), ensemble=3),
               settings_fingerprint(Task.DENOISE, None, None, fit_settings({"noise_sigma": "auto"}, 0),
                                    blind_sigma=True),
-              fp(noise_sigma=0.1)]
+              fp(noise_sigma=0.1), fp(objective="sure")]
     assert base not in others and len(set(others)) == len(others)
+    # outputs made before objectives existed keep their fingerprints (these are the values of that version)
+    assert (base, fp(iterations=5)) == ("ea8f79e5db169c57", "190cdbf2b6a39016")
     # one network and a known (or no) noise level: the fingerprint of outputs made before these options existed
     assert settings_fingerprint(Task.DENOISE, None, None, fit_settings({}, 0), ensemble=1, blind_sigma=False) == base
 

@@ -413,3 +413,43 @@ def test_info_says_what_ensembles_run_on(capsys):
 def test_batch_takes_ensemble_and_blind_sigma(tmp_path, monkeypatch):
     seen = _batch_options(tmp_path, monkeypatch, "--sigma", "auto", "--ensemble", "2")
     assert seen["noise_sigma"] == "auto" and seen["ensemble"] == 2
+
+
+# ---- the fit's objective and precision ---------------------------------------------------------------------
+
+
+def test_objective_and_precision_reach_restore(tiny_png, tmp_path, captured_restore):
+    with pytest.raises(_Stop):
+        main(["denoise", str(tiny_png), "-o", str(tmp_path / "o.png"), "--objective", "sure", "--precision", "auto",
+              *FIT])
+    options = captured_restore[0][2]
+    assert options["objective"] == "sure" and options["precision"] == "auto"
+    with pytest.raises(_Stop):  # not given: restore()'s own defaults
+        main(["denoise", str(tiny_png), "-o", str(tmp_path / "o.png"), *FIT])
+    assert "objective" not in captured_restore[1][2] and "precision" not in captured_restore[1][2]
+
+
+def test_batch_takes_objective_and_precision(tmp_path, monkeypatch):
+    seen = _batch_options(tmp_path, monkeypatch, "--objective", "sure", "--precision", "float32")
+    assert seen["objective"] == "sure" and seen["precision"] == "float32"
+
+
+def test_sure_denoises_from_the_command_line(tiny_png, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert main(["denoise", str(tiny_png), "-o", str(out), "--objective", "sure", *FIT]) == 0
+    assert Image.open(out).size == (20, 24)
+
+
+def test_sure_outside_denoising_is_explained_in_flags(tiny_png, tmp_path, capsys):
+    code = main(["super-resolve", str(tiny_png), "-o", str(tmp_path / "o.png"), "--factor", "2", "--objective",
+                 "sure", *FIT])
+    err = capsys.readouterr().err
+    assert code != 0 and "--objective sure is for denoising only" in err and "--objective mse" in err
+    assert "objective=" not in err and "Traceback" not in err
+
+
+def test_unknown_objective_or_precision_is_one_clear_line(tiny_png, tmp_path, capsys):
+    for flag, word in (("--objective", "l1"), ("--precision", "float8")):
+        assert main(["denoise", str(tiny_png), "-o", str(tmp_path / "o.png"), flag, word, *FIT]) != 0
+        err = capsys.readouterr().err
+        assert flag[2:] in err and repr(word) in err and "Traceback" not in err and len(err.splitlines()) == 1
