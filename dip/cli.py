@@ -89,8 +89,8 @@ def _ensemble_option(p: argparse.ArgumentParser) -> None:
     # No argparse choices: listing the enums here would load torch for --help; restore() checks both words.
     p.add_argument("--objective", default=None,
                    help="mse (default): the original random input and misfit; sure (denoise only): the network "
-                        "sees the noisy image and minimises an unbiased estimate of its error (σ: --sigma or "
-                        "estimated), two passes per step")
+                        "sees the noisy image and minimises an unbiased estimate of its error (σ: --sigma, best when "
+                        "known, else estimated), two passes per step")
     p.add_argument("--precision", default=None,
                    help="float32 (default), bfloat16 (bf16 compute, float32 weights and output) or auto (bf16 "
                         "where the hardware runs it fast)")

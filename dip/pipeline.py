@@ -133,6 +133,8 @@ def restore(
             reported as ``noise_sigma_estimate``). With ``iterations="auto"`` the
             fit stops at the first of the variance minimum's patience and the
             noise level, and returns the iterate of the variance minimum so far.
+            With ``objective="sure"`` it is the σ of the estimate instead (no
+            discrepancy stop), and left out it is the estimate.
         ensemble: fit this many networks (seeds ``seed``, ``seed + 1``, …) together
             as one grouped network (on the fused operators when they are
             loaded). Each member keeps its own automatic stop; ``image`` is

@@ -171,3 +171,13 @@ def test_the_memory_check_counts_both_passes(clean64):
                 progress=False)
     with pytest.raises(dip.ImageTooLargeError):
         dip.restore(clean64, objective="sure", iterations=1, max_memory=limit, **TINY)
+
+
+def test_a_given_sigma_is_the_estimates_not_a_discrepancy_stop(clean64, noisy):
+    observed = noisy(clean64[:32, :32])
+    # a σ far above the noise: the original objective stops at once on the discrepancy level
+    mse = dip.restore(observed, noise_sigma=0.5, iterations=20, **TINY)
+    sure = dip.restore(observed, objective="sure", noise_sigma=0.5, iterations=20, **TINY)
+    assert mse.stop_reason is dip.StopReason.NOISE_LEVEL and mse.iterations < 20
+    assert sure.stop_reason is dip.StopReason.COMPLETED and sure.iterations == 20
+    assert sure.settings["noise_sigma"] == 0.5
