@@ -198,9 +198,11 @@ class FitLoop:
     def _sure_step(self, net_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One Adam step on the SURE objective (:mod:`dip.fit.sure`); returns the misfit and the output.
 
-        The network's input is the padded observation; a second pass on the
-        input plus a small multiple of a random probe (padded like it) gives
-        the divergence. Float32 throughout (the settings refuse bfloat16).
+        The network's input is the padded observation and the degradation the
+        identity (denoising: ``restore`` allows SURE for nothing else); a
+        second pass on the input plus a small multiple of a random probe
+        (padded like it) gives the divergence. Float32 throughout (the
+        settings refuse bfloat16).
         """
         height, width = self.z.shape[-2:]
         crop = self.crop or (0, 0, height, width)

@@ -210,11 +210,13 @@ class FitSettings:
     :mod:`dip.fit.stopping`, after at most ``max_iterations``) or a number of
     Adam steps. ``None`` values of ``max_iterations`` and ``reg_noise_std``
     mean "the task's default" and are filled by :meth:`for_task`.
-    ``noise_sigma`` is the noise std in [0, 1] units: with the ``mse`` objective the
-    fit stops at the discrepancy level, with ``sure`` it is the σ of the
-    estimate (None: ``restore`` fills in the estimated σ; there is no discrepancy stop). ``objective``: an
-    :class:`Objective`; ``sure`` computes in float32 (``precision="auto"``
-    resolves to it, ``"bfloat16"`` is refused: its divergence probe is below bf16's resolution). ``guard=None`` (or False) turns the rollbacks off (a non-finite loss still
+    ``noise_sigma`` is the noise std in [0, 1] units: with the ``mse``
+    objective the fit stops at the discrepancy level; with ``sure`` it is the
+    σ of the estimate and there is no discrepancy stop (None: ``restore``
+    fills in the estimated σ). ``objective``: an :class:`Objective`; ``sure``
+    computes in float32 (``precision="auto"`` resolves to it, ``"bfloat16"``
+    is refused: its divergence probe is below bf16's resolution).
+    ``guard=None`` (or False) turns the rollbacks off (a non-finite loss still
     ends the fit with the last good state). ``check_every``: how often the
     host reads the device (stopping, guard, progress): the only syncs a fit makes.
     """
