@@ -188,8 +188,7 @@ def restore(
     members = ensemble_size(ensemble, network, init)
     sigma_estimate = estimate_sigma(problem.observation())
     objective = _objective(objective, problem)
-    noise_sigma = _noise_sigma("auto" if noise_sigma is None and objective is Objective.SURE else noise_sigma,
-                               sigma_estimate)
+    noise_sigma = _noise_sigma(noise_sigma, sigma_estimate, objective)
     settings = FitSettings(
         iterations=iterations, max_iterations=max_iterations, lr=lr, reg_noise_std=reg_noise_std,
         ema_weight=ema_weight, input_scale=input_scale, noise_sigma=noise_sigma,
@@ -251,7 +250,13 @@ def _objective(objective, problem: Problem) -> Objective:
     return objective
 
 
-def _noise_sigma(noise_sigma, estimate: float) -> Optional[float]:
+def _noise_sigma(noise_sigma, estimate: float, objective: Objective) -> Optional[float]:
+    """``noise_sigma=`` resolved: "auto" is the estimate, and so is None under SURE (its loss needs a σ)."""
+    if noise_sigma is None and objective is Objective.SURE:
+        if not estimate > 0:
+            raise DipError("objective='sure' needs the noise level and the observation shows no noise (estimated "
+                           "σ is 0); give noise_sigma=")
+        return estimate
     if isinstance(noise_sigma, str):
         if not is_auto(noise_sigma):
             raise DipError(f"noise_sigma must be a number in [0, 1] units or 'auto', got {noise_sigma!r}")

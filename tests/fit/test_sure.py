@@ -181,3 +181,12 @@ def test_a_given_sigma_is_the_estimates_not_a_discrepancy_stop(clean64, noisy):
     assert mse.stop_reason is dip.StopReason.NOISE_LEVEL and mse.iterations < 20
     assert sure.stop_reason is dip.StopReason.COMPLETED and sure.iterations == 20
     assert sure.settings["noise_sigma"] == 0.5
+
+
+def test_an_image_without_noise_asks_for_sigma_instead_of_leaving_it_out():
+    """Regression: SURE took a missing σ as 'auto', so a flat image got "give noise_sigma= or leave it out"."""
+    flat = np.full((32, 32, 3), 0.5, dtype=np.float32)
+    with pytest.raises(DipError, match="objective='sure' needs the noise level") as info:
+        dip.restore(flat, objective="sure", iterations=1, **TINY)
+    assert "leave it out" not in str(info.value)
+    assert dip.restore(flat, objective="sure", noise_sigma=0.1, iterations=1, **TINY).iterations == 1
