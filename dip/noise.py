@@ -1,10 +1,20 @@
 """Blind noise level: estimate the std of additive white Gaussian noise from the observation alone.
 
-The finest diagonal wavelet detail of a natural image is mostly noise, so the
-median absolute value of those coefficients, divided by 0.6745 (the median of
-``|N(0, 1)|``), estimates σ robustly (Donoho & Johnstone's MAD estimator). The
-estimate is computed here with an orthonormal Haar transform in numpy, or by
-scikit-image's ``estimate_sigma`` (Daubechies wavelets, needs PyWavelets) when asked.
+Two estimators, both in numpy, and both read some image structure as noise,
+so both err high, each on other images:
+
+- Haar MAD: the finest diagonal wavelet detail of a natural image is mostly
+  noise, so the median absolute value of those coefficients, divided by 0.6745
+  (the median of ``|N(0, 1)|``), estimates σ (Donoho & Johnstone). Fine
+  texture passes for noise.
+- patch PCA: natural image patches span few directions, so the smallest
+  eigenvalues of the covariance of an image's patches are mostly the noise
+  variance (Chen, Zhu & Heng, ICCV 2015). The weakest structure of a clean
+  image passes for noise, which matters only when σ is small.
+
+The default is the smaller of the two. scikit-image's ``estimate_sigma``
+(Daubechies wavelets, needs PyWavelets) is available when asked. How close
+each is, on which crops: ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
@@ -61,16 +71,69 @@ def haar_mad_sigma(image) -> float:
     return float(np.mean(sigmas))
 
 
+def _lowest_rank_noise_variance(eigenvalues: np.ndarray) -> float:
+    """The variance shared by the smallest eigenvalues: drop the largest until the rest look like pure noise.
+
+    Eigenvalues of white noise cluster around σ², so their mean and median agree; image structure
+    adds a few large ones that pull the mean above the median.
+    """
+    lam = np.sort(np.clip(eigenvalues, 0.0, None))[::-1]
+    for first in range(lam.size):
+        tail = lam[first:]
+        if tail.mean() <= np.median(tail):
+            return float(tail.mean())
+    return float(lam[-1])
+
+
+def pca_sigma(image, patch: int = 7, max_patches: int = 1 << 17) -> float:
+    """σ from the smallest eigenvalues of the covariance of ``patch``×``patch`` patches, averaged over channels.
+
+    Natural image patches span few directions, so most eigenvalues of their
+    covariance are the noise variance alone (Chen, Zhu & Heng, ICCV 2015).
+    Fine texture that the Haar detail reads as noise lives in the large
+    eigenvalues here. Patches are taken on a stride so that at most
+    ``max_patches`` are used per channel; an image with fewer than
+    4 × ``patch``² patches gets :func:`haar_mad_sigma`.
+    """
+    arr = _as_hwc(image)
+    if (arr.shape[0] - patch + 1) * (arr.shape[1] - patch + 1) < 4 * patch * patch:
+        return haar_mad_sigma(arr)  # too few patches for their covariance's small eigenvalues to mean anything
+    stride = max(1, int(np.ceil(np.sqrt((arr.shape[0] - patch + 1) * (arr.shape[1] - patch + 1) / max_patches))))
+    sigmas = []
+    for ch in range(arr.shape[2]):
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:, :, ch], (patch, patch))[::stride, ::stride]
+        patches = windows.reshape(-1, patch * patch)
+        means = patches.mean(axis=1)
+        chosen, sigma = patches, None
+        for _ in range(3):
+            if sigma is not None:
+                # as in haar_mad_sigma: clipping shrinks the noise near black and white
+                inside = (means > 2 * sigma) & (means < 1 - 2 * sigma)
+                if inside.sum() < max(patch * patch * 4, patches.shape[0] // 4):
+                    break
+                chosen = patches[inside]
+            covariance = np.cov(chosen, rowvar=False)
+            sigma = float(np.sqrt(_lowest_rank_noise_variance(np.linalg.eigvalsh(covariance))))
+        sigmas.append(sigma)
+    return float(np.mean(sigmas))
+
+
 def estimate_sigma(image, method: str = "auto") -> float:
     """The noise std of ``image`` (values in [0, 1]; H×W, H×W×C, C×H×W or 1×C×H×W tensor), in [0, 1] units.
 
-    ``method``: ``"haar"`` (built in), ``"skimage"`` (scikit-image's
-    ``estimate_sigma``, averaged over channels) or ``"auto"`` (the Haar
-    estimate: on the measured crops it is as close as scikit-image's; see
-    ``benchmarks/RESULTS.md``). The estimate assumes white Gaussian noise and
-    reads fine texture as noise, so it errs high on very textured images.
+    ``method``: ``"auto"`` (the smaller of the patch-PCA and Haar estimates:
+    both err high, on other images, and on the measured crops the smaller is
+    closer than either; see ``benchmarks/RESULTS.md``), ``"pca"``
+    (:func:`pca_sigma`), ``"haar"`` (:func:`haar_mad_sigma`) or ``"skimage"``
+    (scikit-image's ``estimate_sigma``, averaged over channels). Every estimate
+    assumes white Gaussian noise; noise clipped at black and white is
+    estimated from the pixels away from them.
     """
-    if method in ("auto", "haar"):
+    if method == "auto":
+        return min(pca_sigma(image), haar_mad_sigma(image))
+    if method == "pca":
+        return pca_sigma(image)
+    if method == "haar":
         return haar_mad_sigma(image)
     if method == "skimage":
         try:
@@ -79,4 +142,4 @@ def estimate_sigma(image, method: str = "auto") -> float:
             raise DipError("method='skimage' needs scikit-image (pip install scikit-image)") from None
         arr = _as_hwc(image)
         return float(np.mean(sk_estimate(arr, channel_axis=-1)))
-    raise DipError(f"estimate_sigma method must be 'auto', 'haar' or 'skimage', got {method!r}")
+    raise DipError(f"estimate_sigma method must be 'auto', 'haar', 'pca' or 'skimage', got {method!r}")
