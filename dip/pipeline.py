@@ -134,7 +134,8 @@ def restore(
             fit stops at the first of the variance minimum's patience and the
             noise level, and returns the iterate of the variance minimum so far.
             With ``objective="sure"`` it is the σ of the estimate instead (no
-            discrepancy stop), and left out it is the estimate.
+            discrepancy stop), and left out it is the estimate; SURE loses far
+            more to a σ too high than too low, so a guess should err low.
         ensemble: fit this many networks (seeds ``seed``, ``seed + 1``, …) together
             as one grouped network (on the fused operators when they are
             loaded). Each member keeps its own automatic stop; ``image`` is
