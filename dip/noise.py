@@ -78,11 +78,11 @@ def _lowest_rank_noise_variance(eigenvalues: np.ndarray) -> float:
     adds a few large ones that pull the mean above the median.
     """
     lam = np.sort(np.clip(eigenvalues, 0.0, None))[::-1]
-    for first in range(lam.size):
+    for first in range(lam.size - 1):
         tail = lam[first:]
         if tail.mean() <= np.median(tail):
             return float(tail.mean())
-    return float(lam[-1])
+    return float(lam[-1])  # one eigenvalue left: its mean is its median
 
 
 def pca_sigma(image, patch: int = 7, max_patches: int = 1 << 17) -> float:

@@ -25,10 +25,9 @@ def _crop(name, size):
 # ---- blind noise level -----------------------------------------------------------------------
 
 
-def _noisy_crop(name, size, sigma, seed=None):
+def _noisy_crop(name, size, sigma):
     clean = _crop(name, size)
-    rng = np.random.default_rng(sigma if seed is None else seed)
-    return np.clip(clean + rng.normal(0, sigma / 255, clean.shape), 0, 1)
+    return np.clip(clean + np.random.default_rng(sigma).normal(0, sigma / 255, clean.shape), 0, 1)
 
 
 @pytest.mark.parametrize("method", ["auto", "pca", "haar"])
