@@ -38,14 +38,14 @@ def _as_hwc(image) -> np.ndarray:
             t = t.permute(1, 2, 0)
         arr = t.numpy()
     else:
-        arr = np.asarray(image, dtype=np.float32)
+        arr = np.asarray(image)
         if arr.dtype == np.uint8:
             arr = arr / 255.0
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[0] < 2 or arr.shape[1] < 2:
         raise DipError(f"estimate_sigma needs an H×W or H×W×C image of at least 2×2 pixels, got {arr.shape}")
-    return arr.astype(np.float64)
+    return arr.astype(np.float64, copy=False)
 
 
 def haar_mad_sigma(image) -> float:

@@ -64,6 +64,15 @@ def test_sigma_estimate_takes_tensors_and_gray_images():
         estimate_sigma(noisy, method="guess")
 
 
+@pytest.mark.parametrize("method", ["auto", "pca", "haar"])
+def test_sigma_estimate_of_8_bit_pixels_is_in_unit_range(method):
+    # the uint8 check came after a cast to float32 and never held: 8-bit pixels gave σ in 0–255 units
+    noisy = _noisy_crop("coffee", 64, 25)
+    pixels = np.round(noisy * 255).astype(np.uint8)
+    assert estimate_sigma(pixels, method) == pytest.approx(estimate_sigma(pixels / 255.0, method))
+    assert estimate_sigma(pixels, method) == pytest.approx(25 / 255, rel=0.2)
+
+
 def test_auto_noise_sigma_drives_the_discrepancy_stop(clean64, noisy):
     obs = noisy(clean64[:32, :32], sigma=25 / 255)
     r = dip.restore(obs, iterations=20, noise_sigma="auto", **TINY)
