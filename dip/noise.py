@@ -96,9 +96,10 @@ def pca_sigma(image, patch: int = 7, max_patches: int = 1 << 17) -> float:
     4 × ``patch``² patches gets :func:`haar_mad_sigma`.
     """
     arr = _as_hwc(image)
-    if (arr.shape[0] - patch + 1) * (arr.shape[1] - patch + 1) < 4 * patch * patch:
+    count, fewest = (arr.shape[0] - patch + 1) * (arr.shape[1] - patch + 1), 4 * patch * patch
+    if count < fewest:
         return haar_mad_sigma(arr)  # too few patches for their covariance's small eigenvalues to mean anything
-    stride = max(1, int(np.ceil(np.sqrt((arr.shape[0] - patch + 1) * (arr.shape[1] - patch + 1) / max_patches))))
+    stride = max(1, int(np.ceil(np.sqrt(count / max_patches))))
     sigmas = []
     for ch in range(arr.shape[2]):
         windows = np.lib.stride_tricks.sliding_window_view(arr[:, :, ch], (patch, patch))[::stride, ::stride]
@@ -109,7 +110,7 @@ def pca_sigma(image, patch: int = 7, max_patches: int = 1 << 17) -> float:
             if sigma is not None:
                 # as in haar_mad_sigma: clipping shrinks the noise near black and white
                 inside = (means > 2 * sigma) & (means < 1 - 2 * sigma)
-                if inside.sum() < max(patch * patch * 4, patches.shape[0] // 4):
+                if inside.sum() < max(fewest, patches.shape[0] // 4):
                     break
                 chosen = patches[inside]
             covariance = np.cov(chosen, rowvar=False)
@@ -129,17 +130,17 @@ def estimate_sigma(image, method: str = "auto") -> float:
     assumes white Gaussian noise; noise clipped at black and white is
     estimated from the pixels away from them.
     """
+    arr = _as_hwc(image)  # once: the estimators take it as it is
     if method == "auto":
-        return min(pca_sigma(image), haar_mad_sigma(image))
+        return min(pca_sigma(arr), haar_mad_sigma(arr))
     if method == "pca":
-        return pca_sigma(image)
+        return pca_sigma(arr)
     if method == "haar":
-        return haar_mad_sigma(image)
+        return haar_mad_sigma(arr)
     if method == "skimage":
         try:
             from skimage.restoration import estimate_sigma as sk_estimate
         except ImportError:
             raise DipError("method='skimage' needs scikit-image (pip install scikit-image)") from None
-        arr = _as_hwc(image)
         return float(np.mean(sk_estimate(arr, channel_axis=-1)))
     raise DipError(f"estimate_sigma method must be 'auto', 'haar', 'pca' or 'skimage', got {method!r}")
