@@ -75,7 +75,11 @@ class ImageMeta:
     source's values were mapped to [0, 1] by their own range (float data
     outside [0, 1], signed or wide integers): a value ``x`` in [0, 1] stands for
     ``lo + x * (hi - lo)``. ``channels`` counts the data channels, without the
-    alpha channel (``alpha``).
+    alpha channel (``alpha``). ``alpha_range`` is ``(lo, hi)`` when the alpha
+    channel's type has no natural range (float alpha outside [0, 1], signed or
+    wide integers): it is read as a fraction of ``hi`` (``lo`` is 0, or its
+    minimum when negative), so 0 stays transparent and a constant opaque plane
+    opaque, and it is written back in its own units.
     """
 
     dtype: str = "uint8"
@@ -88,6 +92,7 @@ class ImageMeta:
     format: Optional[str] = None  # the source file's format ("PNG", "TIFF", "NPY", ...); None for arrays
     frames: int = 1  # frames or pages in the source; only the first is used
     notes: tuple[str, ...] = ()  # what was done to the data on the way in, in words
+    alpha_range: Optional[tuple[float, float]] = None  # the alpha channel's own scale (see above)
 
     @property
     def bit_depth(self) -> int:
@@ -104,6 +109,7 @@ class ImageMeta:
         d = dataclasses.asdict(self)
         d["icc_profile"] = None if self.icc_profile is None else f"{len(self.icc_profile)} bytes"
         d["value_range"] = None if self.value_range is None else list(self.value_range)
+        d["alpha_range"] = None if self.alpha_range is None else list(self.alpha_range)
         d["dpi"] = None if self.dpi is None else list(self.dpi)
         d["notes"] = list(self.notes)
         return d
@@ -448,12 +454,13 @@ def _to_loaded(decoded: _Decoded, name: str, max_pixels: int) -> LoadedImage:
         notes.append(f"EXIF orientation {decoded.orientation} applied: the image is upright")
     if decoded.frames > 1:
         notes.append(f"only the first of {decoded.frames} frames was used")
-    alpha = None
+    alpha, alpha_range = None, None
     if decoded.alpha:
-        alpha = np.ascontiguousarray(to_unit_range(arr[:, :, -1:], f"{name} alpha channel")[0][:, :, 0])
+        alpha, alpha_range = _alpha_to_unit_range(arr[:, :, -1], f"{name} alpha channel")
     tensor = torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1))).float().clamp_(0, 1)
     meta = ImageMeta(
         dtype=str(np.dtype(arr.dtype)), channels=data.shape[2], alpha=decoded.alpha, value_range=value_range,
+        alpha_range=alpha_range,
         icc_profile=decoded.icc, dpi=decoded.dpi, exif_transposed=decoded.orientation not in (1, None),
         format=decoded.format, frames=decoded.frames, notes=tuple(notes),
     )
@@ -483,6 +490,23 @@ def to_unit_range(arr: np.ndarray, name: str = "image") -> tuple[np.ndarray, Opt
         return np.clip(values, 0, 1).astype(np.float32), None
     span = hi - lo if hi > lo else 1.0
     return ((values - lo) / span).astype(np.float32), (lo, lo + span)
+
+
+def _alpha_to_unit_range(alpha: np.ndarray, name: str) -> tuple[np.ndarray, Optional[tuple[float, float]]]:
+    """An H×W alpha plane → float32 in [0, 1] and its ``(lo, hi)`` scale, or None for the type's natural range.
+
+    Unlike data, alpha is not stretched by its own minimum: 0 must stay transparent and a constant
+    opaque plane opaque, so a type without a natural range is read as a fraction of its maximum.
+    """
+    if alpha.dtype in (np.uint8, np.uint16, np.bool_):
+        return np.ascontiguousarray(to_unit_range(alpha, name)[0]), None
+    values, _ = to_unit_range(alpha[:, :, None], name)  # the type and finiteness checks
+    a = alpha.astype(np.float64)
+    lo, hi = min(0.0, float(a.min())), float(a.max())
+    if np.issubdtype(alpha.dtype, np.floating) and lo >= -1e-6 and hi <= 1 + 1e-6:
+        return np.ascontiguousarray(values[:, :, 0]), None
+    hi = hi if hi > lo else lo + 1.0
+    return np.ascontiguousarray(((a - lo) / (hi - lo)).astype(np.float32)), (lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -641,18 +665,23 @@ def _meta_for(image: np.ndarray, meta: Optional[ImageMeta], fmt: str) -> ImageMe
 def _from_unit_range(image: np.ndarray, dtype: str, meta: ImageMeta) -> np.ndarray:
     x = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
     dt = np.dtype(dtype)
-    if meta.value_range is not None:
-        lo, hi = meta.value_range
-        data = x[:, :, : meta.channels] * (hi - lo) + lo
-        if meta.alpha:  # the alpha channel is always in [0, 1] of the data type
-            top = float(np.iinfo(dt).max) if np.issubdtype(dt, np.integer) else 1.0
-            data = np.concatenate([data, x[:, :, -1:] * top], axis=2)
+    if not meta.alpha:
+        return _samples(x, dt, meta.value_range)
+    # The alpha channel has its own scale, restored only where the file keeps the source's type.
+    alpha_range = meta.alpha_range if dt == np.dtype(meta.dtype) else None
+    return np.concatenate([_samples(x[:, :, :-1], dt, meta.value_range), _samples(x[:, :, -1:], dt, alpha_range)],
+                          axis=2)
+
+
+def _samples(x: np.ndarray, dt: np.dtype, value_range: Optional[tuple[float, float]]) -> np.ndarray:
+    """Values in [0, 1] as samples of type ``dt``: mapped to ``value_range``, else to the type's full range."""
+    if value_range is not None:
+        lo, hi = value_range
+        data = x * (hi - lo) + lo
         if np.issubdtype(dt, np.integer):
             info = np.iinfo(dt)
             data = np.clip(np.rint(data), info.min, info.max)
         return data.astype(dt)
-    if dt == np.uint8 or dt == np.uint16:
-        return np.rint(x * np.iinfo(dt).max).astype(dt)
     if np.issubdtype(dt, np.floating):
         return x.astype(dt)
     return (x > 0.5) if dt == np.bool_ else np.rint(x * np.iinfo(dt).max).astype(dt)

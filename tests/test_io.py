@@ -301,6 +301,24 @@ def test_signed_integer_data_maps_back_to_its_type(tmp_path):
     assert back.dtype == np.int16 and np.array_equal(back, src)
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_alpha_of_a_0_255_array_keeps_its_meaning_and_its_units(tmp_path, dtype):
+    # np.asarray(rgba_image).astype(int or float): an opaque plane was stretched by its own (empty) range to 0
+    # (fully transparent), and the alpha was written back as a fraction (floats) or the type's maximum (ints).
+    opaque = np.random.default_rng(11).integers(0, 256, size=(8, 9, 4)).astype(dtype)
+    opaque[..., 3] = 255
+    loaded = load_image(opaque)
+    assert loaded.alpha.min() == 1.0
+    holes = opaque.copy()
+    holes[0, :3, 3], holes[1, 0, 3] = 0, 128
+    loaded = load_image(holes)
+    assert loaded.alpha[1, 0] == pytest.approx(128 / 255) and loaded.alpha[0, :3].max() == 0.0
+    assert int((mask_from_alpha(holes) == 0).sum()) == 3
+    back = np.load(save_image(_hwc(loaded), tmp_path / "out.npy", meta=loaded.meta))
+    assert back.dtype == dtype
+    np.testing.assert_allclose(back, holes, rtol=0, atol=1e-3)
+
+
 # --------------------------------------------------------------------------------------------- bad input (moved from test_restore)
 
 
