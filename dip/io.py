@@ -454,6 +454,14 @@ def _to_loaded(decoded: _Decoded, name: str, max_pixels: int) -> LoadedImage:
         notes.append(f"EXIF orientation {decoded.orientation} applied: the image is upright")
     if decoded.frames > 1:
         notes.append(f"only the first of {decoded.frames} frames was used")
+    icc = decoded.icc
+    space = _icc_colour_space(icc)
+    if space is not None and space != _ICC_SPACES.get(data.shape[2], space):
+        # e.g. a CMYK JPEG, decoded to RGB: its CMYK profile would make the RGB output's colours wrong
+        notes.append(f"the embedded ICC profile describes {space} data, not these {data.shape[2]} channel(s) "
+                     "(the image was converted on reading), so it was dropped")
+        log.warning("%s: %s", decoded.source, notes[-1])
+        icc = None
     alpha, alpha_range = None, None
     if decoded.alpha:
         alpha, alpha_range = _alpha_to_unit_range(arr[:, :, -1], f"{name} alpha channel")
@@ -461,7 +469,7 @@ def _to_loaded(decoded: _Decoded, name: str, max_pixels: int) -> LoadedImage:
     meta = ImageMeta(
         dtype=str(np.dtype(arr.dtype)), channels=data.shape[2], alpha=decoded.alpha, value_range=value_range,
         alpha_range=alpha_range,
-        icc_profile=decoded.icc, dpi=decoded.dpi, exif_transposed=decoded.orientation not in (1, None),
+        icc_profile=icc, dpi=decoded.dpi, exif_transposed=decoded.orientation not in (1, None),
         format=decoded.format, frames=decoded.frames, notes=tuple(notes),
     )
     return LoadedImage(tensor=tensor, alpha=alpha, source=decoded.source, meta=meta)
@@ -490,6 +498,20 @@ def to_unit_range(arr: np.ndarray, name: str = "image") -> tuple[np.ndarray, Opt
         return np.clip(values, 0, 1).astype(np.float32), None
     span = hi - lo if hi > lo else 1.0
     return ((values - lo) / span).astype(np.float32), (lo, lo + span)
+
+
+#: The ICC colour space (header bytes 16–20) that describes data of each channel count.
+_ICC_SPACES = {1: "GRAY", 3: "RGB", 4: "CMYK"}
+
+
+def _icc_colour_space(icc: Optional[bytes]) -> Optional[str]:
+    """The data colour space an ICC profile's header names ("RGB", "GRAY", "CMYK" …), or None if unreadable."""
+    if not icc or len(icc) < 20:
+        return None
+    try:
+        return icc[16:20].decode("ascii").strip() or None
+    except UnicodeDecodeError:
+        return None
 
 
 def _alpha_to_unit_range(alpha: np.ndarray, name: str) -> tuple[np.ndarray, Optional[tuple[float, float]]]:

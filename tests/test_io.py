@@ -242,6 +242,27 @@ def test_icc_profile_and_dpi_are_kept(tmp_path):
         assert again.dpi == pytest.approx((300, 300), abs=0.1), name
 
 
+def test_cmyk_profile_is_not_attached_to_the_rgb_result(tmp_path, caplog):
+    # A CMYK JPEG is decoded to RGB; its CMYK profile, written into the RGB output, made its colours wrong.
+    header = bytearray(128)
+    header[0:4], header[12:16], header[16:20] = struct.pack(">I", 132), b"prtr", b"CMYK"
+    header[20:24], header[36:40] = b"Lab ", b"acsp"
+    cmyk_profile = bytes(header) + bytes(4)
+    Image.fromarray(_ramp(8, 10, 4, np.uint8), "CMYK").save(tmp_path / "in.jpg", icc_profile=cmyk_profile)
+    with caplog.at_level(logging.WARNING, logger="dip"):
+        loaded = load_image(tmp_path / "in.jpg")
+    assert loaded.meta.channels == 3 and loaded.meta.icc_profile is None
+    assert "CMYK" in caplog.text and any("ICC" in note for note in loaded.meta.notes)
+    for name in ("out.png", "out.jpg", "out.tif"):
+        with Image.open(save_image(_hwc(loaded), tmp_path / name, meta=loaded.meta)) as out:
+            assert out.mode == "RGB" and "icc_profile" not in out.info, name
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(_ramp(8, 10, 1, np.uint8)[:, :, 0]).save(tmp_path / "g.png", icc_profile=srgb)
+    assert load_image(tmp_path / "g.png").meta.icc_profile is None  # an RGB profile on grey data
+    Image.fromarray(_ramp(8, 10, 3, np.uint8)).save(tmp_path / "c.png", icc_profile=srgb)
+    assert load_image(tmp_path / "c.png").meta.icc_profile == srgb
+
+
 def test_icc_and_dpi_kept_in_16bit_png(tmp_path):
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     meta = ImageMeta(dtype="uint16", channels=3, icc_profile=icc, dpi=(150.0, 150.0))
