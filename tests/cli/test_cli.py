@@ -168,6 +168,34 @@ def test_stdin_to_stdout(tiny_png, extra, fmt):
     assert b"wrote standard output" in proc.stderr  # the summary keeps out of the image's way
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_colour_from_stdin_stays_16bit(tmp_path, monkeypatch, suffix):
+    # Regression: standard input was decoded by Pillow alone, which reads a 16-bit RGB PNG or TIFF at 8 bits.
+    import io
+
+    from dip.io import ImageMeta, load_image, save_image
+
+    if suffix == ".tif":
+        pytest.importorskip("tifffile")
+    src = save_image(np.random.default_rng(1).random((12, 10, 3)), tmp_path / f"in{suffix}",
+                     meta=ImageMeta(dtype="uint16", channels=3))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(src.read_bytes())))
+    out = tmp_path / f"out{suffix}"
+    assert main(["denoise", "-", "-o", str(out), *FIT]) == 0
+    assert load_image(src).meta.dtype == "uint16" and load_image(out).meta.dtype == "uint16"
+
+
+def test_truncated_image_on_stdin_is_one_clear_line(tiny_png, tmp_path, monkeypatch, capsys):
+    # Regression: Pillow's lazy decode failed outside dip's reader: "dip: error: OSError: image file is truncated".
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(tiny_png.read_bytes()[:300])))
+    assert main(["denoise", "-", "-o", str(tmp_path / "out.png"), *FIT]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read image from standard input" in err and "dip-stdin" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_stdin_that_is_not_an_image():
     proc = subprocess.run([sys.executable, "-m", "dip.cli", "denoise", "-", "-o", "-", *FIT],
                           input=b"hello", capture_output=True, timeout=300)
