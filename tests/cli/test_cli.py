@@ -129,6 +129,32 @@ def test_demo_writes_before_after_picture(tmp_path, capsys):
     assert "PSNR" in capsys.readouterr().out
 
 
+def test_demo_writes_the_format_its_extension_names(tmp_path):
+    # Regression: the demo picture was always PNG data, whatever the extension (demo.jpg was a PNG file).
+    out = tmp_path / "demo.jpg"
+    assert main(["demo", "-o", str(out), "--size", "8", "--iterations", "1", "-q"]) == 0
+    with Image.open(out) as img:
+        assert img.format == "JPEG" and img.size == (3 * 8, 8 + 16)
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "21"])
+def test_demo_size_out_of_range_is_one_clear_line(tmp_path, capsys, monkeypatch, size):
+    # Regression: --size 0 or -1 ended in a ValueError traceback from Pillow; a side over the pixel limit
+    # (--size 100000: 10 gigapixels, killed for memory) was allocated before anything checked it.
+    import dip.demo
+    import dip.io
+    from dip.errors import DipError
+
+    monkeypatch.setattr(dip.io, "MAX_PIXELS", 400)  # a 20×20 limit: 21 is over it, cheaply
+    monkeypatch.setattr(dip.demo, "MAX_PIXELS", 400)
+    assert main(["demo", "-o", str(tmp_path / "demo.png"), "--size", size, "--iterations", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "--size must be a whole number of pixels from 4 to 20" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(DipError, match="size"):
+        dip.demo.run_demo(output=str(tmp_path / "demo.png"), size=int(size), iterations=1, progress=False)
+    assert not (tmp_path / "demo.png").exists()
+
+
 # ---- issue 11 / 12: conventions, lost work, exit statuses -----------------------------------------------------
 
 FIT = ["--iterations", "2", "--network", "small", "-q"]
