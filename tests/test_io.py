@@ -439,6 +439,20 @@ def test_mask_of_the_wrong_size():
         load_mask(np.ones((32, 64), np.float32), (64, 64))
 
 
+@pytest.mark.parametrize("image_channels,mask_channels", [(1, 3), (3, 5)])
+def test_mask_with_other_channels_than_the_image_is_refused(image_channels, mask_channels):
+    # Regression: a colour mask on a grey image failed at the operator check ("set its scale attribute"),
+    # a 5-channel mask on an RGB image with a RuntimeError from broadcasting.
+    image = np.random.default_rng(12).random((8, 9, image_channels)).astype(np.float32)
+    mask = np.ones((8, 9, mask_channels), np.uint8)
+    mask[0, 0, 0] = 0  # the channels differ
+    with pytest.raises(DipError, match=f"mask has {mask_channels} channels that differ, but the image has "
+                                       f"{image_channels}; give a one-channel"):
+        dip.restore(image, "inpaint", mask=mask, network="small", iterations=1, progress=False)
+    mask[0, 0] = 0  # the same in every channel: one mask for all
+    assert resolve_mask(mask, image).shape == (1, 8, 9)
+
+
 def test_alpha_mask_from_rgba_input(tmp_path):
     rgba = np.full((12, 14, 4), 200, np.uint8)
     rgba[4:8, 5:9, 3] = 0  # a transparent hole
