@@ -19,7 +19,8 @@ grey); ``.npy`` arrays (H×W or H×W×C). Arrays follow one convention: 2 or 4
 channels mean the last one is alpha; any other count is all data.
 
 Files are untrusted: their pixel count is checked from the header before any
-decoding, so a decompression bomb is refused without being expanded.
+decoding, so a decompression bomb is refused without being expanded (a TIFF
+stack's sample count too: at most four channels' worth of ``max_pixels``).
 Writes are atomic: a temporary file in the same folder is renamed over the
 target, so a crash never leaves a truncated image; temporaries left by a
 writer that was killed are removed on the next write to the same target.
@@ -288,6 +289,7 @@ def _read_tiff(path: Path, name: str, max_pixels: int) -> _Decoded:
         if "Y" not in axes or "X" not in axes:
             raise DipError(f"{name} {path} has axes {axes!r}; dip needs a 2-D image (Y and X axes)")
         _check_pixels((shape[axes.index("X")], shape[axes.index("Y")]), name, max_pixels, path)
+        _check_tiff_shape(shape, axes, name, path, max_pixels)  # before decoding: a stack may be a bomb too
         page = tif.pages[0]
         array = series.asarray()
         tags = page.tags
@@ -302,15 +304,32 @@ def _read_tiff(path: Path, name: str, max_pixels: int) -> _Decoded:
     return _Decoded(array, alpha, str(path), format="TIFF", icc=icc, dpi=dpi, orientation=orientation, frames=frames)
 
 
-def _tiff_to_hwc(array: np.ndarray, axes: str, name: str, path: Path) -> np.ndarray:
-    # Drop length-1 axes other than Y and X; what is left besides Y and X becomes the channel axis.
-    keep = [i for i, a in enumerate(axes) if a in "YX" or array.shape[i] > 1]
-    array = array.reshape([array.shape[i] for i in keep])
+def _tiff_axes(shape, axes: str, name: str, path: Path) -> tuple[list[int], str, list[str]]:
+    """(axes kept, their letters, the channel axis if any): length-1 axes other than Y and X are dropped and
+    what is left besides Y and X becomes the channel axis; more than one such axis is refused."""
+    keep = [i for i, a in enumerate(axes) if a in "YX" or shape[i] > 1]
     axes = "".join(axes[i] for i in keep)
     others = [a for a in axes if a not in "YX"]
     if len(others) > 1:
         raise DipError(f"{name} {path} is a {len(axes)}-D TIFF (axes {axes!r}); dip restores one 2-D image "
                        "with channels: save one plane or stack the channels last")
+    return keep, axes, others
+
+
+def _check_tiff_shape(shape, axes: str, name: str, path: Path, max_pixels: int) -> None:
+    """Refuse, from the header, a TIFF that is not one image with channels, or holds more samples than
+    ``max_pixels`` pixels of four channels (RGBA) would: a compressed stack of pages expands like a bomb."""
+    _tiff_axes(shape, axes, name, path)
+    samples = int(np.prod([int(n) for n in shape], dtype=np.int64))
+    if samples > 4 * max_pixels:
+        raise DipError(f"{name} {path} holds {samples:,} samples (shape {tuple(shape)}, axes {axes!r}), more than "
+                       f"{max_pixels:,} pixels of four channels; crop it or keep fewer channels, or raise max_pixels "
+                       "if you trust the file")
+
+
+def _tiff_to_hwc(array: np.ndarray, axes: str, name: str, path: Path) -> np.ndarray:
+    keep, axes, others = _tiff_axes(array.shape, axes, name, path)
+    array = array.reshape([array.shape[i] for i in keep])
     order = [axes.index("Y"), axes.index("X")] + [axes.index(a) for a in others]
     array = np.transpose(array, order)
     return array[:, :, None] if array.ndim == 2 else np.ascontiguousarray(array)

@@ -384,6 +384,28 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
         dip.load_image(path, max_pixels=1_000_000)
 
 
+def test_tiff_stack_is_refused_before_its_pages_are_decoded(tmp_path, monkeypatch):
+    # Regression: only Y × X was checked, so a compressed stack of many pages (each under the pixel limit)
+    # was decoded whole, as one channel per page, and a 4-D TIFF was decoded before being refused.
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "pages.tif", np.zeros((50, 8, 8), np.uint8), compression="zlib")
+    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 3, 5, 8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "rgba.tif", np.zeros((8, 8, 4), np.uint8), photometric="rgb",
+                     extrasamples=["unassalpha"])
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the checks")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", no_decoding)
+    with pytest.raises(DipError, match=r"holds 3,200 samples .* more than 64 pixels of four channels"):
+        load_image(tmp_path / "pages.tif", max_pixels=64)
+    with pytest.raises(DipError, match="5-D TIFF"):
+        load_image(tmp_path / "4d.tif")
+    monkeypatch.undo()
+    assert load_image(tmp_path / "rgba.tif", max_pixels=64).meta.alpha  # four channels at the limit still read
+    assert load_image(tmp_path / "pages.tif", max_pixels=800).tensor.shape == (50, 8, 8)
+
+
 def test_animated_gif_warns_that_the_first_frame_is_used(tmp_path, caplog):
     frames = [Image.new("RGB", (16, 12), c) for c in ("red", "blue", "green")]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
