@@ -168,7 +168,10 @@ def decode(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXEL
         decoded = _read_file(Path(image), name, max_pixels)
     elif isinstance(image, Image.Image):
         _check_pixels(image.size, name, max_pixels)
-        array, alpha = _pil_to_array(image)
+        try:  # an image from Image.open is decoded only now
+            array, alpha = _pil_to_array(image)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise DipError(f"cannot read {name} (PIL image): its data cannot be decoded ({exc})") from None
         decoded = _Decoded(array, alpha, f"{name} (PIL image)", icc=image.info.get("icc_profile"),
                            dpi=_dpi_of(image), orientation=int(image.getexif().get(0x0112, 1) or 1))
     elif isinstance(image, np.ndarray):

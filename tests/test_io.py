@@ -377,6 +377,14 @@ def test_bad_tensor_shapes():
         load_image(torch.rand(16, 16, 3))
 
 
+def test_truncated_pil_image_is_a_dip_error(tmp_path):
+    # Regression: Pillow decodes lazily, so a truncated file passed as Image.open(...) escaped as a bare OSError.
+    Image.fromarray(_ramp(16, 16, 3, np.uint8)).save(tmp_path / "in.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "in.png").read_bytes()[:300])
+    with Image.open(tmp_path / "cut.png") as img, pytest.raises(DipError, match="cannot be decoded .*truncated"):
+        load_image(img)
+
+
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "big.png"
     Image.new("L", (3000, 3000)).save(path)
