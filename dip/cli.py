@@ -329,7 +329,7 @@ class _Output:
 def _restore(args) -> int:
     task = Task.parse(args.command)
     _check_arguments(args, task)  # before torch loads: a typo is answered at once
-    image, input_format = _read_input(args.input)
+    image, input_format = _read_input(args.input, _max_pixels(args))
     output = _output_target(args, input_format)
     image = _load_input(image, args)
     image, mask = _inpaint_mask(args, task, image)
@@ -526,8 +526,12 @@ def _check_export_suffixes(args) -> None:
             raise DipError(f"{flag} {path}: {what} files end in {usual}; name it {Path(path).with_suffix(usual).name}")
 
 
-def _read_input(source: str):
-    """(image for restore(), its PIL format name or None) — standard input is read into memory here."""
+def _read_input(source: str, max_pixels: int):
+    """(image for restore(), its PIL format name or None).
+
+    Standard input is decoded here, from a temporary copy, by the same reader as a file: a stream of a
+    16-bit PNG or TIFF keeps its depth (Pillow alone would decode it at 8 bits).
+    """
     if source != STDIO:
         from PIL import Image
 
@@ -536,19 +540,27 @@ def _read_input(source: str):
     if not data:
         raise DipError("no image data on standard input")
     if data.startswith(b"\x93NUMPY"):
-        import numpy as np
+        fmt = "NPY"
+    else:
+        from PIL import Image, UnidentifiedImageError
 
         try:
-            return np.load(io.BytesIO(data), allow_pickle=False), "NPY"
-        except ValueError as exc:
-            raise DipError(f"cannot read the .npy data on standard input: {exc}") from None
-    from PIL import Image, UnidentifiedImageError
+            with Image.open(io.BytesIO(data)) as img:  # the header only, for the format
+                fmt = img.format
+        except (UnidentifiedImageError, OSError):
+            raise DipError("standard input is not an image file PIL can decode") from None
+    import dataclasses
 
-    try:
-        img = Image.open(io.BytesIO(data))  # the header only: load_image checks the size before decoding
-    except (UnidentifiedImageError, OSError):
-        raise DipError("standard input is not an image file PIL can decode") from None
-    return img, img.format
+    from dip.io import load_image
+
+    with tempfile.TemporaryDirectory(prefix="dip-stdin-") as folder:
+        path = Path(folder) / ("stdin" + _suffix_of_format(fmt))
+        path.write_bytes(data)
+        try:
+            loaded = load_image(path, max_pixels=max_pixels)
+        except DipError as exc:
+            raise DipError(str(exc).replace(str(path), "from standard input")) from None
+    return dataclasses.replace(loaded, source="standard input"), fmt
 
 
 def _output_target(args, input_format: Optional[str]) -> _Output:
@@ -851,6 +863,12 @@ def _demo(args) -> int:
 
     if args.sigma is not None and not (math.isfinite(args.sigma) and 0 < args.sigma < 255):
         raise DipError(f"--sigma must be a noise std in 0–255 units, above 0, got {args.sigma}")
+    if args.size is not None:
+        from dip.io import MAX_PIXELS, MIN_SIDE
+
+        if not MIN_SIDE <= args.size or args.size * args.size > MAX_PIXELS:
+            raise DipError(f"--size must be a whole number of pixels from {MIN_SIDE} to {math.isqrt(MAX_PIXELS)}, "
+                           f"got {args.size}")
     _check_writable(args.output, "-o")
     return run_demo(output=args.output, size=args.size, iterations=args.iterations,
                     device=_device(args.device), progress=not args.quiet,

@@ -1,6 +1,7 @@
 """The built-in example: denoise a natural image and write a before/after picture."""
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional
 
@@ -8,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dip.errors import DipError
-from dip.io import atomic_write, to_uint8
+from dip.io import MAX_PIXELS, MIN_SIDE, save_image, to_uint8
 from dip.metrics import psnr
 
 #: Noise level of the example (σ = 25 on the 0–255 scale, as in the original work).
@@ -45,6 +46,9 @@ def run_demo(output: str = "dip-demo.png", size: Optional[int] = None, iteration
 
     size = DEFAULT_SIZE if size is None else size
     iterations = DEFAULT_ITERATIONS if iterations is None else iterations
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIDE <= size or size * size > MAX_PIXELS:
+        raise DipError(f"size (the demo image's side) must be a whole number of pixels from {MIN_SIDE} to "
+                       f"{math.isqrt(MAX_PIXELS)}, got {size!r}")
     dip.io.check_output_path(output)
     clean, noisy = noisy_example(size, sigma=sigma / 255.0)
     print(f"dip demo: denoising a {size}×{size} photograph with noise σ={sigma:g} ({iterations} iterations)", flush=True)
@@ -53,7 +57,8 @@ def run_demo(output: str = "dip-demo.png", size: Optional[int] = None, iteration
     before, after = psnr(noisy, clean), psnr(result.image, clean)
     print(f"PSNR noisy {before:.2f} dB -> restored {after:.2f} dB  ({result.seconds:.0f} s)")
     panels = [("noisy", noisy), ("restored (DIP)", result.image), ("clean", clean)]
-    atomic_write(output, lambda tmp: _side_by_side(panels).save(tmp, format="PNG"))
+    # in the format the extension names (atomically), as every image dip writes
+    save_image(np.asarray(_side_by_side(panels), dtype=np.float32) / 255.0, output)
     print(f"wrote {output}")
     if result.interrupted:
         print("dip demo: interrupted; the picture shows the image so far", file=sys.stderr)

@@ -19,7 +19,8 @@ grey); ``.npy`` arrays (H×W or H×W×C). Arrays follow one convention: 2 or 4
 channels mean the last one is alpha; any other count is all data.
 
 Files are untrusted: their pixel count is checked from the header before any
-decoding, so a decompression bomb is refused without being expanded.
+decoding, so a decompression bomb is refused without being expanded (a TIFF
+stack's sample count too: at most four channels' worth of ``max_pixels``).
 Writes are atomic: a temporary file in the same folder is renamed over the
 target, so a crash never leaves a truncated image; temporaries left by a
 writer that was killed are removed on the next write to the same target.
@@ -75,7 +76,11 @@ class ImageMeta:
     source's values were mapped to [0, 1] by their own range (float data
     outside [0, 1], signed or wide integers): a value ``x`` in [0, 1] stands for
     ``lo + x * (hi - lo)``. ``channels`` counts the data channels, without the
-    alpha channel (``alpha``).
+    alpha channel (``alpha``). ``alpha_range`` is ``(lo, hi)`` when the alpha
+    channel's type has no natural range (float alpha outside [0, 1], signed or
+    wide integers): it is read as a fraction of ``hi`` (``lo`` is 0, or its
+    minimum when negative), so 0 stays transparent and a constant opaque plane
+    opaque, and it is written back in its own units.
     """
 
     dtype: str = "uint8"
@@ -88,6 +93,7 @@ class ImageMeta:
     format: Optional[str] = None  # the source file's format ("PNG", "TIFF", "NPY", ...); None for arrays
     frames: int = 1  # frames or pages in the source; only the first is used
     notes: tuple[str, ...] = ()  # what was done to the data on the way in, in words
+    alpha_range: Optional[tuple[float, float]] = None  # the alpha channel's own scale (see above)
 
     @property
     def bit_depth(self) -> int:
@@ -104,6 +110,7 @@ class ImageMeta:
         d = dataclasses.asdict(self)
         d["icc_profile"] = None if self.icc_profile is None else f"{len(self.icc_profile)} bytes"
         d["value_range"] = None if self.value_range is None else list(self.value_range)
+        d["alpha_range"] = None if self.alpha_range is None else list(self.alpha_range)
         d["dpi"] = None if self.dpi is None else list(self.dpi)
         d["notes"] = list(self.notes)
         return d
@@ -161,7 +168,10 @@ def decode(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXEL
         decoded = _read_file(Path(image), name, max_pixels)
     elif isinstance(image, Image.Image):
         _check_pixels(image.size, name, max_pixels)
-        array, alpha = _pil_to_array(image)
+        try:  # an image from Image.open is decoded only now
+            array, alpha = _pil_to_array(image)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise DipError(f"cannot read {name} (PIL image): its data cannot be decoded ({exc})") from None
         decoded = _Decoded(array, alpha, f"{name} (PIL image)", icc=image.info.get("icc_profile"),
                            dpi=_dpi_of(image), orientation=int(image.getexif().get(0x0112, 1) or 1))
     elif isinstance(image, np.ndarray):
@@ -282,6 +292,7 @@ def _read_tiff(path: Path, name: str, max_pixels: int) -> _Decoded:
         if "Y" not in axes or "X" not in axes:
             raise DipError(f"{name} {path} has axes {axes!r}; dip needs a 2-D image (Y and X axes)")
         _check_pixels((shape[axes.index("X")], shape[axes.index("Y")]), name, max_pixels, path)
+        _check_tiff_shape(shape, axes, name, path, max_pixels)  # before decoding: a stack may be a bomb too
         page = tif.pages[0]
         array = series.asarray()
         tags = page.tags
@@ -296,15 +307,32 @@ def _read_tiff(path: Path, name: str, max_pixels: int) -> _Decoded:
     return _Decoded(array, alpha, str(path), format="TIFF", icc=icc, dpi=dpi, orientation=orientation, frames=frames)
 
 
-def _tiff_to_hwc(array: np.ndarray, axes: str, name: str, path: Path) -> np.ndarray:
-    # Drop length-1 axes other than Y and X; what is left besides Y and X becomes the channel axis.
-    keep = [i for i, a in enumerate(axes) if a in "YX" or array.shape[i] > 1]
-    array = array.reshape([array.shape[i] for i in keep])
+def _tiff_axes(shape, axes: str, name: str, path: Path) -> tuple[list[int], str, list[str]]:
+    """(axes kept, their letters, the channel axis if any): length-1 axes other than Y and X are dropped and
+    what is left besides Y and X becomes the channel axis; more than one such axis is refused."""
+    keep = [i for i, a in enumerate(axes) if a in "YX" or shape[i] > 1]
     axes = "".join(axes[i] for i in keep)
     others = [a for a in axes if a not in "YX"]
     if len(others) > 1:
         raise DipError(f"{name} {path} is a {len(axes)}-D TIFF (axes {axes!r}); dip restores one 2-D image "
                        "with channels: save one plane or stack the channels last")
+    return keep, axes, others
+
+
+def _check_tiff_shape(shape, axes: str, name: str, path: Path, max_pixels: int) -> None:
+    """Refuse, from the header, a TIFF that is not one image with channels, or holds more samples than
+    ``max_pixels`` pixels of four channels (RGBA) would: a compressed stack of pages expands like a bomb."""
+    _tiff_axes(shape, axes, name, path)
+    samples = int(np.prod([int(n) for n in shape], dtype=np.int64))
+    if samples > 4 * max_pixels:
+        raise DipError(f"{name} {path} holds {samples:,} samples (shape {tuple(shape)}, axes {axes!r}), more than "
+                       f"{max_pixels:,} pixels of four channels; crop it or keep fewer channels, or raise max_pixels "
+                       "if you trust the file")
+
+
+def _tiff_to_hwc(array: np.ndarray, axes: str, name: str, path: Path) -> np.ndarray:
+    keep, axes, others = _tiff_axes(array.shape, axes, name, path)
+    array = array.reshape([array.shape[i] for i in keep])
     order = [axes.index("Y"), axes.index("X")] + [axes.index(a) for a in others]
     array = np.transpose(array, order)
     return array[:, :, None] if array.ndim == 2 else np.ascontiguousarray(array)
@@ -448,13 +476,22 @@ def _to_loaded(decoded: _Decoded, name: str, max_pixels: int) -> LoadedImage:
         notes.append(f"EXIF orientation {decoded.orientation} applied: the image is upright")
     if decoded.frames > 1:
         notes.append(f"only the first of {decoded.frames} frames was used")
-    alpha = None
+    icc = decoded.icc
+    space = _icc_colour_space(icc)
+    if space is not None and space != _ICC_SPACES.get(data.shape[2], space):
+        # e.g. a CMYK JPEG, decoded to RGB: its CMYK profile would make the RGB output's colours wrong
+        notes.append(f"the embedded ICC profile describes {space} data, not these {data.shape[2]} channel(s) "
+                     "(the image was converted on reading), so it was dropped")
+        log.warning("%s: %s", decoded.source, notes[-1])
+        icc = None
+    alpha, alpha_range = None, None
     if decoded.alpha:
-        alpha = np.ascontiguousarray(to_unit_range(arr[:, :, -1:], f"{name} alpha channel")[0][:, :, 0])
+        alpha, alpha_range = _alpha_to_unit_range(arr[:, :, -1], f"{name} alpha channel")
     tensor = torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1))).float().clamp_(0, 1)
     meta = ImageMeta(
         dtype=str(np.dtype(arr.dtype)), channels=data.shape[2], alpha=decoded.alpha, value_range=value_range,
-        icc_profile=decoded.icc, dpi=decoded.dpi, exif_transposed=decoded.orientation not in (1, None),
+        alpha_range=alpha_range,
+        icc_profile=icc, dpi=decoded.dpi, exif_transposed=decoded.orientation not in (1, None),
         format=decoded.format, frames=decoded.frames, notes=tuple(notes),
     )
     return LoadedImage(tensor=tensor, alpha=alpha, source=decoded.source, meta=meta)
@@ -483,6 +520,37 @@ def to_unit_range(arr: np.ndarray, name: str = "image") -> tuple[np.ndarray, Opt
         return np.clip(values, 0, 1).astype(np.float32), None
     span = hi - lo if hi > lo else 1.0
     return ((values - lo) / span).astype(np.float32), (lo, lo + span)
+
+
+#: The ICC colour space (header bytes 16–20) that describes data of each channel count.
+_ICC_SPACES = {1: "GRAY", 3: "RGB", 4: "CMYK"}
+
+
+def _icc_colour_space(icc: Optional[bytes]) -> Optional[str]:
+    """The data colour space an ICC profile's header names ("RGB", "GRAY", "CMYK" …), or None if unreadable."""
+    if not icc or len(icc) < 20:
+        return None
+    try:
+        return icc[16:20].decode("ascii").strip() or None
+    except UnicodeDecodeError:
+        return None
+
+
+def _alpha_to_unit_range(alpha: np.ndarray, name: str) -> tuple[np.ndarray, Optional[tuple[float, float]]]:
+    """An H×W alpha plane → float32 in [0, 1] and its ``(lo, hi)`` scale, or None for the type's natural range.
+
+    Unlike data, alpha is not stretched by its own minimum: 0 must stay transparent and a constant
+    opaque plane opaque, so a type without a natural range is read as a fraction of its maximum.
+    """
+    if alpha.dtype in (np.uint8, np.uint16, np.bool_):
+        return np.ascontiguousarray(to_unit_range(alpha, name)[0]), None
+    values, _ = to_unit_range(alpha[:, :, None], name)  # the type and finiteness checks
+    a = alpha.astype(np.float64)
+    lo, hi = min(0.0, float(a.min())), float(a.max())
+    if np.issubdtype(alpha.dtype, np.floating) and lo >= -1e-6 and hi <= 1 + 1e-6:
+        return np.ascontiguousarray(values[:, :, 0]), None
+    hi = hi if hi > lo else lo + 1.0
+    return np.ascontiguousarray(((a - lo) / (hi - lo)).astype(np.float32)), (lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -641,18 +709,23 @@ def _meta_for(image: np.ndarray, meta: Optional[ImageMeta], fmt: str) -> ImageMe
 def _from_unit_range(image: np.ndarray, dtype: str, meta: ImageMeta) -> np.ndarray:
     x = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
     dt = np.dtype(dtype)
-    if meta.value_range is not None:
-        lo, hi = meta.value_range
-        data = x[:, :, : meta.channels] * (hi - lo) + lo
-        if meta.alpha:  # the alpha channel is always in [0, 1] of the data type
-            top = float(np.iinfo(dt).max) if np.issubdtype(dt, np.integer) else 1.0
-            data = np.concatenate([data, x[:, :, -1:] * top], axis=2)
+    if not meta.alpha:
+        return _samples(x, dt, meta.value_range)
+    # The alpha channel has its own scale, restored only where the file keeps the source's type.
+    alpha_range = meta.alpha_range if dt == np.dtype(meta.dtype) else None
+    return np.concatenate([_samples(x[:, :, :-1], dt, meta.value_range), _samples(x[:, :, -1:], dt, alpha_range)],
+                          axis=2)
+
+
+def _samples(x: np.ndarray, dt: np.dtype, value_range: Optional[tuple[float, float]]) -> np.ndarray:
+    """Values in [0, 1] as samples of type ``dt``: mapped to ``value_range``, else to the type's full range."""
+    if value_range is not None:
+        lo, hi = value_range
+        data = x * (hi - lo) + lo
         if np.issubdtype(dt, np.integer):
             info = np.iinfo(dt)
             data = np.clip(np.rint(data), info.min, info.max)
         return data.astype(dt)
-    if dt == np.uint8 or dt == np.uint16:
-        return np.rint(x * np.iinfo(dt).max).astype(dt)
     if np.issubdtype(dt, np.floating):
         return x.astype(dt)
     return (x > 0.5) if dt == np.bool_ else np.rint(x * np.iinfo(dt).max).astype(dt)

@@ -28,10 +28,12 @@ ALPHA = "alpha"
 MaskLike = Union[ImageLike, str]
 
 
-def load_mask(mask: ImageLike, size: tuple[int, int], *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+def load_mask(mask: ImageLike, size: tuple[int, int], *, max_pixels: int = MAX_PIXELS,
+              channels: Optional[int] = None) -> torch.Tensor:
     """Read an inpainting mask as a 1×H×W (or C×H×W, one mask per channel) float tensor of 0/1.
 
     A value above zero (in the mask's own type) marks a known pixel; see the module docstring.
+    ``channels``: the image's channel count, which a mask with channels that differ must match.
     """
     if isinstance(mask, str) and mask == ALPHA:
         raise DipError("mask='alpha' takes the missing pixels from the image's transparency: "
@@ -45,16 +47,19 @@ def load_mask(mask: ImageLike, size: tuple[int, int], *, max_pixels: int = MAX_P
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DipError("mask has NaN or infinite values; use 0 for missing and 1 (or any positive value) for known")
     known = torch.from_numpy(np.ascontiguousarray((arr > 0).transpose(2, 0, 1))).float()
-    return _finish(known, size)
+    return _finish(known, size, channels)
 
 
-def _finish(known: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _finish(known: torch.Tensor, size: tuple[int, int], channels: Optional[int] = None) -> torch.Tensor:
     if tuple(known.shape[-2:]) != tuple(size):
         raise DipError(
             f"mask is {known.shape[-2]}×{known.shape[-1]} but the image is {size[0]}×{size[1]}; they must match"
         )
     if known.shape[0] > 1 and all(torch.equal(known[0], known[i]) for i in range(1, known.shape[0])):
         known = known[:1]
+    if channels is not None and known.shape[0] not in (1, channels):
+        raise DipError(f"mask has {known.shape[0]} channels that differ, but the image has {channels}; give a "
+                       f"one-channel (grey) mask, or one mask channel per image channel")
     if known.sum() == 0:
         raise DipError("mask marks no pixel as known (all zero); pixels above zero (white, 1, True) are the known "
                        "ones and zero (black) the missing ones")
@@ -122,4 +127,4 @@ def resolve_mask(mask: Optional[MaskLike], image: Union[LoadedImage, ImageLike],
     if isinstance(mask, str) and mask == ALPHA:  # the word itself; a file named so is given as ./alpha
         return mask_from_alpha(image, max_pixels=max_pixels)
     loaded = load_image(image, max_pixels=max_pixels)
-    return load_mask(mask, loaded.size, max_pixels=max_pixels)
+    return load_mask(mask, loaded.size, max_pixels=max_pixels, channels=int(loaded.tensor.shape[0]))

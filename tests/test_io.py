@@ -242,6 +242,27 @@ def test_icc_profile_and_dpi_are_kept(tmp_path):
         assert again.dpi == pytest.approx((300, 300), abs=0.1), name
 
 
+def test_cmyk_profile_is_not_attached_to_the_rgb_result(tmp_path, caplog):
+    # A CMYK JPEG is decoded to RGB; its CMYK profile, written into the RGB output, made its colours wrong.
+    header = bytearray(128)
+    header[0:4], header[12:16], header[16:20] = struct.pack(">I", 132), b"prtr", b"CMYK"
+    header[20:24], header[36:40] = b"Lab ", b"acsp"
+    cmyk_profile = bytes(header) + bytes(4)
+    Image.fromarray(_ramp(8, 10, 4, np.uint8), "CMYK").save(tmp_path / "in.jpg", icc_profile=cmyk_profile)
+    with caplog.at_level(logging.WARNING, logger="dip"):
+        loaded = load_image(tmp_path / "in.jpg")
+    assert loaded.meta.channels == 3 and loaded.meta.icc_profile is None
+    assert "CMYK" in caplog.text and any("ICC" in note for note in loaded.meta.notes)
+    for name in ("out.png", "out.jpg", "out.tif"):
+        with Image.open(save_image(_hwc(loaded), tmp_path / name, meta=loaded.meta)) as out:
+            assert out.mode == "RGB" and "icc_profile" not in out.info, name
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(_ramp(8, 10, 1, np.uint8)[:, :, 0]).save(tmp_path / "g.png", icc_profile=srgb)
+    assert load_image(tmp_path / "g.png").meta.icc_profile is None  # an RGB profile on grey data
+    Image.fromarray(_ramp(8, 10, 3, np.uint8)).save(tmp_path / "c.png", icc_profile=srgb)
+    assert load_image(tmp_path / "c.png").meta.icc_profile == srgb
+
+
 def test_icc_and_dpi_kept_in_16bit_png(tmp_path):
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     meta = ImageMeta(dtype="uint16", channels=3, icc_profile=icc, dpi=(150.0, 150.0))
@@ -301,6 +322,24 @@ def test_signed_integer_data_maps_back_to_its_type(tmp_path):
     assert back.dtype == np.int16 and np.array_equal(back, src)
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_alpha_of_a_0_255_array_keeps_its_meaning_and_its_units(tmp_path, dtype):
+    # np.asarray(rgba_image).astype(int or float): an opaque plane was stretched by its own (empty) range to 0
+    # (fully transparent), and the alpha was written back as a fraction (floats) or the type's maximum (ints).
+    opaque = np.random.default_rng(11).integers(0, 256, size=(8, 9, 4)).astype(dtype)
+    opaque[..., 3] = 255
+    loaded = load_image(opaque)
+    assert loaded.alpha.min() == 1.0
+    holes = opaque.copy()
+    holes[0, :3, 3], holes[1, 0, 3] = 0, 128
+    loaded = load_image(holes)
+    assert loaded.alpha[1, 0] == pytest.approx(128 / 255) and loaded.alpha[0, :3].max() == 0.0
+    assert int((mask_from_alpha(holes) == 0).sum()) == 3
+    back = np.load(save_image(_hwc(loaded), tmp_path / "out.npy", meta=loaded.meta))
+    assert back.dtype == dtype
+    np.testing.assert_allclose(back, holes, rtol=0, atol=1e-3)
+
+
 # --------------------------------------------------------------------------------------------- bad input (moved from test_restore)
 
 
@@ -338,11 +377,41 @@ def test_bad_tensor_shapes():
         load_image(torch.rand(16, 16, 3))
 
 
+def test_truncated_pil_image_is_a_dip_error(tmp_path):
+    # Regression: Pillow decodes lazily, so a truncated file passed as Image.open(...) escaped as a bare OSError.
+    Image.fromarray(_ramp(16, 16, 3, np.uint8)).save(tmp_path / "in.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "in.png").read_bytes()[:300])
+    with Image.open(tmp_path / "cut.png") as img, pytest.raises(DipError, match="cannot be decoded .*truncated"):
+        load_image(img)
+
+
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "big.png"
     Image.new("L", (3000, 3000)).save(path)
     with pytest.raises(DipError, match="more than the limit"):
         dip.load_image(path, max_pixels=1_000_000)
+
+
+def test_tiff_stack_is_refused_before_its_pages_are_decoded(tmp_path, monkeypatch):
+    # Regression: only Y × X was checked, so a compressed stack of many pages (each under the pixel limit)
+    # was decoded whole, as one channel per page, and a 4-D TIFF was decoded before being refused.
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "pages.tif", np.zeros((50, 8, 8), np.uint8), compression="zlib")
+    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 3, 5, 8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "rgba.tif", np.zeros((8, 8, 4), np.uint8), photometric="rgb",
+                     extrasamples=["unassalpha"])
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the checks")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", no_decoding)
+    with pytest.raises(DipError, match=r"holds 3,200 samples .* more than 64 pixels of four channels"):
+        load_image(tmp_path / "pages.tif", max_pixels=64)
+    with pytest.raises(DipError, match="5-D TIFF"):
+        load_image(tmp_path / "4d.tif")
+    monkeypatch.undo()
+    assert load_image(tmp_path / "rgba.tif", max_pixels=64).meta.alpha  # four channels at the limit still read
+    assert load_image(tmp_path / "pages.tif", max_pixels=800).tensor.shape == (50, 8, 8)
 
 
 def test_animated_gif_warns_that_the_first_frame_is_used(tmp_path, caplog):
@@ -398,6 +467,20 @@ def test_all_zero_mask_is_refused_with_the_rule():
 def test_mask_of_the_wrong_size():
     with pytest.raises(DipError, match="mask is 32×64 but the image is 64×64"):
         load_mask(np.ones((32, 64), np.float32), (64, 64))
+
+
+@pytest.mark.parametrize("image_channels,mask_channels", [(1, 3), (3, 5)])
+def test_mask_with_other_channels_than_the_image_is_refused(image_channels, mask_channels):
+    # Regression: a colour mask on a grey image failed at the operator check ("set its scale attribute"),
+    # a 5-channel mask on an RGB image with a RuntimeError from broadcasting.
+    image = np.random.default_rng(12).random((8, 9, image_channels)).astype(np.float32)
+    mask = np.ones((8, 9, mask_channels), np.uint8)
+    mask[0, 0, 0] = 0  # the channels differ
+    with pytest.raises(DipError, match=f"mask has {mask_channels} channels that differ, but the image has "
+                                       f"{image_channels}; give a one-channel"):
+        dip.restore(image, "inpaint", mask=mask, network="small", iterations=1, progress=False)
+    mask[0, 0] = 0  # the same in every channel: one mask for all
+    assert resolve_mask(mask, image).shape == (1, 8, 9)
 
 
 def test_alpha_mask_from_rgba_input(tmp_path):

@@ -129,6 +129,32 @@ def test_demo_writes_before_after_picture(tmp_path, capsys):
     assert "PSNR" in capsys.readouterr().out
 
 
+def test_demo_writes_the_format_its_extension_names(tmp_path):
+    # Regression: the demo picture was always PNG data, whatever the extension (demo.jpg was a PNG file).
+    out = tmp_path / "demo.jpg"
+    assert main(["demo", "-o", str(out), "--size", "8", "--iterations", "1", "-q"]) == 0
+    with Image.open(out) as img:
+        assert img.format == "JPEG" and img.size == (3 * 8, 8 + 16)
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "21"])
+def test_demo_size_out_of_range_is_one_clear_line(tmp_path, capsys, monkeypatch, size):
+    # Regression: --size 0 or -1 ended in a ValueError traceback from Pillow; a side over the pixel limit
+    # (--size 100000: 10 gigapixels, killed for memory) was allocated before anything checked it.
+    import dip.demo
+    import dip.io
+    from dip.errors import DipError
+
+    monkeypatch.setattr(dip.io, "MAX_PIXELS", 400)  # a 20×20 limit: 21 is over it, cheaply
+    monkeypatch.setattr(dip.demo, "MAX_PIXELS", 400)
+    assert main(["demo", "-o", str(tmp_path / "demo.png"), "--size", size, "--iterations", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "--size must be a whole number of pixels from 4 to 20" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(DipError, match="size"):
+        dip.demo.run_demo(output=str(tmp_path / "demo.png"), size=int(size), iterations=1, progress=False)
+    assert not (tmp_path / "demo.png").exists()
+
+
 # ---- issue 11 / 12: conventions, lost work, exit statuses -----------------------------------------------------
 
 FIT = ["--iterations", "2", "--network", "small", "-q"]
@@ -166,6 +192,34 @@ def test_stdin_to_stdout(tiny_png, extra, fmt):
     img = Image.open(io.BytesIO(proc.stdout))
     assert img.format == fmt and img.size == (20, 24)
     assert b"wrote standard output" in proc.stderr  # the summary keeps out of the image's way
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_colour_from_stdin_stays_16bit(tmp_path, monkeypatch, suffix):
+    # Regression: standard input was decoded by Pillow alone, which reads a 16-bit RGB PNG or TIFF at 8 bits.
+    import io
+
+    from dip.io import ImageMeta, load_image, save_image
+
+    if suffix == ".tif":
+        pytest.importorskip("tifffile")
+    src = save_image(np.random.default_rng(1).random((12, 10, 3)), tmp_path / f"in{suffix}",
+                     meta=ImageMeta(dtype="uint16", channels=3))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(src.read_bytes())))
+    out = tmp_path / f"out{suffix}"
+    assert main(["denoise", "-", "-o", str(out), *FIT]) == 0
+    assert load_image(src).meta.dtype == "uint16" and load_image(out).meta.dtype == "uint16"
+
+
+def test_truncated_image_on_stdin_is_one_clear_line(tiny_png, tmp_path, monkeypatch, capsys):
+    # Regression: Pillow's lazy decode failed outside dip's reader: "dip: error: OSError: image file is truncated".
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(tiny_png.read_bytes()[:300])))
+    assert main(["denoise", "-", "-o", str(tmp_path / "out.png"), *FIT]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read image from standard input" in err and "dip-stdin" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_stdin_that_is_not_an_image():
