@@ -101,8 +101,8 @@ class StopMode(str, Enum):
 
 
 def _enum(kind, value, what: str):
-    try:
-        return kind(value.value if isinstance(value, Enum) else str(value))
+    try:  # any case, surrounding spaces allowed, as Task, Precision and Objective parse
+        return kind(value.value if isinstance(value, Enum) else str(value).strip().lower())
     except ValueError:
         choices = ", ".join(m.value for m in kind)
         raise DipError(f"{what} must be one of {choices}, got {value!r}") from None

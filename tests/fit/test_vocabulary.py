@@ -68,6 +68,16 @@ def test_a_noise_sigma_in_0_255_units_is_refused_not_a_fit_that_stops_at_once(cl
     assert FitSettings(noise_sigma=1).noise_sigma == 1.0
 
 
+def test_early_stopping_words_parse_in_any_case():
+    # EarlyStopping(select="BEST_EMA") was refused while precision, objective and task parse in any case.
+    from dip.fit import EarlyStopping, Selection, StopMode
+
+    es = EarlyStopping(select=" Best_EMA ", mode="WINDOW")
+    assert es.select is Selection.BEST_EMA and es.mode is StopMode.WINDOW
+    with pytest.raises(DipError, match="early stopping select must be one of"):
+        EarlyStopping(select="last")
+
+
 def test_numpy_integers_are_integers():
     np = pytest.importorskip("numpy")
     assert FitSettings(iterations=np.int64(5)).budget == 5
