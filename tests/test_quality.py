@@ -73,6 +73,15 @@ def test_sigma_estimate_of_8_bit_pixels_is_in_unit_range(method):
     assert estimate_sigma(pixels, method) == pytest.approx(25 / 255, rel=0.2)
 
 
+@pytest.mark.parametrize("method", ["auto", "pca", "haar"])
+def test_sigma_estimate_of_16_bit_pixels_is_in_unit_range(method):
+    # only uint8 was scaled: 16-bit pixels (which restore() and dip.io read as x / 65535) gave σ in 0–65535 units
+    noisy = _noisy_crop("coffee", 64, 25)
+    pixels = np.round(noisy * 65535).astype(np.uint16)
+    assert estimate_sigma(pixels, method) == pytest.approx(estimate_sigma(pixels / 65535.0, method))
+    assert estimate_sigma(pixels, method) == pytest.approx(25 / 255, rel=0.2)
+
+
 def test_auto_noise_sigma_drives_the_discrepancy_stop(clean64, noisy):
     obs = noisy(clean64[:32, :32], sigma=25 / 255)
     r = dip.restore(obs, iterations=20, noise_sigma="auto", **TINY)
