@@ -95,6 +95,21 @@ def test_custom_operator_with_scale(make_image):
     assert result.image.shape == (32, 32, 3)
 
 
+def test_custom_operator_takes_its_scale_from_factor(make_image):
+    # factor= is accepted for task="custom" but was used only for super-resolution: the operator kept scale 1 and
+    # the fit was refused with "set its scale attribute".
+    lr = make_image(16)
+    pool = dip.physics.Custom(lambda x: torch.nn.functional.avg_pool2d(x, 2))
+    result = dip.restore(lr, "custom", operator=lambda x: torch.nn.functional.avg_pool2d(x, 2), factor=2,
+                         iterations=2, network="small", progress=False)
+    assert result.image.shape == (32, 32, 3) and result.settings["factor"] == 2
+    with pytest.raises(DipError, match="factor=3 but the operator's scale is 2"):
+        dip.restore(lr, "custom", operator=dip.physics.Custom(pool, scale=2), factor=3, iterations=2,
+                    network="small", progress=False)
+    with pytest.raises(DipError, match="factor must be a positive integer"):
+        dip.restore(lr, "custom", operator=pool, factor=2.5, iterations=2, network="small", progress=False)
+
+
 def test_operator_of_the_wrong_size_is_explained(clean64):
     with pytest.raises(DipError, match="operator maps"):
         dip.restore(clean64, "custom", operator=lambda x: x[..., ::2, ::2], iterations=1, network="small",
