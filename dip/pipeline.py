@@ -185,6 +185,7 @@ def restore(
     Returns:
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
     """
+    _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every, overwrite_checkpoint)
     problem = Problem.create(task, image, factor=factor, mask=mask, operator=operator, max_pixels=max_pixels)
     members = ensemble_size(ensemble, network, init)
     sigma_estimate = estimate_sigma(problem.observation())
@@ -230,6 +231,18 @@ def restore(
         quality["member_iterations"] = stopper.member_iterations() if stopper is not None else None
     return Restoration.from_fit(result, problem, net, z, crop, record, ref, noise_sigma_estimate=sigma_estimate,
                                 **quality)
+
+
+def _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every, overwrite_checkpoint) -> None:
+    """Refuse options that would have no effect with the others given (the command line refuses the same)."""
+    if max_iterations is not None and not (iterations is None or is_auto(iterations)):
+        raise DipError(f"max_iterations caps the automatic stop; with iterations={iterations!r} the fit runs exactly "
+                       "that many steps (drop max_iterations, or use iterations='auto')")
+    if checkpoint is None:
+        for name, given in (("checkpoint_every", checkpoint_every is not None),
+                            ("overwrite_checkpoint", bool(overwrite_checkpoint))):
+            if given:
+                raise DipError(f"{name}= needs checkpoint= (the file to write the fit's state to)")
 
 
 def ensemble_size(ensemble, network=None, init=None) -> int:

@@ -197,6 +197,18 @@ def test_bad_factor(clean64, factor):
         dip.restore(clean64, "super_resolution", factor=factor, progress=False)
 
 
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(iterations=5, max_iterations=2), "max_iterations caps the automatic stop; with iterations=5"),
+    (dict(iterations=5, checkpoint_every=2), "checkpoint_every= needs checkpoint="),
+    (dict(iterations=5, overwrite_checkpoint=True), "overwrite_checkpoint= needs checkpoint="),
+])
+def test_options_without_effect_are_refused(clean64, kwargs, fragment):
+    # restore() ran these silently (max_iterations ignored by a fixed count, nothing written without a path)
+    # while the command line refuses the same combinations.
+    with pytest.raises(DipError, match=fragment):
+        dip.restore(clean64[:16, :16], network="small", progress=False, **kwargs)
+
+
 def test_unknown_task(clean64):
     with pytest.raises(DipError, match="unknown task"):
         dip.restore(clean64, "deblur", progress=False)
