@@ -241,10 +241,12 @@ class FitLoop:
             reason = StopReason.INTERRUPTED
         finally:
             bar.close()
-        for m in self.monitors:  # the guard last: it undoes a bad step the others may have stopped on
+        # The guard first: it undoes a bad step taken since its last check, so that the others (the Ctrl-C
+        # checkpoint above all) see the sound state the result is made of, never the bad one.
+        self.guard.on_end(self, reason)
+        for m in self.monitors:
             if m is not self.guard:
                 m.on_end(self, reason)
-        self.guard.on_end(self, reason)
         return self._result(reason, time.perf_counter() - start)
 
     def _record(self, loss: torch.Tensor, out: torch.Tensor) -> None:
