@@ -214,7 +214,8 @@ def restore(
     state = _resume_state(resume, checkpoint, overwrite_checkpoint, meta, dev)
     if state is not None:
         z = state["z"].to(dev)
-    monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup) + ([governor] if governor else [])
+    monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup, problem.operator.observed_fraction()) \
+        + ([governor] if governor else [])
     result = fit(
         net, z, problem.operator.to(dev), problem.target(dev), settings, crop=crop, reference=ref,
         monitors=monitors, resume_state=state, generator=gen, progress=progress,
@@ -299,10 +300,10 @@ def lay_out_ensemble(net: nn.Module, z: torch.Tensor, device: torch.device) -> t
     return net, z
 
 
-def _monitors(settings: FitSettings, ref, callbacks, checkpoint, meta, warmup) -> list:
+def _monitors(settings: FitSettings, ref, callbacks, checkpoint, meta, warmup, observed_fraction: float) -> list:
     """The default monitors, with the per-member stopper (it also keeps the variance at the returned iterate)."""
     monitors = default_monitors(settings, reference=ref, callbacks=callbacks, checkpoint=checkpoint,
-                                checkpoint_meta=meta, warmup=warmup)
+                                checkpoint_meta=meta, warmup=warmup, observed_fraction=observed_fraction)
     return [MemberVarianceStopper(m.config, m.check_every) if type(m) is VarianceStopper else m for m in monitors]
 
 

@@ -159,6 +159,23 @@ def test_noise_sigma_stops_at_the_noise_level(clean64, noisy):
     assert min(result.history.loss[-10:]) <= 0.12**2 < min(result.history.loss[:-10])
 
 
+def test_noise_level_of_an_inpainting_counts_only_the_known_pixels(clean64, noisy):
+    # The misfit is a mean over every pixel, the missing ones adding zeros; the discrepancy stop compared it with
+    # σ² as it was, so with half the pixels missing it stopped at a known-pixel misfit of 2σ² or more (iteration 50
+    # of this fit instead of about 200).
+    sigma = 0.1
+    observed = noisy(clean64[:32, :32], sigma=sigma)
+    mask = np.ones((32, 32), np.float32)
+    mask[:, ::2] = 0
+    assert dip.physics.Inpaint(torch.from_numpy(mask)).observed_fraction() == 0.5
+    r = dip.restore(observed, "inpaint", mask=mask, noise_sigma=sigma, iterations=600, network="small",
+                    progress=False)
+    assert r.stop_reason is dip.StopReason.NOISE_LEVEL
+    known = np.repeat(mask[:, :, None] > 0, 3, axis=2)
+    assert min(r.history.loss) <= 0.5 * sigma ** 2  # the mean over all pixels: half of them are zeros
+    assert ((r.output - observed)[known] ** 2).mean() < 1.5 * sigma ** 2
+
+
 def test_callback_can_stop(clean64):
     seen = []
     result = dip.restore(clean64, iterations=50, network="small", progress=False,

@@ -347,8 +347,12 @@ class FitLoop:
 
 def default_monitors(settings: FitSettings, *, reference: Optional[torch.Tensor] = None,
                      callbacks: Iterable[Callback] = (), checkpoint=None, checkpoint_meta: Optional[dict] = None,
-                     warmup: int = 0) -> list:
-    """The monitors ``settings`` asks for, in the order they see each step."""
+                     warmup: int = 0, observed_fraction: float = 1.0) -> list:
+    """The monitors ``settings`` asks for, in the order they see each step.
+
+    ``observed_fraction``: the operator's :meth:`~dip.physics.Operator.observed_fraction` (the discrepancy
+    stop's noise level is σ² times it).
+    """
     every = settings.check_every
     monitors: list = [LearningRate(warmup), DivergenceGuard(settings.guard or GuardSettings.off(), every)]
     if reference is not None:
@@ -356,7 +360,7 @@ def default_monitors(settings: FitSettings, *, reference: Optional[torch.Tensor]
     if settings.auto:
         monitors.append(VarianceStopper(settings.early_stopping, every))
     if settings.noise_sigma is not None and settings.objective is Objective.MSE:  # SURE's σ is the loss's own
-        monitors.append(DiscrepancyStop(settings.noise_sigma, every))
+        monitors.append(DiscrepancyStop(settings.noise_sigma, every, observed_fraction))
     callbacks = list(callbacks)
     if callbacks:
         monitors.append(Callbacks(callbacks))
