@@ -404,7 +404,13 @@ def _checkpoint_meta(problem: Problem, net: nn.Module, cfg, z: torch.Tensor, set
     return dict(task=problem.task.value, network=cfg.to_dict() if cfg is not None else None,
                 architecture=architecture(net), image_size=list(problem.output_size), input_shape=list(z.shape),
                 observation=problem.fingerprint(), objective=settings.objective.value,
-                early_stopping=settings.early_stopping.to_dict() if settings.auto else None)
+                early_stopping=settings.early_stopping.to_dict() if settings.auto else None,
+                settings={k: v for k, v in settings.to_dict().items() if k in _RESUMED_SETTINGS})
+
+
+#: Settings a resumed fit must share with its checkpoint: the checkpoint's optimizer, input and generator state
+#: would silently override some (lr, seed, input_scale), and the others would make it another fit.
+_RESUMED_SETTINGS = ("lr", "reg_noise_std", "ema_weight", "input_scale", "noise_sigma", "precision", "seed")
 
 
 def _resume_state(resume, checkpoint, overwrite: bool, meta: dict, device) -> Optional[dict]:

@@ -368,3 +368,16 @@ def test_the_interrupt_checkpoint_holds_the_sound_state_the_result_is_made_of(cl
     resumed = dip.restore(observed, resume=ckpt, **opts)
     assert resumed.stop_reason is StopReason.COMPLETED and resumed.iterations == 40
     assert resumed.history.rollbacks == [24] and np.isfinite(resumed.image).all()
+
+
+def test_a_checkpoint_of_other_fit_settings_is_refused(clean64, tmp_path):
+    # resume= with another lr ran on at the checkpoint's lr (its optimizer state) while r.settings recorded the new
+    # one; another seed or input_scale was ignored the same way (z and the generator come from the checkpoint).
+    ckpt, observed = tmp_path / "fit.ckpt", clean64[:16, :16]
+    opts = dict(iterations=8, network="small", progress=False)
+    dip.restore(observed, checkpoint=ckpt, checkpoint_every=4, callbacks=[_interrupt_at(6)], **opts)
+    with pytest.raises(DipError, match=r"written by a fit with lr=0.01 \(here 0.001\); resume with the same"):
+        dip.restore(observed, resume=ckpt, lr=0.001, **opts)
+    with pytest.raises(DipError, match=r"seed=0 \(here 3\)"):
+        dip.restore(observed, resume=ckpt, seed=3, **opts)
+    assert dip.restore(observed, resume=ckpt, **opts).iterations == 8
