@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -248,13 +249,13 @@ def _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every
 
 def ensemble_size(ensemble, network=None, init=None) -> int:
     """``restore()``'s ``ensemble`` checked (with the ``network`` and ``init`` it is combined with): the member count."""
-    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+    if isinstance(ensemble, bool) or not isinstance(ensemble, numbers.Integral) or ensemble < 1:
         raise DipError(f"ensemble={ensemble!r}: must be a positive integer (the networks fitted together)")
     if ensemble > 1 and isinstance(network, nn.Module):
         raise DipError("ensemble= needs a preset name or a HourglassConfig as network, not a module")
     if ensemble > 1 and init is not None:
         raise DipError("ensemble= and init= cannot be combined; warm-start a single fit")
-    return ensemble
+    return int(ensemble)  # numpy integers are integers too (as for iterations and seed)
 
 
 def _objective(objective, problem: Problem) -> Objective:

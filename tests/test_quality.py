@@ -196,6 +196,12 @@ def test_bad_ensemble(clean64, bad):
         dip.restore(clean64[:16, :16], iterations=1, ensemble=bad, **TINY)
 
 
+def test_ensemble_takes_numpy_integers(clean64):
+    # ensemble=np.int64(2) was refused as "not a positive integer" while iterations and seed take numpy integers
+    r = dip.restore(clean64[:16, :16], iterations=1, ensemble=np.int64(2), **TINY)
+    assert r.ensemble == 2 and type(r.settings["ensemble"]) is int and r.members.shape[0] == 2
+
+
 # ---- uncertainty -----------------------------------------------------------------------------
 
 
