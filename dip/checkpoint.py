@@ -73,7 +73,7 @@ def check_compatible(saved: dict, current: dict, path="the checkpoint") -> None:
     Both dictionaries may hold ``task``, ``network`` (the preset configuration),
     ``architecture`` (see :func:`architecture`), ``image_size`` (the restored
     image, H×W), ``input_shape`` (``z``), ``observation`` (a fingerprint),
-    ``objective`` and ``early_stopping``; each present in both must agree.
+    ``objective``, ``early_stopping`` and ``settings`` (the fit's lr, seed …); each present in both must agree.
     """
     def differs(key):
         return key in saved and key in current and saved[key] != current[key]
@@ -95,11 +95,21 @@ def check_compatible(saved: dict, current: dict, path="the checkpoint") -> None:
     if differs("objective"):
         raise DipError(f"{path} is from a fit with objective={saved['objective']!r}, this one is "
                        f"{current['objective']!r}; resume with the same objective")
+    if "settings" in saved and "settings" in current:
+        _check_same_settings(saved["settings"], current["settings"], path)
     if differs("early_stopping"):
         raise DipError(
             f"{path} was written with iterations={'auto' if saved['early_stopping'] else 'N'} "
             f"and other stopping settings; resume with the same ones"
         )
+
+
+def _check_same_settings(saved: dict, current: dict, path) -> None:
+    changed = [k for k in current if k in saved and saved[k] != current[k]]
+    if changed:
+        shown = ", ".join(f"{k}={saved[k]!r} (here {current[k]!r})" for k in changed)
+        raise DipError(f"{path} was written by a fit with {shown}; resume with the same settings "
+                       "(a checkpoint continues the same fit)")
 
 
 def _size(hw) -> str:

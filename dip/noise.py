@@ -39,8 +39,8 @@ def _as_hwc(image) -> np.ndarray:
         arr = t.numpy()
     else:
         arr = np.asarray(image)
-        if arr.dtype == np.uint8:
-            arr = arr / 255.0
+        if arr.dtype in (np.uint8, np.uint16):  # integer pixels, as dip.io reads them: full scale is 1
+            arr = arr / float(np.iinfo(arr.dtype).max)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[0] < 2 or arr.shape[1] < 2:

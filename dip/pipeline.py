@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -185,6 +186,7 @@ def restore(
     Returns:
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
     """
+    _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every, overwrite_checkpoint)
     problem = Problem.create(task, image, factor=factor, mask=mask, operator=operator, max_pixels=max_pixels)
     members = ensemble_size(ensemble, network, init)
     sigma_estimate = estimate_sigma(problem.observation())
@@ -213,7 +215,8 @@ def restore(
     state = _resume_state(resume, checkpoint, overwrite_checkpoint, meta, dev)
     if state is not None:
         z = state["z"].to(dev)
-    monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup) + ([governor] if governor else [])
+    monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup, problem.operator.observed_fraction()) \
+        + ([governor] if governor else [])
     result = fit(
         net, z, problem.operator.to(dev), problem.target(dev), settings, crop=crop, reference=ref,
         monitors=monitors, resume_state=state, generator=gen, progress=progress,
@@ -232,15 +235,27 @@ def restore(
                                 **quality)
 
 
+def _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every, overwrite_checkpoint) -> None:
+    """Refuse options that would have no effect with the others given (the command line refuses the same)."""
+    if max_iterations is not None and not (iterations is None or is_auto(iterations)):
+        raise DipError(f"max_iterations caps the automatic stop; with iterations={iterations!r} the fit runs exactly "
+                       "that many steps (drop max_iterations, or use iterations='auto')")
+    if checkpoint is None:
+        for name, given in (("checkpoint_every", checkpoint_every is not None),
+                            ("overwrite_checkpoint", bool(overwrite_checkpoint))):
+            if given:
+                raise DipError(f"{name}= needs checkpoint= (the file to write the fit's state to)")
+
+
 def ensemble_size(ensemble, network=None, init=None) -> int:
     """``restore()``'s ``ensemble`` checked (with the ``network`` and ``init`` it is combined with): the member count."""
-    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+    if isinstance(ensemble, bool) or not isinstance(ensemble, numbers.Integral) or ensemble < 1:
         raise DipError(f"ensemble={ensemble!r}: must be a positive integer (the networks fitted together)")
     if ensemble > 1 and isinstance(network, nn.Module):
         raise DipError("ensemble= needs a preset name or a HourglassConfig as network, not a module")
     if ensemble > 1 and init is not None:
         raise DipError("ensemble= and init= cannot be combined; warm-start a single fit")
-    return ensemble
+    return int(ensemble)  # numpy integers are integers too (as for iterations and seed)
 
 
 def _objective(objective, problem: Problem) -> Objective:
@@ -286,10 +301,10 @@ def lay_out_ensemble(net: nn.Module, z: torch.Tensor, device: torch.device) -> t
     return net, z
 
 
-def _monitors(settings: FitSettings, ref, callbacks, checkpoint, meta, warmup) -> list:
+def _monitors(settings: FitSettings, ref, callbacks, checkpoint, meta, warmup, observed_fraction: float) -> list:
     """The default monitors, with the per-member stopper (it also keeps the variance at the returned iterate)."""
     monitors = default_monitors(settings, reference=ref, callbacks=callbacks, checkpoint=checkpoint,
-                                checkpoint_meta=meta, warmup=warmup)
+                                checkpoint_meta=meta, warmup=warmup, observed_fraction=observed_fraction)
     return [MemberVarianceStopper(m.config, m.check_every) if type(m) is VarianceStopper else m for m in monitors]
 
 
@@ -390,7 +405,13 @@ def _checkpoint_meta(problem: Problem, net: nn.Module, cfg, z: torch.Tensor, set
     return dict(task=problem.task.value, network=cfg.to_dict() if cfg is not None else None,
                 architecture=architecture(net), image_size=list(problem.output_size), input_shape=list(z.shape),
                 observation=problem.fingerprint(), objective=settings.objective.value,
-                early_stopping=settings.early_stopping.to_dict() if settings.auto else None)
+                early_stopping=settings.early_stopping.to_dict() if settings.auto else None,
+                settings={k: v for k, v in settings.to_dict().items() if k in _RESUMED_SETTINGS})
+
+
+#: Settings a resumed fit must share with its checkpoint: the checkpoint's optimizer, input and generator state
+#: would silently override some (lr, seed, input_scale), and the others would make it another fit.
+_RESUMED_SETTINGS = ("lr", "reg_noise_std", "ema_weight", "input_scale", "noise_sigma", "precision", "seed")
 
 
 def _resume_state(resume, checkpoint, overwrite: bool, meta: dict, device) -> Optional[dict]:

@@ -9,6 +9,7 @@ in one place.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Optional, Union
@@ -107,8 +108,8 @@ class Problem:
 def _operator(task: Task, source: LoadedImage, factor, mask, operator, max_pixels) -> Operator:
     if operator is not None:
         op = operator if isinstance(operator, Operator) else _custom(operator)
-        if task is Task.SUPER_RESOLUTION and factor is not None and op.scale == 1:
-            op.scale = int(factor)
+        if factor is not None:  # super-resolution or custom: the operator's scale
+            _operator_scale(op, factor)
         return op
     if task is Task.CUSTOM:
         raise DipError("task 'custom' needs operator=, a differentiable function from the restored image to the observation")
@@ -122,6 +123,16 @@ def _operator(task: Task, source: LoadedImage, factor, mask, operator, max_pixel
         raise DipError("inpainting needs mask= (same size as the image; white/non-zero marks the known pixels), "
                        "or mask='alpha' for an image whose transparent pixels are the missing ones")
     return Inpaint(resolve_mask(mask, source, max_pixels=max_pixels))
+
+
+def _operator_scale(op: Operator, factor) -> None:
+    """``factor=`` given with an operator: its scale (set where the operator has none; a different one is refused)."""
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 1:
+        raise DipError(f"factor must be a positive integer (the restored image is factor times larger), got {factor!r}")
+    if op.scale == 1:
+        op.scale = int(factor)
+    elif op.scale != factor:
+        raise DipError(f"factor={factor} but the operator's scale is {op.scale}; give one of them (or the same)")
 
 
 def _custom(operator) -> Custom:

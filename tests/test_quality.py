@@ -73,6 +73,15 @@ def test_sigma_estimate_of_8_bit_pixels_is_in_unit_range(method):
     assert estimate_sigma(pixels, method) == pytest.approx(25 / 255, rel=0.2)
 
 
+@pytest.mark.parametrize("method", ["auto", "pca", "haar"])
+def test_sigma_estimate_of_16_bit_pixels_is_in_unit_range(method):
+    # only uint8 was scaled: 16-bit pixels (which restore() and dip.io read as x / 65535) gave σ in 0–65535 units
+    noisy = _noisy_crop("coffee", 64, 25)
+    pixels = np.round(noisy * 65535).astype(np.uint16)
+    assert estimate_sigma(pixels, method) == pytest.approx(estimate_sigma(pixels / 65535.0, method))
+    assert estimate_sigma(pixels, method) == pytest.approx(25 / 255, rel=0.2)
+
+
 def test_auto_noise_sigma_drives_the_discrepancy_stop(clean64, noisy):
     obs = noisy(clean64[:32, :32], sigma=25 / 255)
     r = dip.restore(obs, iterations=20, noise_sigma="auto", **TINY)
@@ -185,6 +194,12 @@ def test_interrupted_ensemble_resumes_to_the_uninterrupted_image(clean64, noisy,
 def test_bad_ensemble(clean64, bad):
     with pytest.raises(DipError, match="ensemble"):
         dip.restore(clean64[:16, :16], iterations=1, ensemble=bad, **TINY)
+
+
+def test_ensemble_takes_numpy_integers(clean64):
+    # ensemble=np.int64(2) was refused as "not a positive integer" while iterations and seed take numpy integers
+    r = dip.restore(clean64[:16, :16], iterations=1, ensemble=np.int64(2), **TINY)
+    assert r.ensemble == 2 and type(r.settings["ensemble"]) is int and r.members.shape[0] == 2
 
 
 # ---- uncertainty -----------------------------------------------------------------------------

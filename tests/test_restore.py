@@ -95,6 +95,21 @@ def test_custom_operator_with_scale(make_image):
     assert result.image.shape == (32, 32, 3)
 
 
+def test_custom_operator_takes_its_scale_from_factor(make_image):
+    # factor= is accepted for task="custom" but was used only for super-resolution: the operator kept scale 1 and
+    # the fit was refused with "set its scale attribute".
+    lr = make_image(16)
+    pool = dip.physics.Custom(lambda x: torch.nn.functional.avg_pool2d(x, 2))
+    result = dip.restore(lr, "custom", operator=lambda x: torch.nn.functional.avg_pool2d(x, 2), factor=2,
+                         iterations=2, network="small", progress=False)
+    assert result.image.shape == (32, 32, 3) and result.settings["factor"] == 2
+    with pytest.raises(DipError, match="factor=3 but the operator's scale is 2"):
+        dip.restore(lr, "custom", operator=dip.physics.Custom(pool, scale=2), factor=3, iterations=2,
+                    network="small", progress=False)
+    with pytest.raises(DipError, match="factor must be a positive integer"):
+        dip.restore(lr, "custom", operator=pool, factor=2.5, iterations=2, network="small", progress=False)
+
+
 def test_operator_of_the_wrong_size_is_explained(clean64):
     with pytest.raises(DipError, match="operator maps"):
         dip.restore(clean64, "custom", operator=lambda x: x[..., ::2, ::2], iterations=1, network="small",
@@ -144,6 +159,23 @@ def test_noise_sigma_stops_at_the_noise_level(clean64, noisy):
     assert min(result.history.loss[-10:]) <= 0.12**2 < min(result.history.loss[:-10])
 
 
+def test_noise_level_of_an_inpainting_counts_only_the_known_pixels(clean64, noisy):
+    # The misfit is a mean over every pixel, the missing ones adding zeros; the discrepancy stop compared it with
+    # σ² as it was, so with half the pixels missing it stopped at a known-pixel misfit of 2σ² or more (iteration 50
+    # of this fit instead of about 200).
+    sigma = 0.1
+    observed = noisy(clean64[:32, :32], sigma=sigma)
+    mask = np.ones((32, 32), np.float32)
+    mask[:, ::2] = 0
+    assert dip.physics.Inpaint(torch.from_numpy(mask)).observed_fraction() == 0.5
+    r = dip.restore(observed, "inpaint", mask=mask, noise_sigma=sigma, iterations=600, network="small",
+                    progress=False)
+    assert r.stop_reason is dip.StopReason.NOISE_LEVEL
+    known = np.repeat(mask[:, :, None] > 0, 3, axis=2)
+    assert min(r.history.loss) <= 0.5 * sigma ** 2  # the mean over all pixels: half of them are zeros
+    assert ((r.output - observed)[known] ** 2).mean() < 1.5 * sigma ** 2
+
+
 def test_callback_can_stop(clean64):
     seen = []
     result = dip.restore(clean64, iterations=50, network="small", progress=False,
@@ -180,6 +212,18 @@ def test_missing_mask_and_factor(clean64):
 def test_bad_factor(clean64, factor):
     with pytest.raises(DipError, match="factor"):
         dip.restore(clean64, "super_resolution", factor=factor, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(iterations=5, max_iterations=2), "max_iterations caps the automatic stop; with iterations=5"),
+    (dict(iterations=5, checkpoint_every=2), "checkpoint_every= needs checkpoint="),
+    (dict(iterations=5, overwrite_checkpoint=True), "overwrite_checkpoint= needs checkpoint="),
+])
+def test_options_without_effect_are_refused(clean64, kwargs, fragment):
+    # restore() ran these silently (max_iterations ignored by a fixed count, nothing written without a path)
+    # while the command line refuses the same combinations.
+    with pytest.raises(DipError, match=fragment):
+        dip.restore(clean64[:16, :16], network="small", progress=False, **kwargs)
 
 
 def test_unknown_task(clean64):

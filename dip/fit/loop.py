@@ -241,10 +241,12 @@ class FitLoop:
             reason = StopReason.INTERRUPTED
         finally:
             bar.close()
-        for m in self.monitors:  # the guard last: it undoes a bad step the others may have stopped on
+        # The guard first: it undoes a bad step taken since its last check, so that the others (the Ctrl-C
+        # checkpoint above all) see the sound state the result is made of, never the bad one.
+        self.guard.on_end(self, reason)
+        for m in self.monitors:
             if m is not self.guard:
                 m.on_end(self, reason)
-        self.guard.on_end(self, reason)
         return self._result(reason, time.perf_counter() - start)
 
     def _record(self, loss: torch.Tensor, out: torch.Tensor) -> None:
@@ -345,8 +347,12 @@ class FitLoop:
 
 def default_monitors(settings: FitSettings, *, reference: Optional[torch.Tensor] = None,
                      callbacks: Iterable[Callback] = (), checkpoint=None, checkpoint_meta: Optional[dict] = None,
-                     warmup: int = 0) -> list:
-    """The monitors ``settings`` asks for, in the order they see each step."""
+                     warmup: int = 0, observed_fraction: float = 1.0) -> list:
+    """The monitors ``settings`` asks for, in the order they see each step.
+
+    ``observed_fraction``: the operator's :meth:`~dip.physics.Operator.observed_fraction` (the discrepancy
+    stop's noise level is σ² times it).
+    """
     every = settings.check_every
     monitors: list = [LearningRate(warmup), DivergenceGuard(settings.guard or GuardSettings.off(), every)]
     if reference is not None:
@@ -354,7 +360,7 @@ def default_monitors(settings: FitSettings, *, reference: Optional[torch.Tensor]
     if settings.auto:
         monitors.append(VarianceStopper(settings.early_stopping, every))
     if settings.noise_sigma is not None and settings.objective is Objective.MSE:  # SURE's σ is the loss's own
-        monitors.append(DiscrepancyStop(settings.noise_sigma, every))
+        monitors.append(DiscrepancyStop(settings.noise_sigma, every, observed_fraction))
     callbacks = list(callbacks)
     if callbacks:
         monitors.append(Callbacks(callbacks))

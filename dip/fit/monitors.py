@@ -99,12 +99,16 @@ class LearningRate(Monitor):
 
 
 class DiscrepancyStop(Monitor):
-    """Stops once the data misfit falls to the noise level (``loss ≤ noise_sigma²``, the discrepancy principle)."""
+    """Stops once the data misfit falls to the noise level (``loss ≤ noise_sigma²``, the discrepancy principle).
+
+    ``observed_fraction`` (:meth:`dip.physics.Operator.observed_fraction`) scales that level where only part of
+    the misfit's entries carry noise: the known pixels of an inpainting mask.
+    """
 
     name = "discrepancy"
 
-    def __init__(self, noise_sigma: float, check_every: int):
-        self.threshold = float(noise_sigma) ** 2
+    def __init__(self, noise_sigma: float, check_every: int, observed_fraction: float = 1.0):
+        self.threshold = float(noise_sigma) ** 2 * float(observed_fraction)
         self.check_every = check_every
         self._checked = 0
 

@@ -101,8 +101,8 @@ class StopMode(str, Enum):
 
 
 def _enum(kind, value, what: str):
-    try:
-        return kind(value.value if isinstance(value, Enum) else str(value))
+    try:  # any case, surrounding spaces allowed, as Task, Precision and Objective parse
+        return kind(value.value if isinstance(value, Enum) else str(value).strip().lower())
     except ValueError:
         choices = ", ".join(m.value for m in kind)
         raise DipError(f"{what} must be one of {choices}, got {value!r}") from None
@@ -248,8 +248,10 @@ class FitSettings:
         object.__setattr__(self, "reg_noise_std", _real("reg_noise_std", self.reg_noise_std, low=0, allow_none=True))
         object.__setattr__(self, "ema_weight", _real("ema_weight", self.ema_weight, low=0, high=1))
         object.__setattr__(self, "input_scale", _real("input_scale", self.input_scale, low=0, low_open=True))
-        object.__setattr__(self, "noise_sigma", _real("noise_sigma", self.noise_sigma, low=0, low_open=True,
-                                                      allow_none=True))
+        # [0, 1] units: a σ above 1 is a 0–255 value (25, not 25/255), whose discrepancy stop would end the fit
+        # at its first check
+        object.__setattr__(self, "noise_sigma", _real("noise_sigma (in [0, 1] units, e.g. 25/255)", self.noise_sigma,
+                                                      low=0, high=1, low_open=True, high_open=False, allow_none=True))
         object.__setattr__(self, "checkpoint_every", _positive_int("checkpoint_every", self.checkpoint_every,
                                                                    allow_none=True))
         object.__setattr__(self, "precision", Precision.parse(self.precision))

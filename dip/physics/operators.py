@@ -34,6 +34,11 @@ class Operator(nn.Module):
         """A short text identifying the operator's parameters (part of a checkpoint's fingerprint)."""
         return f"{type(self).__name__}(scale={self.scale})"
 
+    def observed_fraction(self) -> float:
+        """The share of the misfit's entries that noise reaches: the fit's mean misfit is σ² times this at the
+        noise level (1 here; the known pixels for inpainting, whose missing ones add zeros to the mean)."""
+        return 1.0
+
     def fingerprint(self, observation: torch.Tensor) -> str:
         """A digest of the observation and the operator: what a checkpoint must have been written for."""
         from dip.checkpoint import fingerprint
@@ -99,6 +104,10 @@ class Inpaint(Operator):
     def target(self, observation: torch.Tensor) -> torch.Tensor:
         """The known pixels only: the missing ones carry no information."""
         return self.forward(observation)
+
+    def observed_fraction(self) -> float:
+        """The mean of the squared mask: the misfit's missing pixels are zeros, and only the known ones hold noise."""
+        return float(self.mask.float().square().mean())
 
 
 class Custom(Operator):

@@ -351,3 +351,33 @@ def test_interrupt_writes_a_final_checkpoint(clean64, tmp_path):
     cut = dip.restore(clean64, iterations=50, network="small", progress=False, checkpoint=ckpt,
                       checkpoint_every=20, callbacks=[_interrupt_at(27)])
     assert cut.interrupted and torch.load(ckpt, weights_only=True)["iteration"] == 27
+
+
+def test_the_interrupt_checkpoint_holds_the_sound_state_the_result_is_made_of(clean64, tmp_path):
+    # Ctrl-C between two guard checks, after a step that corrupted the weights: the result was rolled back, but
+    # the checkpoint was written before the rollback, with the NaN weights; resuming it rolled back to them again
+    # and again and ended DIVERGED with a NaN image.
+    ckpt, observed = tmp_path / "fit.ckpt", clean64[:16, :16]
+    opts = dict(iterations=40, network="small", progress=False, checkpoint=ckpt, checkpoint_every=30)
+    cut = dip.restore(observed, callbacks=[_corrupt_at(23, "nan"), _interrupt_at(25)], **opts)
+    assert cut.interrupted and cut.history.rollbacks == [24] and np.isfinite(cut.image).all()
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == cut.iterations == 20
+    assert all(torch.isfinite(v).all() for v in state["net"].values() if v.is_floating_point())
+    assert state["monitors"]["guard"]["rollbacks"] == [24]
+    resumed = dip.restore(observed, resume=ckpt, **opts)
+    assert resumed.stop_reason is StopReason.COMPLETED and resumed.iterations == 40
+    assert resumed.history.rollbacks == [24] and np.isfinite(resumed.image).all()
+
+
+def test_a_checkpoint_of_other_fit_settings_is_refused(clean64, tmp_path):
+    # resume= with another lr ran on at the checkpoint's lr (its optimizer state) while r.settings recorded the new
+    # one; another seed or input_scale was ignored the same way (z and the generator come from the checkpoint).
+    ckpt, observed = tmp_path / "fit.ckpt", clean64[:16, :16]
+    opts = dict(iterations=8, network="small", progress=False)
+    dip.restore(observed, checkpoint=ckpt, checkpoint_every=4, callbacks=[_interrupt_at(6)], **opts)
+    with pytest.raises(DipError, match=r"written by a fit with lr=0.01 \(here 0.001\); resume with the same"):
+        dip.restore(observed, resume=ckpt, lr=0.001, **opts)
+    with pytest.raises(DipError, match=r"seed=0 \(here 3\)"):
+        dip.restore(observed, resume=ckpt, seed=3, **opts)
+    assert dip.restore(observed, resume=ckpt, **opts).iterations == 8

@@ -50,6 +50,7 @@ def test_settings_validate_and_fill_defaults():
     (dict(ema_weight=1.0), "ema_weight"),
     (dict(reg_noise_std=float("nan")), "reg_noise_std"),
     (dict(noise_sigma=-0.1), "noise_sigma"),
+    (dict(noise_sigma=25), r"noise_sigma \(in \[0, 1\] units, e.g. 25/255\) must be in \(0, 1\], got 25"),
     (dict(input_scale=0), "input_scale"),
     (dict(seed=2 ** 70), "64 bits"),
     (dict(seed=1.5), "seed"),
@@ -58,6 +59,23 @@ def test_settings_validate_and_fill_defaults():
 def test_settings_refuse_bad_values(kwargs, fragment):
     with pytest.raises(DipError, match=fragment):
         FitSettings(**kwargs)
+
+
+def test_a_noise_sigma_in_0_255_units_is_refused_not_a_fit_that_stops_at_once(clean64):
+    # noise_sigma=25 (0–255 units) was accepted: its discrepancy stop (loss ≤ 625) ended the fit at iteration 10.
+    with pytest.raises(DipError, match=r"noise_sigma .* must be in \(0, 1\], got 25"):
+        dip.restore(clean64[:16, :16], noise_sigma=25, network="small", iterations=20, progress=False)
+    assert FitSettings(noise_sigma=1).noise_sigma == 1.0
+
+
+def test_early_stopping_words_parse_in_any_case():
+    # EarlyStopping(select="BEST_EMA") was refused while precision, objective and task parse in any case.
+    from dip.fit import EarlyStopping, Selection, StopMode
+
+    es = EarlyStopping(select=" Best_EMA ", mode="WINDOW")
+    assert es.select is Selection.BEST_EMA and es.mode is StopMode.WINDOW
+    with pytest.raises(DipError, match="early stopping select must be one of"):
+        EarlyStopping(select="last")
 
 
 def test_numpy_integers_are_integers():
