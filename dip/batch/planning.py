@@ -270,7 +270,7 @@ def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[in
     """Decide, for each job, whether it fails at once (a planning problem), is skipped as done, or is fitted.
 
     An output is done when it decodes, has the right size, and its manifest
-    record (if any) was made with the same settings. An output whose record
+    record (if any) was made with the same settings and did not fail. An output whose record
     names other settings is listed in ``other_settings``, and redone only with
     ``force``; an output with no record (a manifest from an older dip, or none)
     is taken as done.
@@ -280,7 +280,8 @@ def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[in
         before = previous.get(job.input)
         if job.problem is not None:
             result.records.append(Record.for_job(job, RecordStatus.FAILED, error=job.problem))
-        elif not output_is_valid(job.output, expected_size(job, factor)):
+        elif not output_is_valid(job.output, expected_size(job, factor)) or (before is not None and before.failed):
+            # A failed fit writes nothing: an output beside its record is an older one (e.g. of other settings).
             result.todo.append(job)
         elif before is not None and before.settings is not None and before.settings != job.settings:
             result.other_settings.append(job)
