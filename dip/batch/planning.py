@@ -182,7 +182,19 @@ def plan_jobs(sources: Sequence[Source], out_dir: Path, run_seed: int, masks: Op
         jobs.append(Job(name=s.name, input=str(s.path), output=str(output_path(out_dir, s)),
                         seed=image_seed(run_seed, s.name), mask=mask, reference=reference, problem=problem,
                         settings=settings))
+    _refuse_outputs_over_companions(jobs)
     return jobs
+
+
+def _refuse_outputs_over_companions(jobs: Sequence[Job]) -> None:
+    """A mask or reference where an output goes would be replaced by it, or taken for it as done: refuse."""
+    companions = {Path(p).resolve(): what for job in jobs
+                  for what, p in (("mask", job.mask), ("reference", job.reference)) if p is not None}
+    for job in jobs:
+        what = companions.get(Path(job.output).resolve())
+        if what is not None:
+            raise DipError(f"the output {job.output} would replace a {what} (an input of the batch); "
+                           "choose another output folder (-o)")
 
 
 # --- settings --------------------------------------------------------------------------------------------------

@@ -225,3 +225,16 @@ def test_interrupted_forced_run_keeps_the_records_of_the_outputs_it_did_not_redo
     assert manifest[jobs[1].input] == old[1]  # the image not redone keeps its line, and so its settings
     with pytest.raises(DipError, match=r"1 output\(s\) .* other settings"):
         dip.restore_many(tmp_path / "in", out, "denoise", progress=False, **TINY)
+
+
+@pytest.mark.parametrize("what", ["mask", "reference"])
+def test_outputs_that_would_replace_a_mask_or_reference_are_refused(tmp_path, make_image, what):
+    """Bug: with the masks (or references) in the output folder, each output path was its image's mask: the mask,
+    a valid image of the right size, was taken as the finished output (or replaced by it with --force)."""
+    paths = write_images(tmp_path / "in", make_image, SIZES[:2])
+    write_images(tmp_path / "out", make_image, SIZES[:2])  # companions named like the images
+    sources = [Source(p, p.name) for p in paths]
+    folder = {"masks": tmp_path / "out"} if what == "mask" else {"references": tmp_path / "out"}
+    with pytest.raises(DipError, match=f"would replace a {what}"):
+        plan_jobs(sources, tmp_path / "out", 0, **folder)
+    assert plan_jobs(sources, tmp_path / "restored", 0, **folder)[0].output == str(tmp_path / "restored" / "img0.png")
