@@ -301,13 +301,20 @@ def onnx_translations() -> dict:
     return table
 
 
+def _import_onnx():
+    """The ``onnx`` module, or a :class:`DipError` saying what to install."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise DipError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from exc
+    return onnx
+
+
 def _check_opset(opset_version: Optional[int]) -> None:
     """Refuse an opset the ``torch.export``-based exporter cannot write (it starts at 18)."""
     if opset_version is None:
         return
-    import onnx
-
-    newest = onnx.defs.onnx_opset_version()
+    newest = _import_onnx().defs.onnx_opset_version()
     if isinstance(opset_version, bool) or not isinstance(opset_version, int) or not 18 <= opset_version <= newest:
         raise DipError(f"opset_version must be an integer from 18 to {newest} (the ONNX exporter writes opset 18 "
                        f"or newer, the installed onnx knows up to {newest}), got {opset_version!r}")
@@ -351,10 +358,7 @@ def to_onnx(net: nn.Module, z: torch.Tensor, path: PathLike, *, crop: Optional[S
     ``onnx.checker.check_model`` and runs in stock ``onnxruntime``. See
     :func:`export_module` for the other arguments.
     """
-    try:
-        import onnx
-    except ImportError as exc:
-        raise DipError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from exc
+    onnx = _import_onnx()
     _check_opset(opset_version)  # before the network is frozen
     module = export_module(net, z, crop=crop, z_as_input=z_as_input)
     program = _onnx_program(module, _example_args(z, z_as_input), opset_version,
@@ -378,8 +382,7 @@ def operator_to_onnx(operator: nn.Module, example: torch.Tensor, path: PathLike,
     their translations to standard ONNX (Lanczos: edge padding and strided
     depthwise convolutions), so the file runs in stock onnxruntime.
     """
-    import onnx
-
+    onnx = _import_onnx()
     dims = {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     program = _onnx_program(operator.eval(), (example,), opset_version, input_names=["image"],
                             output_names=["observation"], dynamic_shapes={"x": dims})

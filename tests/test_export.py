@@ -383,3 +383,18 @@ def test_lanczos_operator_exports_as_standard_onnx(tmp_path):
         x = torch.rand(1, 3, h, w)
         expected = lanczos_downsample_reference(x, 3, 2).numpy()
         assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() <= TOL_ORT
+
+
+@pytest.mark.parametrize("opset_version", [None, 18])
+def test_onnx_exports_say_what_to_install_without_onnx(fitted, tmp_path, monkeypatch, opset_version):
+    """Bug: operator_to_onnx (and the opset check) imported onnx bare: ModuleNotFoundError, no install hint."""
+    from dip.export import operator_to_onnx
+    from dip.physics import Downsample
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what a process without onnx sees
+    with pytest.raises(DipError, match="pip install onnx onnxscript"):
+        operator_to_onnx(Downsample(3, 2), torch.rand(1, 3, 20, 20), tmp_path / "down.onnx",
+                         opset_version=opset_version)
+    with pytest.raises(DipError, match="pip install onnx onnxscript"):
+        to_onnx(fitted.network, fitted.net_input, tmp_path / "m.onnx", opset_version=opset_version)
+    assert not list(tmp_path.iterdir())

@@ -173,7 +173,8 @@ def restore_many(
     Returns:
         A :class:`BatchSummary`; its ``records`` are the lines of the manifest.
         SIGTERM or Ctrl-C stops the batch cleanly: fits in flight are abandoned
-        (no partial output is left), the manifest lists what finished, and the
+        (no partial output is left), the manifest lists what finished (and
+        keeps the previous run's line of each image not redone yet), and the
         summary has ``interrupted=True``; running it again does the rest.
     """
     refuse_reimported_main()
@@ -190,7 +191,8 @@ def restore_many(
     found = find_inputs(inputs, recursive=recursive, out_dir=out)
     jobs = plan_jobs(found.sources, out, seed, masks, reference_dir, settings=fingerprint)
     manifest = out / MANIFEST
-    plan = triage(jobs, read_manifest(manifest), factor, force)
+    previous = read_manifest(manifest)
+    plan = triage(jobs, previous, factor, force)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(jobs)
     summary = BatchSummary(out_dir=out, records=list(plan.records))
@@ -200,13 +202,20 @@ def restore_many(
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(plan.todo), desc="dip batch", unit="image",
                disable=not progress, dynamic_ncols=True)
 
+    def lines() -> list[Record]:
+        # A job not finished yet keeps its previous line: the output it describes (made with other settings,
+        # or left by a failed attempt) is still there, and without the line a re-run would take it as done.
+        finished = {r.input for r in summary.records}
+        return summary.records + [previous[j.input] for j in plan.todo
+                                  if j.input not in finished and j.input in previous]
+
     def report(record: Record) -> None:
         summary.records.append(record)
-        write_manifest(manifest, summary.records)
+        write_manifest(manifest, lines())
         bar.update(1)
         bar.set_postfix(done=summary.ok + summary.skipped, failed=summary.failed, refresh=False)
 
-    write_manifest(manifest, summary.records)
+    write_manifest(manifest, lines())
     with stop_on_signals() as stop:  # also over the last manifest write: a second Ctrl-C must not cut it short
         try:
             if plan.todo:
@@ -218,7 +227,7 @@ def restore_many(
             bar.close()
         order = {job.input: i for i, job in enumerate(jobs)}
         summary.records.sort(key=lambda r: order.get(r.input, len(order)))
-        write_manifest(manifest, summary.records)
+        write_manifest(manifest, sorted(lines(), key=lambda r: order.get(r.input, len(order))))
     summary.seconds = time.perf_counter() - start
     return summary
 

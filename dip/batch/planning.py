@@ -182,7 +182,19 @@ def plan_jobs(sources: Sequence[Source], out_dir: Path, run_seed: int, masks: Op
         jobs.append(Job(name=s.name, input=str(s.path), output=str(output_path(out_dir, s)),
                         seed=image_seed(run_seed, s.name), mask=mask, reference=reference, problem=problem,
                         settings=settings))
+    _refuse_outputs_over_companions(jobs)
     return jobs
+
+
+def _refuse_outputs_over_companions(jobs: Sequence[Job]) -> None:
+    """A mask or reference where an output goes would be replaced by it, or taken for it as done: refuse."""
+    companions = {Path(p).resolve(): what for job in jobs
+                  for what, p in (("mask", job.mask), ("reference", job.reference)) if p is not None}
+    for job in jobs:
+        what = companions.get(Path(job.output).resolve())
+        if what is not None:
+            raise DipError(f"the output {job.output} would replace a {what} (an input of the batch); "
+                           "choose another output folder (-o)")
 
 
 # --- settings --------------------------------------------------------------------------------------------------
@@ -270,7 +282,7 @@ def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[in
     """Decide, for each job, whether it fails at once (a planning problem), is skipped as done, or is fitted.
 
     An output is done when it decodes, has the right size, and its manifest
-    record (if any) was made with the same settings. An output whose record
+    record (if any) was made with the same settings and did not fail. An output whose record
     names other settings is listed in ``other_settings``, and redone only with
     ``force``; an output with no record (a manifest from an older dip, or none)
     is taken as done.
@@ -280,7 +292,8 @@ def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[in
         before = previous.get(job.input)
         if job.problem is not None:
             result.records.append(Record.for_job(job, RecordStatus.FAILED, error=job.problem))
-        elif not output_is_valid(job.output, expected_size(job, factor)):
+        elif not output_is_valid(job.output, expected_size(job, factor)) or (before is not None and before.failed):
+            # A failed fit writes nothing: an output beside its record is an older one (e.g. of other settings).
             result.todo.append(job)
         elif before is not None and before.settings is not None and before.settings != job.settings:
             result.other_settings.append(job)

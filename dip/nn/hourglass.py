@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from numbers import Integral
 from typing import Optional
 
 import torch
@@ -76,10 +77,35 @@ class HourglassConfig:
             raise DipError(f"unknown downsampling {self.downsample!r}; choose one of {', '.join(DOWNSAMPLERS)}")
         if self.act not in ACTIVATIONS:
             raise DipError(f"unknown activation {self.act!r}; choose one of {', '.join(ACTIVATIONS)}")
+        self._validate_sizes()
+
+    def _validate_sizes(self) -> None:
+        """Channel counts positive integers (skip channels may be 0: no skip), filter sizes positive odd integers."""
+        counts = [("in_channels", self.in_channels, 1), ("out_channels", self.out_channels, 1)]
+        counts += [(f"{key}[{i}]", v, 0 if key == "channels_skip" else 1)
+                   for key in ("channels_down", "channels_up", "channels_skip") for i, v in enumerate(getattr(self, key))]
+        for name, value, least in counts:
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+                what = "a non-negative integer (0: no skip connection)" if least == 0 else "a positive integer"
+                raise DipError(f"{name} must be {what}, got {value!r}")
+        for name in ("filter_size_down", "filter_size_up", "filter_size_skip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1 or value % 2 != 1:
+                raise DipError(f"{name} must be a positive odd integer, got {value!r}")
 
     def min_size(self) -> int:
-        """Smallest input side the network takes (reflection padding needs 2 pixels at the deepest scale)."""
-        return 2 ** (self.scales + 1)
+        """Smallest input side the network takes, a multiple of :meth:`multiple`.
+
+        The deepest scale's maps are ``min_size() / multiple()`` pixels wide: at
+        least 2 (BatchNorm needs more than one value per channel) and, with
+        reflection padding, wider than the down filters' padding; the maps one
+        scale up (twice as wide) must be wider than the up and skip filters' padding.
+        """
+        deepest = 2
+        if self.pad == "reflection":
+            deepest = max(deepest, self.filter_size_down // 2 + 1,
+                          max(self.filter_size_up, self.filter_size_skip) // 2 // 2 + 1)
+        return self.multiple() * deepest
 
     def multiple(self) -> int:
         """Input sides are padded to a multiple of this, so every scale halves exactly."""

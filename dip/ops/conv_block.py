@@ -103,8 +103,10 @@ def _update_running_stats(
 
 
 def fused_available(x: torch.Tensor) -> bool:
-    """True when the compiled conv block runs on ``x``'s device and dtype."""
-    if not has_op("conv_block") or x.dtype not in (torch.float32, torch.float64):
+    """True when the compiled conv block runs on ``x``'s device and dtype (and ``x`` is not empty)."""
+    # An empty input goes to the reference, as in the other operators: the compiled kernel's
+    # training-mode statistics of no pixels crash the process.
+    if not has_op("conv_block") or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
         return False
     if x.device.type == "cpu":
         return True

@@ -186,3 +186,55 @@ def test_outputs_made_with_other_settings_are_refused_unless_forced(tmp_path, ma
     assert forced.todo == [jobs[0]] and [r.status for r in forced.records] == [RecordStatus.SKIPPED]
     unknown = triage(jobs, {}, None, force=False)  # no manifest: a valid output counts as done
     assert unknown.todo == [] and len(unknown.records) == 2
+
+
+def test_failed_record_beside_an_older_output_is_redone(tmp_path, make_image):
+    """Bug: a forced redo that failed (diverged) left the older output of other settings and a failed record
+    with the new settings; the next run took that output as done and recorded it skipped."""
+    paths = write_images(tmp_path / "in", make_image, SIZES[:1])
+    (job,) = plan_jobs([Source(p, p.name) for p in paths], tmp_path / "out", 0, settings="new")
+    (tmp_path / "out").mkdir()
+    Image.new("RGB", SIZES[0][::-1]).save(job.output)  # a valid output, made by an older run
+    failed = Record.for_job(job, RecordStatus.FAILED, error="the fit diverged", stop_reason=StopReason.DIVERGED)
+    plan = triage([job], {job.input: failed}, None, force=False)
+    assert plan.todo == [job] and plan.records == []
+
+
+def test_interrupted_forced_run_keeps_the_records_of_the_outputs_it_did_not_redo(tmp_path, make_image, monkeypatch):
+    """Bug: a forced run stopped before redoing an image dropped its manifest line, so the next run (without
+    --force) took the output made with the old settings as done with the new ones."""
+    paths = write_images(tmp_path / "in", make_image, SIZES[:2])
+    out = tmp_path / "out"
+    jobs = plan_jobs([Source(p, p.name) for p in paths], out, 0, settings="old")
+    out.mkdir()
+    for job, (h, w) in zip(jobs, SIZES[:2]):
+        Image.new("RGB", (w, h)).save(job.output)
+    old = [Record.for_job(job, RecordStatus.OK, iterations=3) for job in jobs]
+    write_manifest(out / "manifest.jsonl", old)
+
+    def interrupted(todo, *args):
+        report = args[-2]
+        report(Record.for_job(todo[0], RecordStatus.OK, iterations=TINY["iterations"]))  # the first one is redone
+        raise dip.batch.BatchInterrupted("SIGINT")
+
+    monkeypatch.setattr(dip.batch, "_run", interrupted)
+    summary = dip.restore_many(tmp_path / "in", out, "denoise", force=True, progress=False, **TINY)
+    assert summary.interrupted and summary.ok == 1
+    manifest = read_manifest(out / "manifest.jsonl")
+    assert manifest[jobs[0].input].settings != "old"
+    assert manifest[jobs[1].input] == old[1]  # the image not redone keeps its line, and so its settings
+    with pytest.raises(DipError, match=r"1 output\(s\) .* other settings"):
+        dip.restore_many(tmp_path / "in", out, "denoise", progress=False, **TINY)
+
+
+@pytest.mark.parametrize("what", ["mask", "reference"])
+def test_outputs_that_would_replace_a_mask_or_reference_are_refused(tmp_path, make_image, what):
+    """Bug: with the masks (or references) in the output folder, each output path was its image's mask: the mask,
+    a valid image of the right size, was taken as the finished output (or replaced by it with --force)."""
+    paths = write_images(tmp_path / "in", make_image, SIZES[:2])
+    write_images(tmp_path / "out", make_image, SIZES[:2])  # companions named like the images
+    sources = [Source(p, p.name) for p in paths]
+    folder = {"masks": tmp_path / "out"} if what == "mask" else {"references": tmp_path / "out"}
+    with pytest.raises(DipError, match=f"would replace a {what}"):
+        plan_jobs(sources, tmp_path / "out", 0, **folder)
+    assert plan_jobs(sources, tmp_path / "restored", 0, **folder)[0].output == str(tmp_path / "restored" / "img0.png")

@@ -64,6 +64,35 @@ def test_min_size_and_multiple():
     assert cfg.multiple() == 32 and cfg.min_size() == 64
 
 
+@pytest.mark.parametrize("options", [dict(filter_size_down=5), dict(filter_size_down=7, downsample="max"),
+                                     dict(filter_size_up=9), dict(filter_size_skip=9), dict(pad="zero")],
+                         ids=["down5", "down7-max", "up9", "skip9", "zero"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "pure"])
+def test_min_size_counts_the_filter_sizes(options, fused):
+    """Bug: min_size ignored the filter sizes, so restore() padded a 10×10 image to 16×16 for a 5×5 down filter
+    and the deepest scale (2×2) could not be reflection-padded by 2: a C++ error instead of a fit."""
+    net = build_network("small", fused=fused, **options).train()
+    side = net.config.min_size()
+    assert side % net.config.multiple() == 0
+    assert net(torch.rand(1, 8, side, side)).shape == (1, 3, side, side)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(channels_down=(0, 32, 64)), r"channels_down\[0\] must be a positive integer"),
+    (dict(channels_up=(16, 0, 64)), r"channels_up\[1\] must be a positive integer"),
+    (dict(channels_skip=(-1, 4, 4)), r"channels_skip\[0\] must be a non-negative integer"),
+    (dict(in_channels=0), "in_channels must be a positive integer"),
+    (dict(out_channels=0), "out_channels must be a positive integer"),
+    (dict(channels_down=(16.0, 32, 64)), r"channels_down\[0\] must be a positive integer"),
+    (dict(filter_size_up=0), "filter_size_up must be a positive odd integer"),
+], ids=["zero-down", "zero-up", "negative-skip", "zero-in", "zero-out", "float", "zero-filter"])
+def test_zero_or_negative_channels_are_refused(options, match):
+    """Bug: zero or negative channel counts built a network (out_channels=0 even ran, giving 0 channels)."""
+    with pytest.raises(DipError, match=match):
+        preset("small", **options)
+    assert preset("small", channels_skip=(0, 0, 0)).channels_skip == (0, 0, 0)  # 0 skip channels: no skip
+
+
 def test_compiles_without_graph_breaks():
     net = build_network("small", channels_down=(8, 8), channels_up=(8, 8), channels_skip=(2, 2))
     z = torch.rand(1, 8, 16, 16) * 0.1

@@ -364,6 +364,31 @@ def test_functional_falls_back_without_kernel():
     assert conv_block(*args).shape == (1, 4, 7, 7)
 
 
+def test_empty_batch_runs_the_reference_instead_of_crashing():
+    """Bug: an empty batch in training mode reached the compiled kernel, which crashed the process (SIGSEGV)."""
+    code = """if True:
+        import torch
+        from dip.nn import ConvBlock, FusedConvBlock
+        for stride in (1, 2):
+            torch.manual_seed(0)
+            fused = FusedConvBlock(3, 5, 3, stride).train()
+            pure = ConvBlock(3, 5, 3, stride)
+            pure.load_state_dict(fused.state_dict())
+            x = torch.randn(0, 3, 9, 7, requires_grad=True)
+            out = fused(x)
+            out.sum().backward()
+            assert out.shape == pure(x).shape == (0, 5, 9 // stride + stride - 1, 7 // stride + stride - 1), out.shape
+            assert torch.equal(fused.bn.running_mean, pure.bn.running_mean)
+            assert int(fused.bn.num_batches_tracked) == int(pure.bn.num_batches_tracked) == 1
+        print("ok")
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": path})
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
+
+
 def test_backward_materialises_no_gradient_for_the_conv_output():
     """Only ``out`` is differentiated: autograd must not zero-fill a full-size gradient for ``y`` (a regression)."""
     block = FusedConvBlock(8, 16, 3)
