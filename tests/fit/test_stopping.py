@@ -97,9 +97,12 @@ def test_bad_early_stopping_settings(bad):
 
 def test_auto_stop_halts_near_the_psnr_peak(make_image, noisy):
     """On a noisy image the automatic stop halts before the cap, within 1 dB of the run's oracle peak."""
-    cap, clean = 700, make_image(32)  # a small image: the small net starts fitting the noise within the cap
+    # A small image: the small net starts fitting the noise within the cap. One thread: under load the
+    # automatic thread count changes mid-fit, and with it the trajectory (the pure path stopped at 596 of 700
+    # with one thread, at 545 with two).
+    cap, clean = 1000, make_image(32)
     result = dip.restore(noisy(clean), network="small", reference=clean, progress=False, max_iterations=cap,
-                         early_stopping=EarlyStopping(window=50, patience=150))
+                         early_stopping=EarlyStopping(window=50, patience=150), threads=1)
     assert result.stop_reason is StopReason.AUTO_STOP and result.iterations <= cap  # stopped by itself
     assert result.settings["iterations"] == "auto"
     assert 50 < result.stopped_at <= result.iterations - 150
