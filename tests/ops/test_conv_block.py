@@ -697,3 +697,21 @@ def test_op_rejects_per_channel_vectors_of_the_wrong_shape():
     with pytest.raises(RuntimeError, match="running stats must be floating point"):
         torch.ops.dip.conv_block(*bad)
 
+
+@pytest.mark.parametrize("k", [3, 1], ids=["3x3", "1x1-gemm"])
+def test_gradient_of_an_expanded_weight(k):
+    """Bug: the weight's gradient was written with the weight's strides, which for an expand()ed weight overlap:
+    the backward failed with "more than one element of the written-to tensor refers to a single memory location"."""
+    args = list(_op_args(torch.float64, k=k))
+    base = torch.randn(1, 3, k, k, dtype=torch.float64, requires_grad=True)
+    ref_base = base.detach().clone().requires_grad_()
+    args[1] = base.expand(4, 3, k, k)
+    out = torch.ops.dip.conv_block(*args)[0]
+    x, _, bias, gamma, beta, rm, rv, training, stride, padding, reflect, eps, slope = args
+    expected = conv_block_reference(x, ref_base.expand(4, 3, k, k), bias, gamma, beta, None, None, None, training,
+                                    0.1, eps, stride, padding, reflect, slope)
+    grad = torch.randn_like(expected)
+    (g,) = torch.autograd.grad(out, base, grad)
+    (e,) = torch.autograd.grad(expected, ref_base, grad)
+    _close(out, expected, TOL[torch.float64], "output")
+    _close(g, e, TOL[torch.float64], "weight gradient")

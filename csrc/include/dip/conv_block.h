@@ -62,10 +62,29 @@ inline at::Tensor canonical_cl(const at::Tensor& t, at::ScalarType dtype) {
   return out;
 }
 
+// True when two elements of a tensor with t's sizes and strides may share
+// memory (an expand()ed tensor, say): sorted by stride, each dimension's
+// stride must pass the last element the smaller ones reach.
+inline bool may_overlap(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 1;  // one past the largest offset of the dimensions so far
+  for (const auto& [stride, size] : dims) {
+    if (stride < reach) return true;
+    reach += stride * (size - 1);
+  }
+  return false;
+}
+
 // t itself when it has ref's strides, else a copy of t with ref's strides
-// (gradients come back in their parameter's layout).
+// (gradients come back in their parameter's layout); a contiguous t when
+// ref's strides overlap, since a gradient cannot be written into those.
 inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
-  if (t.strides() == ref.strides()) return t;
+  if (t.strides() == ref.strides() && !may_overlap(t)) return t;
+  if (may_overlap(ref)) return t.contiguous();
   auto out = at::empty_strided(ref.sizes(), ref.strides(), t.options());
   out.copy_(t);
   return out;
