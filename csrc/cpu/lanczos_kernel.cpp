@@ -261,6 +261,7 @@ void backward_kernel(const scalar_t* g, scalar_t* gx, int64_t planes, int64_t h,
 at::Tensor lanczos_downsample_cpu(const at::Tensor& x, int64_t factor, int64_t support) {
   check_forward(x, factor, support);
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
+  check_cpu_dtype("lanczos_downsample", x);
   const at::Tensor xc = x.contiguous();
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   at::Tensor y = at::empty({n, c, h / factor, w / factor}, x.options());
@@ -274,6 +275,7 @@ at::Tensor lanczos_downsample_backward_cpu(const at::Tensor& grad_output, int64_
                                            int64_t height, int64_t width) {
   check_backward(grad_output, factor, support, height, width);
   TORCH_INTERNAL_ASSERT(grad_output.device().is_cpu());
+  check_cpu_dtype("_lanczos_downsample_backward", grad_output);
   const at::Tensor gc = grad_output.contiguous();
   const int64_t n = gc.size(0), c = gc.size(1);
   at::Tensor gx = at::empty({n, c, height, width}, gc.options());

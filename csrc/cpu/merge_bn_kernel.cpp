@@ -17,6 +17,7 @@
 
 #include "dip/conv_block.h"
 #include "dip/cpu_rows.h"
+#include "dip/merge_bn.h"
 
 namespace dip {
 namespace {
@@ -112,43 +113,15 @@ std::vector<Segment> segments(int64_t ca, int64_t cb, int64_t groups) {
   return segs;
 }
 
-// groups must split both inputs' channels into equal member blocks.
-void check_groups(const char* op, int64_t ca, int64_t cb, int64_t groups) {
-  TORCH_CHECK(groups >= 1 && ca % groups == 0 && cb % groups == 0, op, ": groups (", groups,
-              ") must be positive and divide both inputs' channels, ", ca, " and ", cb);
-}
-
-void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gamma, const at::Tensor& beta,
-                  int64_t groups) {
-  TORCH_CHECK(a.dim() == 4 && b.dim() == 4, "merge_bn: inputs must be N x C x H x W, got ", a.sizes(), " and ",
-              b.sizes());
-  TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(2) && a.size(3) == b.size(3),
-              "merge_bn: inputs must agree in batch and spatial size, got ", a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
-              "merge_bn: only float32 and float64 are supported, got ", a.scalar_type());
-  TORCH_CHECK(b.scalar_type() == a.scalar_type() && gamma.scalar_type() == a.scalar_type() &&
-                  beta.scalar_type() == a.scalar_type(),
-              "merge_bn: all tensors must have the first input's dtype ", a.scalar_type());
-  const int64_t c = a.size(1) + b.size(1);
-  TORCH_CHECK(gamma.numel() == c && beta.numel() == c, "merge_bn: BatchNorm weight and bias need ", c, " elements");
-  TORCH_CHECK(a.numel() > 0 && b.numel() > 0, "merge_bn: empty input");
-  check_groups("merge_bn", a.size(1), b.size(1), groups);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_bn_cpu(const at::Tensor& a, const at::Tensor& b,
                                                             const at::Tensor& gamma, const at::Tensor& beta,
                                                             const c10::optional<at::Tensor>& running_mean,
                                                             const c10::optional<at::Tensor>& running_var,
                                                             bool training, double eps, int64_t groups) {
-  check_inputs(a, b, gamma, beta, groups);
+  merge::check_forward(a, b, gamma, beta, running_mean, running_var, training, groups);
   const int64_t ca = a.size(1), cb = b.size(1), c = ca + cb;
-  if (!training) {
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value() && running_mean->numel() == c &&
-                    running_var->numel() == c,
-                "merge_bn: eval mode needs running_mean and running_var of ", c, " elements");
-  }
   const auto ac = canonical_cl(a), bc = canonical_cl(b);
-  const int64_t m = a.numel() / ca;
+  const int64_t m = a.size(0) * a.size(2) * a.size(3);  // pixels (a part may have no channels)
   const int64_t ld[2] = {ca, cb};
   const auto segs = segments(ca, cb, groups);
   auto out = empty_cl({a.size(0), c, a.size(2), a.size(3)}, a.options());
@@ -199,13 +172,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_bn_cpu(const at::Tensor& a,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_bn_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& mean,
     const at::Tensor& var, const at::Tensor& gamma, bool training, double eps, int64_t groups) {
+  merge::check_backward(grad_out, a, b, mean, var, gamma, groups);
   const int64_t ca = a.size(1), cb = b.size(1), c = ca + cb;
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(1) == c && grad_out.size(0) == a.size(0) &&
-                  grad_out.size(2) == a.size(2) && grad_out.size(3) == a.size(3),
-              "merge_bn_backward: grad_out must be N x ", c, " x H x W like the output, got ", grad_out.sizes());
-  check_groups("merge_bn_backward", ca, cb, groups);
   const auto go = canonical_cl(grad_out), ac = canonical_cl(a), bc = canonical_cl(b);
-  const int64_t m = a.numel() / ca;
+  const int64_t m = a.size(0) * a.size(2) * a.size(3);  // pixels (a part may have no channels)
   const int64_t ld[2] = {ca, cb};
   const auto segs = segments(ca, cb, groups);
   auto grad_a = empty_cl(a.sizes(), a.options()), grad_b = empty_cl(b.sizes(), b.options());

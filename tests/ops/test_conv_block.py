@@ -594,3 +594,124 @@ def test_op_rejects_mixed_dtypes_it_does_not_cover():
     bad[1] = bad[1].bfloat16()  # bias left in float32
     with pytest.raises(RuntimeError, match="bias must have the weight's dtype"):
         torch.ops.dip.conv_block(*bad)
+
+
+def _run_isolated(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter on this checkout (a crash there fails the test, not the run)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": path})
+
+
+def test_op_with_an_empty_batch_or_no_channels_raises_or_returns_empty_instead_of_crashing():
+    """Bug: called directly, the op crashed the process on empty arguments.
+
+    An empty batch in training mode (SIGSEGV: the batch statistics read the first row of an empty conv output),
+    an input with no channels (SIGFPE: groups = 0 divided the output channels) and a weight with no output
+    channels in the backward (SIGFPE: pixels = numel / 0). Now each is a RuntimeError that says what is wrong;
+    an empty batch in eval mode, where the result is defined, gives the empty output and zero gradients.
+    """
+    code = """if True:
+        import re
+        import torch
+        import dip.ops.conv_block  # loads the op and registers its autograd
+        op, back = torch.ops.dip.conv_block, torch.ops.dip.conv_block_backward
+        d = torch.float64
+        def r(*s):
+            return torch.randn(*s, dtype=d)
+        def raises(fn, pattern):
+            try:
+                fn()
+            except RuntimeError as e:
+                assert re.search(pattern, str(e)), str(e)
+            else:
+                raise AssertionError("no error for " + pattern)
+        g, b = torch.ones(5, dtype=d), torch.zeros(5, dtype=d)
+        for k in (3, 1):  # the 1x1 block takes the GEMM path
+            w = r(5, 3, k, k)
+            raises(lambda: op(r(0, 3, 9, 7), w, None, g, b, None, None, True, 1, k // 2, True, 1e-5, 0.2),
+                   "training mode .* needs a non-empty batch")
+            x = r(0, 3, 9, 7).requires_grad_()
+            wg = w.clone().requires_grad_()
+            out, y, mean, var = op(x, wg, None, g, b, r(5), r(5).abs() + 0.5, False, 1, k // 2, True, 1e-5, 0.2)
+            assert out.shape == y.shape == (0, 5, 9, 7), out.shape
+            out.sum().backward()
+            assert x.grad.shape == x.shape and torch.equal(wg.grad, torch.zeros_like(w))
+        raises(lambda: op(r(2, 0, 9, 7), r(5, 3, 3, 3), None, g, b, None, None, True, 1, 1, True, 1e-5, 0.2),
+               "input has no channels")
+        raises(lambda: op(r(2, 3, 9, 7), r(0, 3, 3, 3), None, g[:0], b[:0], None, None, True, 1, 1, True, 1e-5,
+                          0.2), "weight has no output channels")
+        out, y, mean, var = op(r(2, 3, 9, 7), r(5, 3, 3, 3), None, g, b, None, None, True, 1, 1, True, 1e-5, 0.2)
+        args = (mean, var, g, b, True, 1, 1, True, 1e-5, 0.2, True)
+        raises(lambda: back(out, r(2, 0, 9, 7), r(5, 0, 3, 3), y, *args), "input has no channels")
+        raises(lambda: back(out[:, :0], r(2, 3, 9, 7), r(0, 3, 3, 3), y[:, :0], mean[:0], var[:0], g[:0], b[:0],
+                            *args[4:]), "weight has no output channels")
+        print("ok")
+    """
+    res = _run_isolated(code)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
+
+
+def test_backward_rejects_statistics_parameters_and_inputs_that_do_not_match():
+    """Bug: the backward checked only grad_out's shape. Statistics or BatchNorm parameters shorter than the
+    output's channels were read past their end (garbage gradients, no error), an input of another batch size
+    gave gradients of the wrong shape silently, and other mismatches failed deep inside ATen (IndexError, "expected
+    scalar type", "not implemented for 'Long'")."""
+    args = list(_op_args(torch.float64))
+    out, y, mean, var = torch.ops.dip.conv_block(*args)
+    x, w, _, gamma, beta = args[:5]
+    good = [torch.ones_like(out), x, w, y, mean, var, gamma, beta, True, 1, 1, True, 1e-5, 0.2, True]
+    bad_cases = [
+        (4, mean[:3], "mean must be a 1-D tensor of 4 elements"),
+        (5, var[:2], "var must be a 1-D tensor of 4 elements"),
+        (6, gamma[:3], "BatchNorm weight must be a 1-D tensor of 4 elements"),
+        (7, beta[:1], "BatchNorm bias must be a 1-D tensor of 4 elements"),
+        (4, mean.float(), "mean must have the input's dtype"),
+        (1, torch.cat([x, x]), r"y must have the block's output shape \[4, 4, 7, 5\]"),
+        (1, x[0], "input must be N x C x H x W"),
+        (1, x.long(), "only float32 and float64"),
+        (1, x.float(), "weight must have the input's dtype"),
+        (3, y[0], "y must have the block's output shape"),
+        (9, 0, "stride must be 1 or 2"),
+        (10, 2, "padding must be"),
+    ]
+    for index, value, match in bad_cases:
+        bad = list(good)
+        bad[index] = value
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.dip.conv_block_backward(*bad)
+
+
+def test_op_rejects_per_channel_vectors_of_the_wrong_shape():
+    """Bug: a 2-D running mean failed with "output with shape [4] doesn't match the broadcast shape [4, 4]" and a
+    2-D BatchNorm weight of the right size was accepted; both are now a clear error naming the argument."""
+    args = list(_op_args(torch.float32, training=False))
+    for index, name in ((3, "BatchNorm weight"), (4, "BatchNorm bias"), (5, "running_mean"), (6, "running_var")):
+        bad = list(args)
+        bad[index] = args[index][:, None]
+        with pytest.raises(RuntimeError, match=f"{name} must be a 1-D tensor of 4 elements"):
+            torch.ops.dip.conv_block(*bad)
+    bad = list(args)
+    bad[5] = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="running stats must be floating point"):
+        torch.ops.dip.conv_block(*bad)
+
+
+@pytest.mark.parametrize("k", [3, 1], ids=["3x3", "1x1-gemm"])
+def test_gradient_of_an_expanded_weight(k):
+    """Bug: the weight's gradient was written with the weight's strides, which for an expand()ed weight overlap:
+    the backward failed with "more than one element of the written-to tensor refers to a single memory location"."""
+    args = list(_op_args(torch.float64, k=k))
+    base = torch.randn(1, 3, k, k, dtype=torch.float64, requires_grad=True)
+    ref_base = base.detach().clone().requires_grad_()
+    args[1] = base.expand(4, 3, k, k)
+    out = torch.ops.dip.conv_block(*args)[0]
+    x, _, bias, gamma, beta, rm, rv, training, stride, padding, reflect, eps, slope = args
+    expected = conv_block_reference(x, ref_base.expand(4, 3, k, k), bias, gamma, beta, None, None, None, training,
+                                    0.1, eps, stride, padding, reflect, slope)
+    grad = torch.randn_like(expected)
+    (g,) = torch.autograd.grad(out, base, grad)
+    (e,) = torch.autograd.grad(expected, ref_base, grad)
+    _close(out, expected, TOL[torch.float64], "output")
+    _close(g, e, TOL[torch.float64], "weight gradient")

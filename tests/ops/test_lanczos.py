@@ -263,6 +263,17 @@ def test_op_errors_when_called_directly():
 
 
 @needs_op
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_cpu_op_says_which_dtypes_it_takes(dtype):
+    """Bug: float16/bfloat16 passed the shared check (any floating type, for the CUDA kernels) and failed in the
+    CPU kernel's dispatch as '"lanczos_downsample_cpu" not implemented for 'Half'', naming no supported dtype."""
+    with pytest.raises(RuntimeError, match="CPU kernel takes float32 and float64 tensors"):
+        torch.ops.dip.lanczos_downsample(torch.zeros(1, 1, 16, 16, dtype=dtype), 2)
+    with pytest.raises(RuntimeError, match="CPU kernel takes float32 and float64 tensors"):
+        torch.ops.dip._lanczos_downsample_backward(torch.zeros(1, 1, 8, 8, dtype=dtype), 2, 2, 16, 16)
+
+
+@needs_op
 def test_dynamo_fullgraph():
     graphs = []
 

@@ -1,6 +1,10 @@
 """The fused merge (cat along channels + BatchNorm2d) against its reference (``torch.cat`` + ``F.batch_norm``)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +142,85 @@ def test_bad_arguments():
         torch.ops.dip.merge_bn(a, b, bn.weight, bn.bias, None, None, False, 1e-5)
     with pytest.raises(RuntimeError, match="groups"):  # 2 groups do not divide a's 1 channel
         torch.ops.dip.merge_bn(a, b, bn.weight, bn.bias, None, None, True, 1e-5, 2)
+
+
+def test_backward_with_mismatched_or_channelless_inputs_does_not_crash():
+    """Bug: merge_bn_backward checked grad_out's shape against a only. A b with a smaller batch than a was read
+    past its end (SIGSEGV), and an a with no channels divided by zero (pixels = numel / 0: SIGFPE). Now the first
+    is a RuntimeError and the second gives the reference's gradients (a merge with an empty part is defined)."""
+    code = """if True:
+        import torch
+        from dip.ops.merge_bn import merge_bn_reference  # loads the op and registers its autograd
+        back, d = torch.ops.dip.merge_bn_backward, torch.float64
+        a, b = torch.randn(2, 3, 4, 5, dtype=d), torch.randn(2, 3, 4, 5, dtype=d)
+        go, mean, var, gamma = torch.randn(2, 6, 4, 5, dtype=d), torch.zeros(6, dtype=d), torch.ones(6, dtype=d), \\
+            torch.ones(6, dtype=d)
+        try:
+            back(go, a, b[:1], mean, var, gamma, True, 1e-5, 1)
+        except RuntimeError as e:
+            assert "inputs must agree in batch and spatial size" in str(e), str(e)
+        else:
+            raise AssertionError("no error")
+        for training in (True, False):
+            a0 = torch.randn(2, 0, 4, 5, dtype=d, requires_grad=True)
+            b1 = torch.randn(2, 3, 4, 5, dtype=d, requires_grad=True)
+            w = (torch.rand(3, dtype=d) + 0.5).requires_grad_()
+            rm, rv = torch.randn(3, dtype=d), torch.rand(3, dtype=d) + 0.5
+            out = torch.ops.dip.merge_bn(a0, b1, w, torch.zeros(3, dtype=d), rm, rv, training, 1e-5, 1)[0]
+            ref = merge_bn_reference(a0, b1, w, torch.zeros(3, dtype=d), rm.clone(), rv.clone(), None, training,
+                                     0.0, 1e-5)
+            grad = torch.randn_like(ref)
+            got, expected = torch.autograd.grad(out, (b1, w), grad), torch.autograd.grad(ref, (b1, w), grad)
+            assert (out - ref).abs().max() < 1e-12
+            assert all((g - e).abs().max() < 1e-12 for g, e in zip(got, expected))
+        print("ok")
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": path})
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5), (2, 0, 5), (2, 4, 0)], ids=["N=0", "H=0", "W=0"])
+def test_empty_inputs_give_the_empty_result_in_eval_mode_and_a_clear_error_in_training(shape):
+    """Bug: every empty input was refused with "merge_bn: empty input", though in eval mode (running statistics)
+    the merge of no pixels is defined; training mode, whose batch statistics of no pixels are not, now says so."""
+    n, h, w = shape
+    a = torch.randn(n, 3, h, w, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, 4, h, w, dtype=torch.float64, requires_grad=True)
+    gamma, beta = torch.rand(7, dtype=torch.float64) + 0.5, torch.randn(7, dtype=torch.float64)
+    rm, rv = torch.randn(7, dtype=torch.float64), torch.rand(7, dtype=torch.float64) + 0.5
+    out, mean, var = torch.ops.dip.merge_bn(a, b, gamma, beta, rm, rv, False, 1e-5, 1)
+    assert out.shape == (n, 7, h, w) and torch.equal(mean, rm) and torch.equal(var, rv)
+    ga, gb = torch.autograd.grad(out.sum(), (a, b))
+    assert ga.shape == a.shape and gb.shape == b.shape
+    with pytest.raises(RuntimeError, match=r"training mode \(batch statistics\) needs at least one pixel"):
+        torch.ops.dip.merge_bn(a, b, gamma, beta, None, None, True, 1e-5, 1)
+
+
+def test_backward_rejects_statistics_and_inputs_that_do_not_match():
+    """Bug: the backward never checked mean, var and the BatchNorm weight: shorter ones were read past their end
+    (garbage gradients, no error), b of another spatial size or batch gave gradients silently, and dtype mismatches
+    failed as "expected scalar type Double but found Float" or "not implemented for 'Long'"."""
+    d = torch.float64
+    a, b = torch.randn(2, 3, 4, 5, dtype=d), torch.randn(2, 3, 4, 5, dtype=d)
+    good = [torch.randn(2, 6, 4, 5, dtype=d), a, b, torch.zeros(6, dtype=d), torch.ones(6, dtype=d),
+            torch.ones(6, dtype=d), True, 1e-5, 1]
+    bad_cases = [
+        (3, torch.zeros(2, dtype=d), "mean must be a 1-D tensor of 6 elements"),
+        (4, torch.ones(2, dtype=d), "var must be a 1-D tensor of 6 elements"),
+        (5, torch.ones(3, dtype=d), "BatchNorm weight must be a 1-D tensor of 6 elements"),
+        (3, torch.zeros(6), "mean must have the inputs' dtype"),
+        (0, good[0].float(), "grad_out must have the inputs' dtype"),
+        (2, torch.randn(2, 3, 4, 9, dtype=d), "inputs must agree in batch and spatial size"),
+        (2, torch.randn(9, 3, 4, 5, dtype=d), "inputs must agree in batch and spatial size"),
+        (2, b.float(), "both inputs must have one dtype"),
+        (1, a.long(), "only float32 and float64"),
+        (1, a[0], "inputs must be N x C x H x W"),
+    ]
+    for index, value, match in bad_cases:
+        bad = list(good)
+        bad[index] = value
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.dip.merge_bn_backward(*bad)

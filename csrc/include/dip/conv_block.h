@@ -10,6 +10,10 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #ifdef __CUDACC__
 #define DIP_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -58,10 +62,29 @@ inline at::Tensor canonical_cl(const at::Tensor& t, at::ScalarType dtype) {
   return out;
 }
 
+// True when two elements of a tensor with t's sizes and strides may share
+// memory (an expand()ed tensor, say): sorted by stride, each dimension's
+// stride must pass the last element the smaller ones reach.
+inline bool may_overlap(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 1;  // one past the largest offset of the dimensions so far
+  for (const auto& [stride, size] : dims) {
+    if (stride < reach) return true;
+    reach += stride * (size - 1);
+  }
+  return false;
+}
+
 // t itself when it has ref's strides, else a copy of t with ref's strides
-// (gradients come back in their parameter's layout).
+// (gradients come back in their parameter's layout); a contiguous t when
+// ref's strides overlap, since a gradient cannot be written into those.
 inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
-  if (t.strides() == ref.strides()) return t;
+  if (t.strides() == ref.strides() && !may_overlap(t)) return t;
+  if (may_overlap(ref)) return t.contiguous();
   auto out = at::empty_strided(ref.sizes(), ref.strides(), t.options());
   out.copy_(t);
   return out;
@@ -90,48 +113,121 @@ inline int64_t conv_groups(const at::Tensor& xin, const at::Tensor& weight) {
   return xin.size(1) / weight.size(1);
 }
 
+// Per-channel parameter or statistic `what` of the block: a 1-D tensor of c
+// elements on the input's device (dtype checked by the caller where it matters).
+inline void check_channel_vector(const char* op, const char* what, const at::Tensor& t, int64_t c,
+                                 const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == c, op, ": ", what, " must be a 1-D tensor of ", c,
+              " elements (one per output channel), got shape ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", what, " is on ", t.device(), " but the input is on ", x.device());
+}
+
+// The checks of x, weight and the block's options that the forward and the
+// backward share (shapes, dtypes, devices): after them every size used by the
+// kernels is positive except the batch, and no division by a channel count
+// can be by zero.
+inline void check_conv_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const ConvBlockArgs& a) {
+  TORCH_CHECK(x.dim() == 4, op, ": input must be N x C x H x W, got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be Cout x (Cin / groups) x k x k, got ", weight.sizes());
+  TORCH_CHECK(weight.device() == x.device(), op, ": the weight is on ", weight.device(), " but the input is on ",
+              x.device());
+  TORCH_CHECK(x.size(1) > 0, op, ": the input has no channels (shape ", x.sizes(), ")");
+  TORCH_CHECK(weight.size(0) > 0, op, ": the weight has no output channels (shape ", weight.sizes(), ")");
+  // x.size(1) > 0 and a multiple of weight.size(1): groups = x.size(1) / weight.size(1) >= 1.
+  TORCH_CHECK(weight.size(1) > 0 && x.size(1) % weight.size(1) == 0 &&
+                  weight.size(0) % conv_groups(x, weight) == 0 && weight.size(2) == weight.size(3),
+              op, ": weight must be Cout x (Cin / groups) x k x k with groups dividing Cin = ", x.size(1),
+              " and Cout, got ", weight.sizes());
+  TORCH_CHECK(weight.size(2) % 2 == 1, op, ": kernel size must be odd, got ", weight.size(2));
+  TORCH_CHECK(a.stride == 1 || a.stride == 2, op, ": stride must be 1 or 2, got ", a.stride);
+  TORCH_CHECK(a.padding >= 0 && 2 * a.padding == weight.size(2) - 1, op, ": padding must be (k - 1) / 2 = ",
+              (weight.size(2) - 1) / 2, ", got ", a.padding);
+  const auto dtype = x.scalar_type(), conv_dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
+              ": only float32 and float64 inputs are supported, got ", dtype);
+  TORCH_CHECK(conv_dtype == dtype || (conv_dtype == at::kBFloat16 && dtype == at::kFloat), op,
+              ": the weight must have the input's dtype ", dtype,
+              " (or be bfloat16 with a float32 input, for a bf16 convolution), got ", conv_dtype);
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, op, ": the input's spatial size must be positive, got ", x.sizes());
+  if (a.reflect) {
+    TORCH_CHECK(a.padding < x.size(2) && a.padding < x.size(3), op, ": reflection padding ", a.padding,
+                " must be smaller than the input's spatial size ", x.size(2), " x ", x.size(3));
+  }
+  TORCH_CHECK(x.size(2) + 2 * a.padding >= weight.size(2) && x.size(3) + 2 * a.padding >= weight.size(3), op,
+              ": input ", x.sizes(), " is smaller than the kernel");
+}
+
+// The shape of the block's output (and of the conv output y) for x and weight.
+inline std::vector<int64_t> block_output_size(const at::Tensor& x, const at::Tensor& weight,
+                                              const ConvBlockArgs& a) {
+  const int64_t k = weight.size(2);
+  return {x.size(0), weight.size(0), (x.size(2) + 2 * a.padding - k) / a.stride + 1,
+          (x.size(3) + 2 * a.padding - k) / a.stride + 1};
+}
+
 // User-facing checks shared by the CPU and CUDA forward kernels.
 inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                const c10::optional<at::Tensor>& running_mean,
                                const c10::optional<at::Tensor>& running_var, bool training,
                                const ConvBlockArgs& a) {
-  TORCH_CHECK(x.dim() == 4, "conv_block: input must be N x C x H x W, got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) > 0 && x.size(1) % weight.size(1) == 0 &&
-                  weight.size(0) % conv_groups(x, weight) == 0 && weight.size(2) == weight.size(3),
-              "conv_block: weight must be Cout x (Cin / groups) x k x k with groups dividing Cin = ", x.size(1),
-              " and Cout, got ", weight.sizes());
-  TORCH_CHECK(weight.size(2) % 2 == 1, "conv_block: kernel size must be odd, got ", weight.size(2));
-  TORCH_CHECK(a.stride == 1 || a.stride == 2, "conv_block: stride must be 1 or 2, got ", a.stride);
-  TORCH_CHECK(a.padding >= 0 && 2 * a.padding == weight.size(2) - 1,
-              "conv_block: padding must be (k - 1) / 2 = ", (weight.size(2) - 1) / 2, ", got ", a.padding);
+  constexpr const char* op = "conv_block";
+  check_conv_args(op, x, weight, a);
   const auto dtype = x.scalar_type(), conv_dtype = weight.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "conv_block: only float32 and float64 inputs are supported, got ", dtype);
-  TORCH_CHECK(conv_dtype == dtype || (conv_dtype == at::kBFloat16 && dtype == at::kFloat),
-              "conv_block: the weight must have the input's dtype ", dtype,
-              " (or be bfloat16 with a float32 input, for a bf16 convolution), got ", conv_dtype);
-  TORCH_CHECK(!bias.has_value() || bias->scalar_type() == conv_dtype,
-              "conv_block: the conv bias must have the weight's dtype ", conv_dtype, ", got ",
-              bias.has_value() ? bias->scalar_type() : conv_dtype);
-  TORCH_CHECK(bn_weight.scalar_type() == dtype && bn_bias.scalar_type() == dtype,
-              "conv_block: the BatchNorm weight and bias must have the input's dtype ", dtype);
   const int64_t c = weight.size(0);
-  TORCH_CHECK(bn_weight.numel() == c && bn_bias.numel() == c, "conv_block: BatchNorm weight and bias need ", c,
-              " elements");
-  if (bias.has_value()) TORCH_CHECK(bias->numel() == c, "conv_block: conv bias needs ", c, " elements");
-  if (!training) {
+  if (bias.has_value()) {
+    check_channel_vector(op, "the conv bias", *bias, c, x);
+    TORCH_CHECK(bias->scalar_type() == conv_dtype, "conv_block: the conv bias must have the weight's dtype ",
+                conv_dtype, ", got ", bias->scalar_type());
+  }
+  check_channel_vector(op, "the BatchNorm weight", bn_weight, c, x);
+  check_channel_vector(op, "the BatchNorm bias", bn_bias, c, x);
+  TORCH_CHECK(bn_weight.scalar_type() == dtype && bn_bias.scalar_type() == dtype,
+              "conv_block: the BatchNorm weight and bias must have the input's dtype ", dtype, ", got ",
+              bn_weight.scalar_type(), " and ", bn_bias.scalar_type());
+  if (training) {
+    // As in at::native_batch_norm: the batch statistics of no pixels are undefined.
+    TORCH_CHECK(x.size(0) > 0, "conv_block: training mode (batch statistics) needs a non-empty batch, got input ",
+                x.sizes(), "; an empty batch is only defined in eval mode (training=False with running stats)");
+  } else {
     TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
                 "conv_block: eval mode needs running_mean and running_var");
-    TORCH_CHECK(running_mean->numel() == c && running_var->numel() == c, "conv_block: running stats need ", c,
-                " elements");
+    check_channel_vector(op, "running_mean", *running_mean, c, x);
+    check_channel_vector(op, "running_var", *running_var, c, x);
+    TORCH_CHECK(at::isFloatingType(running_mean->scalar_type()) && at::isFloatingType(running_var->scalar_type()),
+                "conv_block: the running stats must be floating point, got ", running_mean->scalar_type(), " and ",
+                running_var->scalar_type());
   }
-  if (a.reflect) {
-    TORCH_CHECK(a.padding < x.size(2) && a.padding < x.size(3), "conv_block: reflection padding ", a.padding,
-                " must be smaller than the input's spatial size ", x.size(2), " x ", x.size(3));
+}
+
+// User-facing checks shared by the CPU and CUDA backward kernels: x and the
+// options as in the forward, y of the forward's output shape in the weight's
+// dtype, grad_out of that shape, and the statistics and BatchNorm parameters
+// of one element per output channel in the input's dtype.
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& y, const at::Tensor& mean, const at::Tensor& var,
+                                const at::Tensor& bn_weight, const at::Tensor& bn_bias, const ConvBlockArgs& a) {
+  constexpr const char* op = "conv_block_backward";
+  check_conv_args(op, x, weight, a);
+  const auto size = block_output_size(x, weight, a);
+  TORCH_CHECK(y.sizes() == at::IntArrayRef(size), "conv_block_backward: y must have the block's output shape ",
+              at::IntArrayRef(size), " for input ", x.sizes(), " and weight ", weight.sizes(), ", got ", y.sizes());
+  TORCH_CHECK(grad_out.sizes() == y.sizes(), "conv_block_backward: grad_out must have the output's shape ",
+              y.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(y.scalar_type() == weight.scalar_type(), "conv_block_backward: y must have the weight's dtype ",
+              weight.scalar_type(), ", got ", y.scalar_type());
+  TORCH_CHECK(at::isFloatingType(grad_out.scalar_type()), "conv_block_backward: grad_out must be floating point, got ",
+              grad_out.scalar_type());
+  TORCH_CHECK(y.device() == x.device() && grad_out.device() == x.device(),
+              "conv_block_backward: y and grad_out must be on the input's device ", x.device());
+  const int64_t c = weight.size(0);
+  const at::Tensor* vectors[] = {&mean, &var, &bn_weight, &bn_bias};
+  const char* names[] = {"mean", "var", "the BatchNorm weight", "the BatchNorm bias"};
+  for (int i = 0; i < 4; ++i) {
+    check_channel_vector(op, names[i], *vectors[i], c, x);
+    TORCH_CHECK(vectors[i]->scalar_type() == x.scalar_type(), "conv_block_backward: ", names[i],
+                " must have the input's dtype ", x.scalar_type(), ", got ", vectors[i]->scalar_type());
   }
-  TORCH_CHECK(x.size(2) + 2 * a.padding >= weight.size(2) && x.size(3) + 2 * a.padding >= weight.size(3),
-              "conv_block: input ", x.sizes(), " is smaller than the kernel");
 }
 
 // A 1x1 stride-1 ungrouped convolution, which runs as one GEMM.

@@ -41,5 +41,13 @@ inline void check_backward(const at::Tensor& grad_output, int64_t factor, int64_
               " does not match an input of ", height, "×", width, " downsampled by ", factor);
 }
 
+// The CPU kernels take float32 and float64 only; the CUDA kernels also take
+// float16 and bfloat16 (computing in float), so only the CPU kernels call this.
+inline void check_cpu_dtype(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+              ": the CPU kernel takes float32 and float64 tensors (float16 and bfloat16 only on CUDA), got ",
+              t.scalar_type());
+}
+
 }  // namespace lanczos
 }  // namespace dip
