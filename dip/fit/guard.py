@@ -62,6 +62,11 @@ class DivergenceGuard(Monitor):
         self._good = self._copy()
         self._checked = loop.done
 
+    @property
+    def checked(self) -> int:
+        """The iteration up to which every loss was found sound: the latest state the guard vouches for."""
+        return self._checked
+
     def inspect(self, step: Step) -> GuardVerdict:
         """Called by the loop before the other monitors see the step; checks every ``check_every`` steps."""
         if step.iteration % self.check_every and step.iteration < step.loop.budget:

@@ -140,7 +140,14 @@ class PsnrRecorder(Monitor):
 
 
 class Checkpointer(Monitor):
-    """Writes the whole fit state every ``every`` iterations and when the fit is interrupted (atomically)."""
+    """Writes the whole fit state about every ``every`` iterations and when the fit ends (atomically).
+
+    Only states the divergence guard has vouched for are written: a periodic
+    checkpoint waits for the guard's first check at or after each multiple of
+    ``every`` (a state between checks may hold a bad step the guard has not
+    seen yet, and a resume could not roll back past it), and the final one
+    follows the guard's rollback at the end of the fit.
+    """
 
     name = "checkpoint"
     rolls_back = False
@@ -148,9 +155,14 @@ class Checkpointer(Monitor):
     def __init__(self, path: Union[str, os.PathLike], every: int, meta: Optional[dict] = None):
         self.path, self.every, self.meta = path, int(every), dict(meta or {})
         self.written_at: Optional[int] = None
+        self._due_after = 0  # a checkpoint is due once a multiple of ``every`` past this iteration is reached
+
+    def on_start(self, loop: FitLoop) -> None:
+        self._due_after = loop.done  # a resumed fit's own checkpoint holds the state it starts from
 
     def on_step(self, step: Step) -> None:
-        if step.iteration % self.every == 0 and step.iteration < step.loop.budget:
+        due = step.iteration // self.every > self._due_after // self.every
+        if due and step.loop.guard.checked == step.iteration and step.iteration < step.loop.budget:
             self.write(step.loop)
 
     def on_end(self, loop: FitLoop, reason: StopReason) -> None:
@@ -161,7 +173,7 @@ class Checkpointer(Monitor):
         from dip.checkpoint import save_checkpoint
 
         save_checkpoint(self.path, {**loop.state_dict(), "meta": self.meta})
-        self.written_at = loop.done
+        self.written_at = self._due_after = loop.done
 
 
 class Callbacks(Monitor):
