@@ -143,7 +143,10 @@ def restore(
             the mean of the members' returned images and ``uncertainty`` their
             per-pixel spread. ``network``/``render()`` are member 0's.
         callbacks: functions called with a :class:`dip.fit.Step` after each
-            iteration; returning True stops the fit.
+            iteration; returning True stops the fit. An exception a callback
+            raises (or any other escaping the fit, such as out of memory)
+            propagates unchanged, and with ``checkpoint=`` the fit's state is
+            saved there first, as on Ctrl-C: continue with ``resume=``.
         max_pixels: refuse larger images (protects against decompression bombs).
         max_memory: bytes the fit may use (default: the device's free memory).
         init: warm start from a previous fit: a :class:`Restoration`, a fitted

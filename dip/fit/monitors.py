@@ -166,7 +166,7 @@ class Checkpointer(Monitor):
             self.write(step.loop)
 
     def on_end(self, loop: FitLoop, reason: StopReason) -> None:
-        if reason is StopReason.INTERRUPTED and loop.done and self.written_at != loop.done:
+        if reason in (StopReason.INTERRUPTED, StopReason.FAILED) and loop.done and self.written_at != loop.done:
             self.write(loop)
 
     def write(self, loop: FitLoop) -> None:

@@ -24,6 +24,9 @@ class StopReason(str, Enum):
     CALLBACK = "callback"  # a callback returned True
     INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
     DIVERGED = "diverged"  # the loss blew up and the guard gave up (or no guard)
+    #: An exception escaped the fit (a callback's, out of memory): the monitors' ``on_end`` see it (the state
+    #: is rolled back and checkpointed as on Ctrl-C), then the exception propagates; no result carries it.
+    FAILED = "failed"
 
     def __str__(self) -> str:
         return self.value

@@ -1,4 +1,5 @@
 """A fit's result survives what can go wrong around it: checkpoints, raising callbacks, resumes, ensembles."""
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +65,78 @@ def test_checkpoints_come_at_the_first_check_after_each_multiple(small, tmp_path
     dip.restore(observed, iterations=70, network="small", progress=False, checkpoint=ckpt, checkpoint_every=15,
                 callbacks=[watch])
     assert written == [20, 30, 50, 60]  # the first checks at or after 15, 30, 45, 60
+
+
+# ---- 2. an exception escaping the fit leaves its state in the checkpoint --------------------------
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_a_callback_that_raises_leaves_a_checkpoint_and_the_exception_propagates(small, tmp_path):
+    observed, _ = small
+    ckpt = tmp_path / "fit.ckpt"
+    opts = dict(iterations=20, network="small", progress=False, seed=3)
+
+    def broken(step):
+        if step.iteration == 7:
+            raise Boom("the user's bug")
+
+    with pytest.raises(Boom, match="the user's bug") as caught:
+        dip.restore(observed, checkpoint=ckpt, checkpoint_every=100, callbacks=[broken], **opts)
+    assert any("resume=" in note for note in getattr(caught.value, "__notes__", []))
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 7 and _sound(state)
+    resumed = dip.restore(observed, resume=ckpt, **opts)
+    whole = dip.restore(observed, **opts)
+    assert resumed.iterations == 20 and resumed.stop_reason is StopReason.COMPLETED
+    np.testing.assert_array_equal(resumed.image, whole.image)  # the exception lost nothing
+
+
+def test_a_raising_callback_after_a_bad_step_checkpoints_the_rolled_back_state(small, tmp_path):
+    observed, _ = small
+    ckpt = tmp_path / "fit.ckpt"
+
+    def broken(step):
+        if step.iteration == 25:
+            raise Boom("late")
+
+    with pytest.raises(Boom):
+        dip.restore(observed, iterations=40, network="small", progress=False, checkpoint=ckpt, checkpoint_every=100,
+                    callbacks=[_corrupt_at(22), broken])
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 20 and _sound(state) and state["monitors"]["guard"]["rollbacks"] == [23]
+
+
+def test_an_exception_that_cuts_an_update_short_keeps_the_last_sound_checkpoint(small, tmp_path, monkeypatch):
+    # Out of memory halfway through Adam's update: the weights are half-written. The checkpoint of the failure
+    # must not hold them: the guard restores its sound copy first (iteration 0 here), which is older than the
+    # periodic checkpoint of iteration 20, so that one stays.
+    observed, _ = small
+    ckpt, calls = tmp_path / "fit.ckpt", []
+    step = torch.optim.Adam.step
+
+    def failing_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 25:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+            raise RuntimeError("out of memory (simulated)")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        dip.restore(observed, iterations=40, network="small", progress=False, checkpoint=ckpt, checkpoint_every=10)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 20 and _sound(state)
+
+
+def test_an_exception_without_a_checkpoint_propagates_unchanged(small):
+    observed, _ = small
+
+    def broken(step):
+        raise Boom("first step")
+
+    with pytest.raises(Boom, match="first step"):
+        dip.restore(observed, iterations=5, network="small", progress=False, callbacks=[broken])
