@@ -163,11 +163,15 @@ def restore(
         guard: roll back to the last good weights, with a lower learning rate,
             when the loss jumps or turns NaN (a :class:`dip.fit.GuardSettings`,
             True for the defaults, False to only stop on a non-finite loss).
-        checkpoint: file to write the fit's state to every ``checkpoint_every``
-            iterations (atomically).
-            A checkpoint is also written when the fit is interrupted.
+        checkpoint: file to write the fit's state to about every
+            ``checkpoint_every`` iterations (atomically; at the divergence
+            guard's first check at or after each multiple, so that it never
+            holds a step the guard has not vetted), and when the fit ends,
+            whatever ended it (Ctrl-C, an exception, the automatic stop).
         resume: a checkpoint to continue from; with the same settings the
-            result equals the uninterrupted fit's (bit for bit on CPU).
+            result equals the uninterrupted fit's (bit for bit on CPU). The
+            checkpoint of a fit that stopped by itself (automatic stop, noise
+            level, divergence) gives back its result without taking a step.
         overwrite_checkpoint: allow ``checkpoint`` to replace an existing
             checkpoint of another fit (refused by default).
         precision: ``"float32"`` (default), ``"bfloat16"`` (bf16 compute,

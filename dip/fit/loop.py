@@ -176,6 +176,7 @@ class FitLoop:
         self.ema: Optional[torch.Tensor] = None
         self.output: Optional[torch.Tensor] = None
         self.done = 0
+        self.finished: Optional[StopReason] = None  # a resumed checkpoint's final stop: no steps to take
         # True while an update of the state in place (an optimizer step, a monitor's update, a state load) runs:
         # an exception then may have cut it short, and only the guard's copy is known to be whole
         self.mid_update = False
@@ -233,14 +234,14 @@ class FitLoop:
         """
         for m in self.monitors:
             m.on_start(self)
-        reason = StopReason.COMPLETED
+        reason = None
         start = time.perf_counter()
         # None: a bar only when stderr is a terminal. An automatic stop has no known end: no total, no ETA.
         bar = tqdm(total=None if self.settings.auto else self.budget, initial=self.done, desc=description,
                    disable=None if progress is None else not progress, leave=False,
                    dynamic_ncols=True)
         try:
-            while self.done < self.budget:
+            while self.finished is None and self.done < self.budget:
                 loss, out = self.step()
                 self._record(loss, out)
                 bar.update(1)
@@ -249,7 +250,7 @@ class FitLoop:
                     bar.set_postfix(self._postfix(), refresh=False)
                 if reason is not None:
                     break
-            reason = reason or StopReason.COMPLETED
+            reason = reason or self.finished or StopReason.COMPLETED
         except KeyboardInterrupt:
             reason = StopReason.INTERRUPTED
         except Exception as exc:
@@ -381,6 +382,9 @@ class FitLoop:
         self.ema = None if state.get("ema") is None else state["ema"].to(device)
         self.output = None if state.get("output") is None else state["output"].to(device)
         self.series.load_state_dict(state.get("series", {}))
+        if not only_rollback:
+            finished = state.get("stop_reason")
+            self.finished = None if finished is None else StopReason(finished)
         saved = state.get("monitors", {})
         for m in self.monitors:
             if (m.rolls_back or not only_rollback) and m.name in saved:

@@ -142,6 +142,9 @@ class PsnrRecorder(Monitor):
 class Checkpointer(Monitor):
     """Writes the whole fit state about every ``every`` iterations and when the fit ends (atomically).
 
+    The final checkpoint of a fit that ended by a :attr:`StopReason.final` stop records that reason, and a
+    resume of it returns the result without taking steps.
+
     Only states the divergence guard has vouched for are written: a periodic
     checkpoint waits for the guard's first check at or after each multiple of
     ``every`` (a state between checks may hold a bad step the guard has not
@@ -166,13 +169,19 @@ class Checkpointer(Monitor):
             self.write(step.loop)
 
     def on_end(self, loop: FitLoop, reason: StopReason) -> None:
-        if reason in (StopReason.INTERRUPTED, StopReason.FAILED) and loop.done and self.written_at != loop.done:
+        """Write the final state: a resume continues it, or, after a :attr:`StopReason.final` stop, returns it."""
+        if not loop.done:
+            return
+        if reason.final:  # the file must say so even where it holds this state already
+            self.write(loop, finished=reason)
+        elif self.written_at != loop.done:
             self.write(loop)
 
-    def write(self, loop: FitLoop) -> None:
+    def write(self, loop: FitLoop, finished: Optional[StopReason] = None) -> None:
         from dip.checkpoint import save_checkpoint
 
-        save_checkpoint(self.path, {**loop.state_dict(), "meta": self.meta})
+        save_checkpoint(self.path, {**loop.state_dict(), "meta": self.meta,
+                                    "stop_reason": None if finished is None else finished.value})
         self.written_at = self._due_after = loop.done
 
 

@@ -28,6 +28,15 @@ class StopReason(str, Enum):
     #: is rolled back and checkpointed as on Ctrl-C), then the exception propagates; no result carries it.
     FAILED = "failed"
 
+    @property
+    def final(self) -> bool:
+        """True when the fit judged itself done: a resume of its checkpoint hands back the result, taking no steps.
+
+        (A completed fit resumes up to a larger ``iterations``; an interrupted, failed or callback-stopped one
+        goes on.)
+        """
+        return self in (StopReason.AUTO_STOP, StopReason.NOISE_LEVEL, StopReason.DIVERGED)
+
     def __str__(self) -> str:
         return self.value
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dip
-from dip.fit import StopReason
+from dip.fit import EarlyStopping, StopReason
 
 
 @pytest.fixture
@@ -140,3 +140,39 @@ def test_an_exception_without_a_checkpoint_propagates_unchanged(small):
 
     with pytest.raises(Boom, match="first step"):
         dip.restore(observed, iterations=5, network="small", progress=False, callbacks=[broken])
+
+
+# ---- 3. a finished fit's checkpoint resumes to its result, taking no steps -----------------------
+
+
+@pytest.mark.parametrize("stop", ["auto", "noise"])
+def test_resuming_a_finished_fit_returns_its_result_without_steps(small, tmp_path, stop):
+    observed, _ = small
+    ckpt = tmp_path / "fit.ckpt"
+    if stop == "auto":  # stops at iteration 70, a multiple of checkpoint_every
+        opts = dict(max_iterations=300, early_stopping=EarlyStopping(window=10, patience=20))
+        reason = StopReason.AUTO_STOP
+    else:
+        opts = dict(iterations=100, noise_sigma=0.2)
+        reason = StopReason.NOISE_LEVEL
+    opts.update(network="small", progress=False)
+    first = dip.restore(observed, checkpoint=ckpt, checkpoint_every=10, **opts)
+    assert first.stop_reason is reason and first.iterations < 100
+    steps = []
+    again = dip.restore(observed, resume=ckpt, callbacks=[lambda s: steps.append(s.iteration)], **opts)
+    assert steps == []
+    assert again.stop_reason is reason and again.iterations == first.iterations
+    assert again.stopped_at == first.stopped_at
+    np.testing.assert_array_equal(again.image, first.image)
+    assert again.history.loss == first.history.loss
+
+
+def test_a_callback_stop_leaves_a_checkpoint_that_resumes_to_the_end(small, tmp_path):
+    observed, _ = small
+    ckpt = tmp_path / "fit.ckpt"
+    opts = dict(iterations=30, network="small", progress=False)
+    cut = dip.restore(observed, checkpoint=ckpt, checkpoint_every=100,
+                      callbacks=[lambda s: s.iteration == 13], **opts)
+    assert cut.stop_reason is StopReason.CALLBACK and torch.load(ckpt, weights_only=True)["iteration"] == 13
+    resumed = dip.restore(observed, resume=ckpt, **opts)
+    assert resumed.stop_reason is StopReason.COMPLETED and resumed.iterations == 30
