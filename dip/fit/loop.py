@@ -37,12 +37,16 @@ log = logging.getLogger("dip")
 
 @dataclass
 class Step:
-    """What callbacks and monitors see after each step (tensors stay on the fit's device)."""
+    """What callbacks and monitors see after each step (tensors stay on the fit's device).
+
+    ``output`` and ``ema`` are K×C×H×W: K = 1, or one image per member of an ensemble
+    (``restore(ensemble=K)``), whose returned image is their mean, ``output.mean(0, keepdim=True)``.
+    """
 
     iteration: int  # 1-based count of finished iterations
-    loss: torch.Tensor  # 0-d, detached
-    output: torch.Tensor  # cropped network output, 1×C×H×W, detached
-    ema: torch.Tensor  # running average of outputs, 1×C×H×W
+    loss: torch.Tensor  # 0-d, detached (an ensemble's: the mean over its members)
+    output: torch.Tensor  # cropped network output, K×C×H×W (K = 1 but for ensembles), detached
+    ema: torch.Tensor  # running average of outputs, K×C×H×W
     network: nn.Module
     optimizer: torch.optim.Optimizer
     loop: FitLoop = field(repr=False, default=None)
@@ -57,8 +61,8 @@ class History:
     """Per-iteration records of a fit (lists of floats, index i = iteration i + 1)."""
 
     loss: list = field(default_factory=list)
-    psnr: list = field(default_factory=list)  # of the raw output against the reference
-    psnr_ema: list = field(default_factory=list)  # of the averaged output against the reference
+    psnr: list = field(default_factory=list)  # of the raw output (an ensemble's: its members' mean) vs the reference
+    psnr_ema: list = field(default_factory=list)  # of the averaged output (an ensemble's: the mean) vs the reference
     variance: list = field(default_factory=list)  # the stopping signal (inf while its window fills)
     rollbacks: list = field(default_factory=list)  # iterations whose loss the divergence guard rejected
 
@@ -113,8 +117,8 @@ class FitResult:
     """The outcome of :func:`fit`."""
 
     image: torch.Tensor  # the restored image: the moving average, or the automatic stop's selection
-    ema: torch.Tensor  # 1×C×H×W moving average at the end of the fit
-    output: torch.Tensor  # 1×C×H×W last network output
+    ema: torch.Tensor  # K×C×H×W moving average at the end of the fit (K = 1 but for ensembles, as in Step)
+    output: torch.Tensor  # K×C×H×W last network output
     history: History
     iterations: int  # iterations completed
     stop_reason: StopReason

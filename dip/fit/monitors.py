@@ -127,7 +127,10 @@ class DiscrepancyStop(Monitor):
 
 
 class PsnrRecorder(Monitor):
-    """Records the PSNR of the raw and the averaged output against a known clean image (on the device)."""
+    """Records the PSNR of the raw and the averaged output against a known clean image (on the device).
+
+    An ensemble's outputs (K×C×H×W) count as the image it returns: the members' mean.
+    """
 
     name = "psnr"
 
@@ -135,8 +138,13 @@ class PsnrRecorder(Monitor):
         self.reference = reference
 
     def on_step(self, step: Step) -> None:
-        step.loop.series.put("psnr", step.iteration, psnr_torch(step.output, self.reference))
-        step.loop.series.put("psnr_ema", step.iteration, psnr_torch(step.ema, self.reference))
+        step.loop.series.put("psnr", step.iteration, psnr_torch(members_mean(step.output), self.reference))
+        step.loop.series.put("psnr_ema", step.iteration, psnr_torch(members_mean(step.ema), self.reference))
+
+
+def members_mean(images: torch.Tensor) -> torch.Tensor:
+    """The image of an ensemble's K×C×H×W outputs, their mean (1×C×H×W); a single fit's as it is."""
+    return images if images.shape[0] == 1 else images.mean(dim=0, keepdim=True)
 
 
 class Checkpointer(Monitor):
