@@ -29,7 +29,7 @@ from dip.fit.members import MemberVarianceStopper
 from dip.fit.settings import is_auto
 from dip.fit.stopping import VarianceStopper
 from dip.fit.sure import pad_to_input
-from dip.io import MAX_PIXELS, ImageLike, load_image
+from dip.io import MAX_PIXELS, ImageLike, check_folder, load_image
 from dip.memory import check_fits_in_memory
 from dip.nn.blocks import network_path
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
@@ -247,6 +247,8 @@ def _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every
     if max_iterations is not None and not (iterations is None or is_auto(iterations)):
         raise DipError(f"max_iterations caps the automatic stop; with iterations={iterations!r} the fit runs exactly "
                        "that many steps (drop max_iterations, or use iterations='auto')")
+    if checkpoint is not None:
+        check_folder(checkpoint)  # now, not at the first write, checkpoint_every steps into the fit
     if checkpoint is None:
         for name, given in (("checkpoint_every", checkpoint_every is not None),
                             ("overwrite_checkpoint", bool(overwrite_checkpoint))):

@@ -193,3 +193,16 @@ def test_an_ensembles_psnr_history_is_that_of_the_returned_mean(small):
     assert result.history.psnr_ema[-1] == pytest.approx(result.psnr, abs=1e-3)
     assert result.history.psnr[-1] == pytest.approx(dip.psnr(result.output, clean), abs=1e-3)
     assert all(math.isfinite(v) for v in result.history.psnr)
+
+
+# ---- checkpoint files that cannot be written ----------------------------------------------------
+
+
+def test_a_checkpoint_in_a_missing_folder_is_refused_before_the_fit(small, tmp_path):
+    # The first write, checkpoint_every steps into the fit, raised and lost the fit so far.
+    observed, _ = small
+    steps = []
+    with pytest.raises(dip.DipError, match="does not exist"):
+        dip.restore(observed, iterations=30, network="small", progress=False, checkpoint=tmp_path / "no" / "fit.ckpt",
+                    checkpoint_every=10, callbacks=[lambda s: steps.append(s.iteration)])
+    assert steps == []
