@@ -12,17 +12,21 @@ This module holds the small monitors; the variance stopper lives in
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
+from dip.errors import DipError
 from dip.fit.settings import StopReason
 from dip.metrics import psnr_torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from dip.fit.loop import FitLoop, Step
+
+log = logging.getLogger("dip")
 
 
 class Monitor:
@@ -151,7 +155,8 @@ class Checkpointer(Monitor):
     """Writes the whole fit state about every ``every`` iterations and when the fit ends (atomically).
 
     The final checkpoint of a fit that ended by a :attr:`StopReason.final` stop records that reason, and a
-    resume of it returns the result without taking steps.
+    resume of it returns the result without taking steps. A write that fails (a full disk) leaves the previous
+    checkpoint as it was and is logged as a warning on the ``dip`` logger; the fit goes on.
 
     Only states the divergence guard has vouched for are written: a periodic
     checkpoint waits for the guard's first check at or after each multiple of
@@ -188,8 +193,14 @@ class Checkpointer(Monitor):
     def write(self, loop: FitLoop, finished: Optional[StopReason] = None) -> None:
         from dip.checkpoint import save_checkpoint
 
-        save_checkpoint(self.path, {**loop.state_dict(), "meta": self.meta,
-                                    "stop_reason": None if finished is None else finished.value})
+        try:
+            save_checkpoint(self.path, {**loop.state_dict(), "meta": self.meta,
+                                        "stop_reason": None if finished is None else finished.value})
+        except (OSError, DipError) as exc:  # a full disk, a folder gone: the fit and its result matter more
+            kept = "no checkpoint yet" if self.written_at is None else f"the checkpoint of iteration {self.written_at}"
+            log.warning("could not write the checkpoint %s at iteration %d (%s); the fit goes on, %s is kept",
+                        self.path, loop.done, exc, kept)
+            return
         self.written_at = self._due_after = loop.done
 
 

@@ -206,3 +206,30 @@ def test_a_checkpoint_in_a_missing_folder_is_refused_before_the_fit(small, tmp_p
         dip.restore(observed, iterations=30, network="small", progress=False, checkpoint=tmp_path / "no" / "fit.ckpt",
                     checkpoint_every=10, callbacks=[lambda s: steps.append(s.iteration)])
     assert steps == []
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_the_fit(small, tmp_path, monkeypatch, caplog):
+    # A checkpoint write that failed (no space left) raised out of the fit: the result of a long run was lost.
+    import errno
+
+    observed, _ = small
+    ckpt, save, calls = tmp_path / "fit.ckpt", torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            with open(f, "wb") as out:
+                out.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with caplog.at_level("WARNING", logger="dip"):
+        result = dip.restore(observed, iterations=40, network="small", progress=False, checkpoint=ckpt,
+                             checkpoint_every=10)
+    assert result.stop_reason is StopReason.COMPLETED and result.iterations == 40
+    assert len(calls) == 4  # at 10 (written), 20, 30 and the end (failed)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 10 and _sound(state)
+    assert [p.name for p in tmp_path.iterdir()] == ["fit.ckpt"]  # no temporaries left behind
+    assert any("iteration 10" in r.getMessage() and "No space left" in r.getMessage() for r in caplog.records)
