@@ -29,7 +29,7 @@ from dip.fit.members import MemberVarianceStopper
 from dip.fit.settings import is_auto
 from dip.fit.stopping import VarianceStopper
 from dip.fit.sure import pad_to_input
-from dip.io import MAX_PIXELS, ImageLike, load_image
+from dip.io import MAX_PIXELS, ImageLike, check_folder, load_image
 from dip.memory import check_fits_in_memory
 from dip.nn.blocks import network_path
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
@@ -143,7 +143,10 @@ def restore(
             the mean of the members' returned images and ``uncertainty`` their
             per-pixel spread. ``network``/``render()`` are member 0's.
         callbacks: functions called with a :class:`dip.fit.Step` after each
-            iteration; returning True stops the fit.
+            iteration; returning True stops the fit. An exception a callback
+            raises (or any other escaping the fit, such as out of memory)
+            propagates unchanged, and with ``checkpoint=`` the fit's state is
+            saved there first, as on Ctrl-C: continue with ``resume=``.
         max_pixels: refuse larger images (protects against decompression bombs).
         max_memory: bytes the fit may use (default: the device's free memory).
         init: warm start from a previous fit: a :class:`Restoration`, a fitted
@@ -160,11 +163,15 @@ def restore(
         guard: roll back to the last good weights, with a lower learning rate,
             when the loss jumps or turns NaN (a :class:`dip.fit.GuardSettings`,
             True for the defaults, False to only stop on a non-finite loss).
-        checkpoint: file to write the fit's state to every ``checkpoint_every``
-            iterations (atomically).
-            A checkpoint is also written when the fit is interrupted.
+        checkpoint: file to write the fit's state to about every
+            ``checkpoint_every`` iterations (atomically; at the divergence
+            guard's first check at or after each multiple, so that it never
+            holds a step the guard has not vetted), and when the fit ends,
+            whatever ended it (Ctrl-C, an exception, the automatic stop).
         resume: a checkpoint to continue from; with the same settings the
-            result equals the uninterrupted fit's (bit for bit on CPU).
+            result equals the uninterrupted fit's (bit for bit on CPU). The
+            checkpoint of a fit that stopped by itself (automatic stop, noise
+            level, divergence) gives back its result without taking a step.
         overwrite_checkpoint: allow ``checkpoint`` to replace an existing
             checkpoint of another fit (refused by default).
         precision: ``"float32"`` (default), ``"bfloat16"`` (bf16 compute,
@@ -240,6 +247,8 @@ def _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every
     if max_iterations is not None and not (iterations is None or is_auto(iterations)):
         raise DipError(f"max_iterations caps the automatic stop; with iterations={iterations!r} the fit runs exactly "
                        "that many steps (drop max_iterations, or use iterations='auto')")
+    if checkpoint is not None:
+        check_folder(checkpoint)  # now, not at the first write, checkpoint_every steps into the fit
     if checkpoint is None:
         for name, given in (("checkpoint_every", checkpoint_every is not None),
                             ("overwrite_checkpoint", bool(overwrite_checkpoint))):

@@ -62,6 +62,11 @@ class DivergenceGuard(Monitor):
         self._good = self._copy()
         self._checked = loop.done
 
+    @property
+    def checked(self) -> int:
+        """The iteration up to which every loss was found sound: the latest state the guard vouches for."""
+        return self._checked
+
     def inspect(self, step: Step) -> GuardVerdict:
         """Called by the loop before the other monitors see the step; checks every ``check_every`` steps."""
         if step.iteration % self.check_every and step.iteration < step.loop.budget:
@@ -69,12 +74,20 @@ class DivergenceGuard(Monitor):
         return self.check()
 
     def on_end(self, loop: FitLoop, reason: StopReason) -> None:
-        # Stopped between checks (a callback, Ctrl-C): never hand back a state with a bad step in it.
-        if reason is not StopReason.DIVERGED:
-            bad = self._first_bad()
-            if bad is not None:
-                self.rollbacks.append(bad)
-                self._roll_back(bad)
+        if reason is StopReason.DIVERGED:  # check() restored the sound copy already
+            return
+        if loop.mid_update:
+            # Ctrl-C or an exception cut an update of the state short (an optimizer step, a monitor's, a
+            # rollback's load): only the sound copy is known to be whole.
+            self._pending = None
+            loop.load_state_dict(self._good, only_rollback=True)
+            self._checked = loop.done
+            return
+        # Stopped between checks (a callback, Ctrl-C, an exception): never hand back a state with a bad step in it.
+        bad = self._first_bad()
+        if bad is not None:
+            self.rollbacks.append(bad)
+            self._roll_back(bad)
 
     def check(self) -> GuardVerdict:
         """Inspect the losses since the last check: roll back, give up, or keep a new copy."""

@@ -13,6 +13,8 @@ come back with it.
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,15 +32,21 @@ from dip.fit.settings import FitSettings, GuardSettings, Objective, Precision, S
 from dip.fit.stopping import VarianceStopper
 from dip.fit.sure import PROBE_STEP, pad_to_input, sure_objective
 
+log = logging.getLogger("dip")
+
 
 @dataclass
 class Step:
-    """What callbacks and monitors see after each step (tensors stay on the fit's device)."""
+    """What callbacks and monitors see after each step (tensors stay on the fit's device).
+
+    ``output`` and ``ema`` are K×C×H×W: K = 1, or one image per member of an ensemble
+    (``restore(ensemble=K)``), whose returned image is their mean, ``output.mean(0, keepdim=True)``.
+    """
 
     iteration: int  # 1-based count of finished iterations
-    loss: torch.Tensor  # 0-d, detached
-    output: torch.Tensor  # cropped network output, 1×C×H×W, detached
-    ema: torch.Tensor  # running average of outputs, 1×C×H×W
+    loss: torch.Tensor  # 0-d, detached (an ensemble's: the mean over its members)
+    output: torch.Tensor  # cropped network output, K×C×H×W (K = 1 but for ensembles), detached
+    ema: torch.Tensor  # running average of outputs, K×C×H×W
     network: nn.Module
     optimizer: torch.optim.Optimizer
     loop: FitLoop = field(repr=False, default=None)
@@ -53,8 +61,8 @@ class History:
     """Per-iteration records of a fit (lists of floats, index i = iteration i + 1)."""
 
     loss: list = field(default_factory=list)
-    psnr: list = field(default_factory=list)  # of the raw output against the reference
-    psnr_ema: list = field(default_factory=list)  # of the averaged output against the reference
+    psnr: list = field(default_factory=list)  # of the raw output (an ensemble's: its members' mean) vs the reference
+    psnr_ema: list = field(default_factory=list)  # of the averaged output (an ensemble's: the mean) vs the reference
     variance: list = field(default_factory=list)  # the stopping signal (inf while its window fills)
     rollbacks: list = field(default_factory=list)  # iterations whose loss the divergence guard rejected
 
@@ -109,8 +117,8 @@ class FitResult:
     """The outcome of :func:`fit`."""
 
     image: torch.Tensor  # the restored image: the moving average, or the automatic stop's selection
-    ema: torch.Tensor  # 1×C×H×W moving average at the end of the fit
-    output: torch.Tensor  # 1×C×H×W last network output
+    ema: torch.Tensor  # K×C×H×W moving average at the end of the fit (K = 1 but for ensembles, as in Step)
+    output: torch.Tensor  # K×C×H×W last network output
     history: History
     iterations: int  # iterations completed
     stop_reason: StopReason
@@ -172,6 +180,10 @@ class FitLoop:
         self.ema: Optional[torch.Tensor] = None
         self.output: Optional[torch.Tensor] = None
         self.done = 0
+        self.finished: Optional[StopReason] = None  # a resumed checkpoint's final stop: no steps to take
+        # True while an update of the state in place (an optimizer step, a monitor's update, a state load) runs:
+        # an exception then may have cut it short, and only the guard's copy is known to be whole
+        self.mid_update = False
         self._autocast = autocast_dtype(settings.precision, z.device)
         if settings.objective is Objective.SURE and settings.noise_sigma is None:
             raise DipError("objective='sure' needs the noise level: give noise_sigma= (restore() estimates it)")
@@ -192,6 +204,7 @@ class FitLoop:
         out = out.float()
         loss = torch.mean((self.operator(out) - self.target) ** 2)
         loss.backward()
+        self.mid_update = True  # until _record has taken the step in
         self.optimizer.step()
         return loss.detach(), out.detach()
 
@@ -213,21 +226,26 @@ class FitLoop:
         probed = _crop(self.net(net_in + PROBE_STEP * pad_to_input(probe, height, width, crop)), self.crop).float()
         objective, misfit = sure_objective(out, probed, probe, self.target, self.settings.noise_sigma)
         objective.backward()
+        self.mid_update = True  # until _record has taken the step in
         self.optimizer.step()
         return misfit, out.detach()
 
     def run(self, *, progress: Optional[bool] = None, description: str = "dip") -> FitResult:
-        """Take steps until the budget is spent or a monitor stops the fit; Ctrl-C ends it early."""
+        """Take steps until the budget is spent or a monitor stops the fit; Ctrl-C ends it early.
+
+        Any other exception (a callback's, out of memory) ends the fit as Ctrl-C does — the guard's rollback,
+        the checkpoint when one was asked for — and then propagates unchanged.
+        """
         for m in self.monitors:
             m.on_start(self)
-        reason = StopReason.COMPLETED
+        reason = None
         start = time.perf_counter()
         # None: a bar only when stderr is a terminal. An automatic stop has no known end: no total, no ETA.
         bar = tqdm(total=None if self.settings.auto else self.budget, initial=self.done, desc=description,
                    disable=None if progress is None else not progress, leave=False,
                    dynamic_ncols=True)
         try:
-            while self.done < self.budget:
+            while self.finished is None and self.done < self.budget:
                 loss, out = self.step()
                 self._record(loss, out)
                 bar.update(1)
@@ -236,18 +254,40 @@ class FitLoop:
                     bar.set_postfix(self._postfix(), refresh=False)
                 if reason is not None:
                     break
-            reason = reason or StopReason.COMPLETED
+            reason = reason or self.finished or StopReason.COMPLETED
         except KeyboardInterrupt:
             reason = StopReason.INTERRUPTED
+        except Exception as exc:
+            bar.close()
+            self._end_failed(exc)
+            raise
         finally:
             bar.close()
+        self._end(reason)
+        return self._result(reason, time.perf_counter() - start)
+
+    def _end(self, reason: StopReason) -> None:
         # The guard first: it undoes a bad step taken since its last check, so that the others (the Ctrl-C
         # checkpoint above all) see the sound state the result is made of, never the bad one.
         self.guard.on_end(self, reason)
         for m in self.monitors:
             if m is not self.guard:
                 m.on_end(self, reason)
-        return self._result(reason, time.perf_counter() - start)
+
+    def _end_failed(self, exc: Exception) -> None:
+        """End the fit after ``exc`` escaped it, as Ctrl-C does, so that its state is kept; the caller re-raises.
+
+        The exception gets a note saying where the state was saved and how to resume it.
+        """
+        try:
+            self._end(StopReason.FAILED)
+        except Exception as again:  # the device may be unusable (a CUDA error): keep the first error, say so
+            log.warning("the fit failed with %s and could not be ended cleanly: %s", type(exc).__name__, again)
+            return
+        saved = next((m for m in self.monitors if isinstance(m, Checkpointer) and m.written_at == self.done), None)
+        if saved is not None and self.done:
+            exc.add_note(f"dip: the fit's state at iteration {self.done} was saved to {saved.path}; continue it "
+                         f"with resume={os.fspath(saved.path)!r} (and the same settings)")
 
     def _record(self, loss: torch.Tensor, out: torch.Tensor) -> None:
         self.output = out
@@ -257,6 +297,7 @@ class FitLoop:
         self.ema = out.clone() if self.ema is None else self.ema.mul_(kept).add_(out, alpha=1.0 - kept)
         self.done += 1
         self.series.put("loss", self.done, loss)
+        self.mid_update = False
 
     def _after_step(self, step: Step) -> Optional[StopReason]:
         """The guard first (a rolled-back step is seen by no one), then every other monitor in turn."""
@@ -265,7 +306,12 @@ class FitLoop:
             return StopReason.DIVERGED
         if verdict is GuardVerdict.ROLLED_BACK:
             return None
-        reasons = [m.on_step(step) for m in self.monitors if m is not self.guard]  # all see every step
+        reasons = []
+        for m in self.monitors:  # all see every step
+            if m is not self.guard:
+                self.mid_update = m.rolls_back  # its state is the fit's: an exception may cut its update short
+                reasons.append(m.on_step(step))
+        self.mid_update = False
         return next((r for r in reasons if r is not None), None)
 
     def _postfix(self) -> dict:
@@ -326,6 +372,7 @@ class FitLoop:
 
     def load_state_dict(self, state: dict, *, only_rollback: bool = False) -> None:
         """Continue from :meth:`state_dict` (a checkpoint, or the guard's snapshot)."""
+        self.mid_update = True
         state = copy_state(None, state)  # never alias the caller's tensors: the fit updates in place
         device = self.z.device
         done = int(state["iteration"])
@@ -339,10 +386,14 @@ class FitLoop:
         self.ema = None if state.get("ema") is None else state["ema"].to(device)
         self.output = None if state.get("output") is None else state["output"].to(device)
         self.series.load_state_dict(state.get("series", {}))
+        if not only_rollback:
+            finished = state.get("stop_reason")
+            self.finished = None if finished is None else StopReason(finished)
         saved = state.get("monitors", {})
         for m in self.monitors:
             if (m.rolls_back or not only_rollback) and m.name in saved:
                 m.load_state_dict(_to_device(saved[m.name], device))
+        self.mid_update = False
 
 
 def default_monitors(settings: FitSettings, *, reference: Optional[torch.Tensor] = None,
@@ -387,7 +438,10 @@ def fit(net: nn.Module, z: torch.Tensor, operator: Callable, target: torch.Tenso
     and on Ctrl-C, and ``resume_state`` (a loaded checkpoint) continues such
     a fit exactly. ``warmup`` ramps the learning rate up over that many steps
     (warm starts). ``monitors`` replaces the monitors ``settings`` implies.
-    A KeyboardInterrupt ends the fit early and still returns the result.
+    A KeyboardInterrupt ends the fit early and still returns the result. Any other exception escaping the fit
+    (a callback's, out of memory) propagates unchanged, after the state the result would have been made of —
+    rolled back by the guard as on Ctrl-C — is written to ``checkpoint`` (a note on the exception says so):
+    fix the cause and pass that checkpoint as ``resume_state`` to continue.
     """
     settings = settings or FitSettings(iterations=3000)
     if monitors is None:

@@ -12,17 +12,21 @@ This module holds the small monitors; the variance stopper lives in
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
+from dip.errors import DipError
 from dip.fit.settings import StopReason
 from dip.metrics import psnr_torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from dip.fit.loop import FitLoop, Step
+
+log = logging.getLogger("dip")
 
 
 class Monitor:
@@ -127,7 +131,10 @@ class DiscrepancyStop(Monitor):
 
 
 class PsnrRecorder(Monitor):
-    """Records the PSNR of the raw and the averaged output against a known clean image (on the device)."""
+    """Records the PSNR of the raw and the averaged output against a known clean image (on the device).
+
+    An ensemble's outputs (K×C×H×W) count as the image it returns: the members' mean.
+    """
 
     name = "psnr"
 
@@ -135,12 +142,28 @@ class PsnrRecorder(Monitor):
         self.reference = reference
 
     def on_step(self, step: Step) -> None:
-        step.loop.series.put("psnr", step.iteration, psnr_torch(step.output, self.reference))
-        step.loop.series.put("psnr_ema", step.iteration, psnr_torch(step.ema, self.reference))
+        step.loop.series.put("psnr", step.iteration, psnr_torch(members_mean(step.output), self.reference))
+        step.loop.series.put("psnr_ema", step.iteration, psnr_torch(members_mean(step.ema), self.reference))
+
+
+def members_mean(images: torch.Tensor) -> torch.Tensor:
+    """The image of an ensemble's K×C×H×W outputs, their mean (1×C×H×W); a single fit's as it is."""
+    return images if images.shape[0] == 1 else images.mean(dim=0, keepdim=True)
 
 
 class Checkpointer(Monitor):
-    """Writes the whole fit state every ``every`` iterations and when the fit is interrupted (atomically)."""
+    """Writes the whole fit state about every ``every`` iterations and when the fit ends (atomically).
+
+    The final checkpoint of a fit that ended by a :attr:`StopReason.final` stop records that reason, and a
+    resume of it returns the result without taking steps. A write that fails (a full disk) leaves the previous
+    checkpoint as it was and is logged as a warning on the ``dip`` logger; the fit goes on.
+
+    Only states the divergence guard has vouched for are written: a periodic
+    checkpoint waits for the guard's first check at or after each multiple of
+    ``every`` (a state between checks may hold a bad step the guard has not
+    seen yet, and a resume could not roll back past it), and the final one
+    follows the guard's rollback at the end of the fit.
+    """
 
     name = "checkpoint"
     rolls_back = False
@@ -148,20 +171,37 @@ class Checkpointer(Monitor):
     def __init__(self, path: Union[str, os.PathLike], every: int, meta: Optional[dict] = None):
         self.path, self.every, self.meta = path, int(every), dict(meta or {})
         self.written_at: Optional[int] = None
+        self._due_after = 0  # a checkpoint is due once a multiple of ``every`` past this iteration is reached
+
+    def on_start(self, loop: FitLoop) -> None:
+        self._due_after = loop.done  # a resumed fit's own checkpoint holds the state it starts from
 
     def on_step(self, step: Step) -> None:
-        if step.iteration % self.every == 0 and step.iteration < step.loop.budget:
+        due = step.iteration // self.every > self._due_after // self.every
+        if due and step.loop.guard.checked == step.iteration and step.iteration < step.loop.budget:
             self.write(step.loop)
 
     def on_end(self, loop: FitLoop, reason: StopReason) -> None:
-        if reason is StopReason.INTERRUPTED and loop.done and self.written_at != loop.done:
+        """Write the final state: a resume continues it, or, after a :attr:`StopReason.final` stop, returns it."""
+        if not loop.done:
+            return
+        if reason.final:  # the file must say so even where it holds this state already
+            self.write(loop, finished=reason)
+        elif self.written_at != loop.done:
             self.write(loop)
 
-    def write(self, loop: FitLoop) -> None:
+    def write(self, loop: FitLoop, finished: Optional[StopReason] = None) -> None:
         from dip.checkpoint import save_checkpoint
 
-        save_checkpoint(self.path, {**loop.state_dict(), "meta": self.meta})
-        self.written_at = loop.done
+        try:
+            save_checkpoint(self.path, {**loop.state_dict(), "meta": self.meta,
+                                        "stop_reason": None if finished is None else finished.value})
+        except (OSError, DipError) as exc:  # a full disk, a folder gone: the fit and its result matter more
+            kept = "no checkpoint yet" if self.written_at is None else f"the checkpoint of iteration {self.written_at}"
+            log.warning("could not write the checkpoint %s at iteration %d (%s); the fit goes on, %s is kept",
+                        self.path, loop.done, exc, kept)
+            return
+        self.written_at = self._due_after = loop.done
 
 
 class Callbacks(Monitor):

@@ -24,6 +24,18 @@ class StopReason(str, Enum):
     CALLBACK = "callback"  # a callback returned True
     INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
     DIVERGED = "diverged"  # the loss blew up and the guard gave up (or no guard)
+    #: An exception escaped the fit (a callback's, out of memory): the monitors' ``on_end`` see it (the state
+    #: is rolled back and checkpointed as on Ctrl-C), then the exception propagates; no result carries it.
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        """True when the fit judged itself done: a resume of its checkpoint hands back the result, taking no steps.
+
+        (A completed fit resumes up to a larger ``iterations``; an interrupted, failed or callback-stopped one
+        goes on.)
+        """
+        return self in (StopReason.AUTO_STOP, StopReason.NOISE_LEVEL, StopReason.DIVERGED)
 
     def __str__(self) -> str:
         return self.value

@@ -107,6 +107,7 @@ class VarianceStopper(Monitor):
 
     def on_start(self, loop: FitLoop) -> None:
         self._net = loop.net
+        self._iteration = loop.done  # a resumed fit's (one that ended takes no step to set it)
         self._lag = loop.settings.average_lag
         if self.config.select is Selection.WEIGHT_EMA:
             self._parameters = {name: p.detach() for name, p in loop.net.named_parameters()}
