@@ -15,7 +15,8 @@ be called before a fit.
 Formats: everything Pillow reads; 16-bit PNG (grey, RGB, RGBA); TIFF through
 ``tifffile`` when it is installed (16-bit and float colour, stacks of any
 number of channels; without it Pillow's TIFF support: 8-bit, 16-bit and float
-grey); ``.npy`` arrays (H×W or H×W×C). Arrays follow one convention: 2 or 4
+grey); ``.npy`` arrays (H×W or H×W×C). A PIL image that Pillow decoded at 8 bits from a 16-bit
+colour file is read from its file when it still matches it, else the loss is noted in ``meta.notes``. Arrays follow one convention: 2 or 4
 channels mean the last one is alpha; any other count is all data.
 
 Files are untrusted: their pixel count is checked from the header before any
@@ -65,6 +66,8 @@ _ANY_CHANNELS = {"TIFF", "NPY"}
 _DPI = {"PNG", "JPEG", "TIFF"}
 _ICC = {"PNG", "JPEG", "TIFF", "WEBP"}
 _TIFF_SUFFIXES = (".tif", ".tiff")
+#: Pillow's raw modes of the 16-bit PNGs it decodes at 8 bits: RGB and RGBA (which dip reads exactly), grey+alpha.
+_PNG16_COLOUR = ("RGB;16B", "RGBA;16B", "LA;16B")
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class _Decoded:
     dpi: Optional[tuple[float, float]] = None
     orientation: int = 1
     frames: int = 1
+    notes: tuple[str, ...] = ()  # what was lost or changed while decoding, in words
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -167,13 +171,7 @@ def decode(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXEL
     if isinstance(image, (str, os.PathLike)):
         decoded = _read_file(Path(image), name, max_pixels)
     elif isinstance(image, Image.Image):
-        _check_pixels(image.size, name, max_pixels)
-        try:  # an image from Image.open is decoded only now
-            array, alpha = _pil_to_array(image)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise DipError(f"cannot read {name} (PIL image): its data cannot be decoded ({exc})") from None
-        decoded = _Decoded(array, alpha, f"{name} (PIL image)", icc=image.info.get("icc_profile"),
-                           dpi=_dpi_of(image), orientation=int(image.getexif().get(0x0112, 1) or 1))
+        decoded = _decode_pil(image, name, max_pixels)
     elif isinstance(image, np.ndarray):
         array = _as_hwc(image, name)
         decoded = _Decoded(array, array.shape[2] in (2, 4), f"{name} (numpy array)")
@@ -187,6 +185,51 @@ def decode(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXEL
     if decoded.orientation not in (1, None):
         decoded.array = orient(decoded.array, decoded.orientation)
     return decoded
+
+
+def _decode_pil(image: Image.Image, name: str, max_pixels: int) -> _Decoded:
+    """A PIL image's samples; one that Pillow decodes at 8 bits from a wider file is read from that file.
+
+    Pillow has no mode for 16-bit colour, so ``Image.open`` of a 16-bit RGB(A) PNG or TIFF gives 8-bit
+    samples. When the image still matches its file (``image.filename``: its 8 bits are the file's high
+    bytes), the file's exact samples are used; otherwise the loss is logged and noted in the meta.
+    """
+    _check_pixels(image.size, name, max_pixels)
+    wide = _pil_wider_than_decoded(image)  # before decoding: Image.load() clears the tile that tells
+    try:  # an image from Image.open is decoded only now
+        array, alpha = _pil_to_array(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DipError(f"cannot read {name} (PIL image): its data cannot be decoded ({exc})") from None
+    path = getattr(image, "filename", None)
+    path = Path(path) if isinstance(path, (str, os.PathLike)) and str(path) and os.path.isfile(path) else None
+    if wide is None and path is not None:
+        with Image.open(path) as header:
+            wide = _pil_wider_than_decoded(header) and header.size == image.size
+    if wide and path is not None:
+        exact = _read_file(path, name, max_pixels)
+        high = exact.array >> 8 if exact.array.dtype == np.uint16 else exact.array
+        if high.shape == array.shape and np.array_equal(high, array):  # the image is its file's, unchanged
+            exact.source = f"{name} (PIL image of {path})"
+            return exact
+    notes = ()
+    if wide:
+        where = f"its file {path} no longer matches it" if path is not None else "it was not opened from a path"
+        notes = (f"the PIL image was decoded by Pillow at 8 bits per channel from a 16-bit source ({where}); "
+                 "pass the file path instead of a PIL image to keep 16 bits",)
+        log.warning("%s (PIL image): %s", name, notes[0])
+    return _Decoded(array, alpha, f"{name} (PIL image)", icc=image.info.get("icc_profile"), dpi=_dpi_of(image),
+                    orientation=int(image.getexif().get(0x0112, 1) or 1), notes=notes)
+
+
+def _pil_wider_than_decoded(img: Image.Image) -> Optional[bool]:
+    """Whether Pillow decodes ``img`` at fewer bits than its file holds (16-bit colour PNG or TIFF);
+    None when it cannot tell (the image is decoded already, or was made in memory)."""
+    if img.format == "TIFF" and _tiff_wider_than_pillow(img):
+        return True
+    rawmode = _tile_rawmode(img)
+    if rawmode is None:
+        return None
+    return img.format == "PNG" and rawmode in _PNG16_COLOUR
 
 
 def _read_file(path: Path, name: str, max_pixels: int) -> _Decoded:
@@ -222,24 +265,28 @@ def _read_pil(path: Path, name: str, max_pixels: int) -> _Decoded:
             raise DipError(f"{name} {path} is a TIFF with {img.tag_v2.get(258)} bits per sample; "
                            "reading it needs tifffile: pip install tifffile")
         rawmode = _tile_rawmode(img)  # before getexif(), which decodes a PNG to reach chunks after the pixels
-        if fmt == "PNG" and rawmode in ("RGB;16B", "RGBA;16B"):
+        notes = ()
+        if fmt == "PNG" and rawmode in _PNG16_COLOUR[:2]:
             array = _read_png16(path, img, rawmode)
             alpha = rawmode.startswith("RGBA")
         else:
-            if fmt == "PNG" and rawmode == "LA;16B":
-                log.warning("%s %s is a 16-bit grey+alpha PNG, which Pillow decodes at 8 bits; save it as "
-                            "16-bit grey or RGBA to keep the precision", name, path)
+            if fmt == "PNG" and rawmode == _PNG16_COLOUR[2]:
+                notes = ("the 16-bit grey+alpha PNG was decoded at 8 bits (by Pillow); save it as 16-bit grey "
+                         "or RGBA to keep the precision",)
+                log.warning("%s %s: %s", name, path, notes[0])
             img.load()
             array, alpha = _pil_to_array(img)
         orientation = int(img.getexif().get(0x0112, 1) or 1)
         icc, dpi = img.info.get("icc_profile"), _dpi_of(img)
-    return _Decoded(array, alpha, str(path), format=fmt, icc=icc, dpi=dpi, orientation=orientation, frames=frames)
+    return _Decoded(array, alpha, str(path), format=fmt, icc=icc, dpi=dpi, orientation=orientation, frames=frames,
+                    notes=notes)
 
 
 def _tile_rawmode(img: Image.Image) -> Optional[str]:
-    if not img.tile:
+    tile = getattr(img, "tile", None)  # only images from Image.open have one
+    if not tile:
         return None
-    args = img.tile[0].args
+    args = tile[0].args
     return args if isinstance(args, str) else (args[0] if args else None)
 
 
@@ -467,7 +514,7 @@ def _to_loaded(decoded: _Decoded, name: str, max_pixels: int) -> LoadedImage:
         raise DipError(f"{name} is {h}×{w}; dip needs at least {MIN_SIDE}×{MIN_SIDE} pixels")
     data = arr[:, :, :-1] if decoded.alpha else arr
     values, value_range = to_unit_range(data, name)
-    notes = []
+    notes = list(decoded.notes)
     if value_range is not None:
         notes.append(f"values in [{value_range[0]:.6g}, {value_range[1]:.6g}] were mapped to [0, 1] for the fit "
                      "and are mapped back when saved")

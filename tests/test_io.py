@@ -88,6 +88,42 @@ def test_16bit_colour_png_round_trip_is_exact(tmp_path, channels):
     assert np.array_equal(np.rint(_hwc(again) * 65535).astype(np.uint16), src)
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16bit_colour_pil_image_from_a_file_keeps_16_bits(tmp_path, channels):
+    # Regression: Image.open of a 16-bit RGB(A) PNG gives Pillow's 8-bit samples, which were used silently;
+    # an unchanged image opened from a path is now read from its file (before or after Pillow decoded it).
+    src = _ramp(9, 11, channels)
+    path = _png16(tmp_path / "in.png", src)
+    with Image.open(path) as img:
+        loaded = load_image(img)
+    assert loaded.meta.dtype == "uint16" and loaded.meta.notes == ()
+    assert np.array_equal(np.rint(_hwc(loaded) * 65535).astype(np.uint16), src)
+    with Image.open(path) as img:
+        img.load()
+        assert load_image(img).meta.dtype == "uint16"
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "in.tif", src[:, :, :3], photometric="rgb")
+    with Image.open(tmp_path / "in.tif") as img:
+        assert load_image(img).meta.dtype == "uint16"
+
+
+def test_16bit_pil_image_that_cannot_be_read_exactly_says_so(tmp_path, caplog):
+    # A changed image, or one opened from a file object, is used as Pillow decoded it, with a warning and a note.
+    import io
+
+    path = _png16(tmp_path / "in.png", _ramp(9, 11, 3))
+    with Image.open(path) as img:
+        img.load()
+        img.putpixel((0, 0), (1, 2, 3))
+        with caplog.at_level(logging.WARNING, logger="dip"):
+            loaded = load_image(img)
+    assert loaded.meta.dtype == "uint8" and "no longer matches" in loaded.meta.notes[0]
+    assert "pass the file path" in caplog.text
+    with Image.open(io.BytesIO(path.read_bytes())) as img:
+        result = dip.restore(img, iterations=2, network="small", device="cpu", progress=False)
+    assert "at 8 bits" in result.meta.notes[0] and "pass the file path" in result.meta.notes[0]
+
+
 def test_16bit_grey_png_round_trip_is_exact(tmp_path):
     src = _ramp(17, 21, 1)[:, :, 0]
     Image.fromarray(src).save(tmp_path / "in.png")
