@@ -544,8 +544,10 @@ def _read_input(source: str, max_pixels: int):
     else:
         from PIL import Image, UnidentifiedImageError
 
-        try:
-            with Image.open(io.BytesIO(data)) as img:  # the header only, for the format
+        from dip.io import pillow_limit
+
+        try:  # the header only, for the format; the size is checked by load_image, under --max-pixels
+            with pillow_limit(None), Image.open(io.BytesIO(data)) as img:
                 fmt = img.format
         except (UnidentifiedImageError, OSError):
             raise DipError("standard input is not an image file PIL can decode") from None

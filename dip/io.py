@@ -21,19 +21,22 @@ channels mean the last one is alpha; any other count is all data.
 
 Files are untrusted: their pixel count is checked from the header before any
 decoding, so a decompression bomb is refused without being expanded (a TIFF
-stack's sample count too: at most four channels' worth of ``max_pixels``).
+stack's sample count too: at most four channels' worth of ``max_pixels``). ``max_pixels`` is the limit
+that applies: Pillow's own decompression-bomb check is set to it for each read (:func:`pillow_limit`).
 Writes are atomic: a temporary file in the same folder is renamed over the
 target, so a crash never leaves a truncated image; temporaries left by a
 writer that was killed are removed on the next write to the same target.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging
 import os
 import struct
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -58,6 +61,7 @@ STALE_AFTER_S = 3600.0
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 log = logging.getLogger("dip.io")
+_PILLOW_LIMIT_LOCK = threading.RLock()  # Image.MAX_IMAGE_PIXELS is one global: one read at a time changes it
 
 # What each output format can hold. Pillow formats not listed hold 8-bit grey or RGB without alpha.
 _DEPTHS = {"PNG": ("uint8", "uint16"), "JPEG": ("uint8",), "TIFF": None, "NPY": None}  # None: any dtype
@@ -196,19 +200,22 @@ def _decode_pil(image: Image.Image, name: str, max_pixels: int) -> _Decoded:
     """
     _check_pixels(image.size, name, max_pixels)
     wide = _pil_wider_than_decoded(image)  # before decoding: Image.load() clears the tile that tells
-    try:  # an image from Image.open is decoded only now
-        array, alpha = _pil_to_array(image)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DipError(f"cannot read {name} (PIL image): its data cannot be decoded ({exc})") from None
+    with pillow_limit(max_pixels):
+        try:  # an image from Image.open is decoded only now
+            array, alpha = _pil_to_array(image)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise DipError(f"cannot read {name} (PIL image): its data cannot be decoded ({exc})") from None
     path = getattr(image, "filename", None)
     path = Path(path) if isinstance(path, (str, os.PathLike)) and str(path) and os.path.isfile(path) else None
     if wide is None and path is not None:
-        with Image.open(path) as header:
-            wide = _pil_wider_than_decoded(header) and header.size == image.size
+        wide = _file_wider_than_decoded(path, image.size)
     if wide and path is not None:
-        exact = _read_file(path, name, max_pixels)
-        high = exact.array >> 8 if exact.array.dtype == np.uint16 else exact.array
-        if high.shape == array.shape and np.array_equal(high, array):  # the image is its file's, unchanged
+        try:
+            exact = _read_file(path, name, max_pixels)
+        except DipError:  # the file changed since it was opened
+            exact = None
+        high = None if exact is None else exact.array >> 8 if exact.array.dtype == np.uint16 else exact.array
+        if high is not None and high.shape == array.shape and np.array_equal(high, array):  # its file's, unchanged
             exact.source = f"{name} (PIL image of {path})"
             return exact
     notes = ()
@@ -232,6 +239,45 @@ def _pil_wider_than_decoded(img: Image.Image) -> Optional[bool]:
     return img.format == "PNG" and rawmode in _PNG16_COLOUR
 
 
+def _file_wider_than_decoded(path: Path, size: tuple[int, int]) -> bool:
+    """Whether the file at ``path``, of ``size``, is one that Pillow decodes at fewer bits than it holds."""
+    try:
+        with pillow_limit(None), Image.open(path) as header:  # the header only
+            return header.size == size and bool(_pil_wider_than_decoded(header))
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def pillow_limit(max_pixels: Optional[int]):
+    """Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) set to ``max_pixels`` for one read.
+
+    Pillow refuses an image above twice its limit, and warns above it, inside ``Image.open``: left at its
+    default (about 89 Mpx) it would override a larger ``max_pixels`` and speak instead of dip. Set to
+    ``max_pixels`` it never fires below dip's limit; ``None`` turns it off while a header is read for dip's
+    own check. The previous value is restored on exit; reads under it are serialised (one global).
+    """
+    with _PILLOW_LIMIT_LOCK:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
+def _open_checked(path: Path, name: str, max_pixels: int) -> Image.Image:
+    """``Image.open(path)`` (the header only) with dip's size check first, in place of Pillow's."""
+    with pillow_limit(None):
+        img = Image.open(path)
+    try:
+        _check_pixels(img.size, name, max_pixels, path)
+    except DipError:
+        img.close()
+        raise
+    return img
+
+
 def _read_file(path: Path, name: str, max_pixels: int) -> _Decoded:
     if not path.exists():
         raise DipError(f"{name} file not found: {path}")
@@ -253,9 +299,9 @@ def _read_file(path: Path, name: str, max_pixels: int) -> _Decoded:
 
 
 def _read_pil(path: Path, name: str, max_pixels: int) -> _Decoded:
-    with Image.open(path) as img:
-        # Image.open reads only the header: check the size before decoding.
-        _check_pixels(img.size, name, max_pixels, path)
+    # Image.open reads only the header: dip checks the size before decoding; Pillow's checks while decoding
+    # (frames, tiles) get the same limit.
+    with pillow_limit(max_pixels), _open_checked(path, name, max_pixels) as img:
         frames = getattr(img, "n_frames", 1)
         if frames > 1:
             log.warning("%s %s is an animated or multi-page %s with %d frames; only the first frame is used",

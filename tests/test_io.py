@@ -428,6 +428,41 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
         dip.load_image(path, max_pixels=1_000_000)
 
 
+def _png_header_only(path, width, height):
+    """A PNG whose IHDR claims ``width``×``height`` pixels but holds next to no data: cheap to refuse, never decoded."""
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_dips_pixel_limit_applies_not_pillows(tmp_path, monkeypatch):
+    # Regression: Pillow's own decompression-bomb check in Image.open (an error above 2 × Image.MAX_IMAGE_PIXELS,
+    # a warning above it) ran before dip's, so max_pixels above Pillow's limit could not be honoured, and a bomb
+    # was refused in Pillow's words. Pillow's limit is made small here rather than the image large.
+    import warnings
+
+    path = tmp_path / "in.png"
+    Image.fromarray(_ramp(30, 30, 3, np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # Pillow: warns above 400 px, refuses above 800
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor Pillow's DecompressionBombWarning
+        assert load_image(path, max_pixels=1000).size == (30, 30)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the user opened it under their own limit
+        with Image.open(_png16(tmp_path / "in16.png", _ramp(30, 30, 3))) as img:
+            monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+            assert load_image(img, max_pixels=1000).meta.dtype == "uint16"  # the exact re-read of its file too
+    assert Image.MAX_IMAGE_PIXELS == 400  # left as it was, for other code
+    with pytest.raises(DipError, match="more than the limit of 100; crop or downscale"):
+        load_image(path, max_pixels=100)
+    monkeypatch.undo()
+    bomb = _png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+    with pytest.raises(DipError, match=r"100000×100000 = 10,000,000,000 pixels, more than the limit of 64,000,000"):
+        load_image(bomb)
+
+
 def test_tiff_stack_is_refused_before_its_pages_are_decoded(tmp_path, monkeypatch):
     # Regression: only Y × X was checked, so a compressed stack of many pages (each under the pixel limit)
     # was decoded whole, as one channel per page, and a 4-D TIFF was decoded before being refused.

@@ -20,6 +20,7 @@ from PIL import Image
 from dip.batch.records import Job, Record, RecordStatus, image_seed
 from dip.errors import DipError
 from dip.fit.settings import FitSettings, Objective, is_auto
+from dip.io import MAX_PIXELS, pillow_limit
 from dip.tasks import Task, task_defaults
 
 PathLike = Union[str, os.PathLike]
@@ -244,12 +245,15 @@ def settings_fingerprint(task: Task, factor: Optional[int], network: Any, settin
 
 # --- existing outputs ------------------------------------------------------------------------------------------
 
-def expected_size(job: Job, factor: Optional[int]) -> Optional[tuple[int, int]]:
-    """(width, height) the output of ``job`` must have, read from the input's header; None if unreadable."""
+def expected_size(job: Job, factor: Optional[int], max_pixels: int = MAX_PIXELS) -> Optional[tuple[int, int]]:
+    """(width, height) the output of ``job`` must have, read from the input's header; None if unreadable, or
+    larger than ``max_pixels`` (its fit refuses it, in dip's words)."""
     try:
-        with Image.open(job.input) as img:
+        with pillow_limit(None), Image.open(job.input) as img:  # the header only, checked against dip's limit
             w, h = img.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if w * h > max_pixels:
         return None
     scale = factor or 1
     return w * scale, h * scale
@@ -259,8 +263,8 @@ def output_is_valid(path: PathLike, size: Optional[tuple[int, int]]) -> bool:
     """True when ``path`` is an image that decodes completely and has the given (width, height)."""
     if size is None or not os.path.isfile(path):
         return False
-    try:
-        with Image.open(path) as img:
+    try:  # Pillow's bomb check set to the expected size: it fires only for a file that is not the output
+        with pillow_limit(size[0] * size[1]), Image.open(path) as img:
             if img.size != tuple(size):
                 return False
             img.load()  # a truncated file fails here
@@ -278,21 +282,22 @@ class Triage:
     other_settings: list[Job]  # valid outputs made with other settings (redone only with ``force``)
 
 
-def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[int], force: bool) -> Triage:
+def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[int], force: bool,
+           max_pixels: int = MAX_PIXELS) -> Triage:
     """Decide, for each job, whether it fails at once (a planning problem), is skipped as done, or is fitted.
 
     An output is done when it decodes, has the right size, and its manifest
     record (if any) was made with the same settings and did not fail. An output whose record
     names other settings is listed in ``other_settings``, and redone only with
     ``force``; an output with no record (a manifest from an older dip, or none)
-    is taken as done.
+    is taken as done. ``max_pixels``: the fits' limit (an input above it is never done).
     """
     result = Triage([], [], [])
     for job in jobs:
         before = previous.get(job.input)
         if job.problem is not None:
             result.records.append(Record.for_job(job, RecordStatus.FAILED, error=job.problem))
-        elif not output_is_valid(job.output, expected_size(job, factor)) or (before is not None and before.failed):
+        elif not output_is_valid(job.output, expected_size(job, factor, max_pixels)) or (before is not None and before.failed):
             # A failed fit writes nothing: an output beside its record is an older one (e.g. of other settings).
             result.todo.append(job)
         elif before is not None and before.settings is not None and before.settings != job.settings:

@@ -188,6 +188,21 @@ def test_outputs_made_with_other_settings_are_refused_unless_forced(tmp_path, ma
     assert unknown.todo == [] and len(unknown.records) == 2
 
 
+def test_done_outputs_above_pillows_own_limit_are_skipped_under_max_pixels(tmp_path, make_image, monkeypatch):
+    # Regression: the planner read sizes with Pillow's own decompression-bomb check (above 2 × MAX_IMAGE_PIXELS),
+    # so an image that max_pixels allows but Pillow does not never counted as done and was fitted again and again.
+    # Pillow's limit is made small here rather than the images large.
+    paths = write_images(tmp_path / "in", make_image, SIZES[:1])
+    (job,) = plan_jobs([Source(p, p.name) for p in paths], tmp_path / "out", 0, settings="s")
+    (tmp_path / "out").mkdir()
+    Image.new("RGB", SIZES[0][::-1]).save(job.output)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    plan = triage([job], {}, None, force=False, max_pixels=1000)
+    assert plan.todo == [] and [r.status for r in plan.records] == [RecordStatus.SKIPPED]
+    assert Image.MAX_IMAGE_PIXELS == 100
+    assert triage([job], {}, None, force=False, max_pixels=100).todo == [job]  # above dip's limit: its fit says so
+
+
 def test_failed_record_beside_an_older_output_is_redone(tmp_path, make_image):
     """Bug: a forced redo that failed (diverged) left the older output of other settings and a failed record
     with the new settings; the next run took that output as done and recorded it skipped."""
