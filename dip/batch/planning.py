@@ -86,14 +86,18 @@ def find_inputs(inputs: Union[PathLike, Iterable[PathLike]], recursive: bool = F
     """The image files of a folder (and its sub-folders with ``recursive``), a glob pattern, or a list of paths.
 
     A glob may use ``**`` for any depth. Files inside ``out_dir`` are never
-    inputs (they are outputs of a batch), and ``out_dir`` must not be a folder
-    searched for inputs: a :class:`DipError` says so.
+    inputs (they are outputs of a batch) unless the folder searched, or a file
+    of the list, lies inside ``out_dir`` (``find_inputs("data/in", out_dir="data")``);
+    ``out_dir`` must not be a folder searched for inputs, nor hold one where
+    an output would land: a :class:`DipError` says so.
     """
     skip = Path(out_dir).resolve() if out_dir is not None else None
     if isinstance(inputs, (str, os.PathLike)):
         path = Path(inputs)
         if path.is_dir():
-            root, files = path, _walk(path, recursive, skip)
+            # an input folder inside the output folder is walked whole: the outputs are not in it (checked below)
+            nested = skip is not None and _inside(path.resolve(), skip)
+            root, files = path, _walk(path, recursive, None if nested else skip)
         elif glob.has_magic(str(inputs)):
             root = _glob_root(str(inputs))
             files = [Path(p) for p in glob.glob(str(inputs), recursive=True) if Path(p).is_file()]
@@ -110,14 +114,33 @@ def find_inputs(inputs: Union[PathLike, Iterable[PathLike]], recursive: bool = F
         roots = sorted({f.parent for f in files})
         sources = [Source(f, f.name) for f in files]
     if skip is not None:
-        for root in roots:
-            if root.resolve() == skip:
-                raise DipError(f"the output folder {out_dir} is where the inputs are: outputs would replace inputs "
-                               "or be taken for them on a re-run; choose another folder (-o)")
-        sources = [s for s in sources if not _inside(s.path.resolve(), skip)]
+        sources = _without_outputs(sources, roots, skip, out_dir)
     if not sources:
         raise DipError(f"no image files found in {inputs}")
     return Inputs(sorted(sources, key=lambda s: s.name) if isinstance(inputs, (str, os.PathLike)) else sources, roots)
+
+
+def _without_outputs(sources: list[Source], roots: list[Path], skip: Path, out_dir: PathLike) -> list[Source]:
+    """``sources`` less the files inside the output folder ``skip`` (outputs of an earlier run), unless they were
+    searched for there: an input folder inside the output folder (``data/in`` into ``data``) or a file named
+    there is the user's; refuse an output folder that is an input folder, or outputs that would land in one."""
+    nested = []  # the input folders inside the output folder
+    for root in roots:
+        where = root.resolve()
+        if where == skip:
+            raise DipError(f"the output folder {out_dir} is where the inputs are: outputs would replace inputs "
+                           "or be taken for them on a re-run; choose another folder (-o)")
+        if _inside(where, skip):
+            nested.append(where)
+    for s in sources:
+        landing = (skip / s.folder).resolve()
+        inside = next((root for root in nested if _inside(landing, root)), None)
+        if inside is not None:
+            raise DipError(f"the output of {s.name} would be written to {landing}, inside the input folder {inside} "
+                           f"(the output folder {out_dir} holds it), where a re-run would take it for an input; "
+                           "choose an output folder outside the inputs (-o)")
+    return [s for s in sources if not _inside(s.path.resolve(), skip)
+            or any(_inside(s.path.resolve(), root) for root in nested)]
 
 
 def find_companion(source: Optional[PathLike], image: Source, what: str) -> Optional[str]:

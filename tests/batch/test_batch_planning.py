@@ -112,6 +112,32 @@ def test_outputs_inside_a_recursive_input_folder_are_not_inputs(tmp_path, make_i
     assert [s.name for s in find_inputs(tmp_path / "in").sources] == ["img0.png"]  # not recursive by default
 
 
+def test_input_folder_inside_the_output_folder_is_not_taken_for_outputs(tmp_path, make_image):
+    # Regression: every file inside the output folder was dropped as an earlier output, so
+    # restore_many("data/in", "data") failed with "no image files found in data/in", and a file of a list
+    # that lies inside the output folder was dropped silently.
+    data = tmp_path / "data"
+    write_images(data / "in", make_image, SIZES[:2])
+    found = find_inputs(data / "in", out_dir=data)
+    assert [s.name for s in found.sources] == ["img0.png", "img1.png"]
+    assert [j.output for j in plan_jobs(found.sources, data, 0)] == [str(data / "img0.png"), str(data / "img1.png")]
+    assert [s.name for s in find_inputs(str(data / "in" / "*.png"), out_dir=data).sources] == ["img0.png", "img1.png"]
+    other = write_images(tmp_path / "elsewhere", make_image, SIZES[:1], prefix="x")
+    listed = [other[0], data / "in" / "img1.png"]
+    assert [s.path for s in find_inputs(listed, out_dir=data).sources] == listed
+
+
+def test_outputs_that_would_land_in_an_input_folder_are_refused(tmp_path, make_image):
+    # Recursive: data/in/in/a.png goes to data/in/a.png, inside the input folder, where a re-run would find it.
+    data = tmp_path / "data"
+    write_images(data / "in" / "in", make_image, SIZES[:1])
+    with pytest.raises(DipError, match=r"output of in/img0.png would be written to .* inside the input folder "
+                                       r".*choose an output folder outside the inputs"):
+        find_inputs(data / "in", recursive=True, out_dir=data)
+    assert [s.name for s in find_inputs(data / "in", recursive=True, out_dir=tmp_path / "out").sources] == \
+        ["in/img0.png"]
+
+
 def test_recursive_outputs_mirror_the_tree(tmp_path):
     sources = [Source(tmp_path / "in" / "a.tif", "a.tif"), Source(tmp_path / "in" / "x" / "y" / "a.tif", "x/y/a.tif")]
     jobs = plan_jobs(sources, tmp_path / "out", run_seed=2)
