@@ -165,7 +165,7 @@ def test_cli_iterations_auto_is_accepted_and_zero_refused_before_workers(tmp_pat
     assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise",
                  "--iterations", "0", "-q"]) == 1
     err = capsys.readouterr().err
-    assert "iterations must be a positive integer" in err and "Traceback" not in err
+    assert "--iterations must be a positive" in err and "Traceback" not in err
 
 
 def test_settings_fingerprint_changes_with_what_decides_an_output():
