@@ -21,6 +21,7 @@ from dip.batch.records import Job, Record, RecordStatus, image_seed
 from dip.errors import DipError
 from dip.fit.settings import FitSettings, Objective, is_auto
 from dip.io import MAX_PIXELS, pillow_limit
+from dip.io import remove_stale_temporaries as io_remove_stale_temporaries
 from dip.tasks import Task, task_defaults
 
 PathLike = Union[str, os.PathLike]
@@ -340,13 +341,8 @@ def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[in
 
 
 def remove_stale_temporaries(jobs: Iterable[Job]) -> None:
-    """Remove temporary files left by a killed writer (see :func:`dip.io.atomic_write`)."""
+    """Remove temporary files left by a killed writer (see :func:`dip.io.remove_stale_temporaries`): not those
+    of a writer still running, such as another batch writing into the same folder."""
     for job in jobs:
-        out = Path(job.output)
-        if not out.parent.is_dir():
-            continue
-        for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp{glob.escape(out.suffix)}"):
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+        if Path(job.output).parent.is_dir():
+            io_remove_stale_temporaries(job.output)

@@ -229,6 +229,22 @@ def test_done_outputs_above_pillows_own_limit_are_skipped_under_max_pixels(tmp_p
     assert triage([job], {}, None, force=False, max_pixels=100).todo == [job]  # above dip's limit: its fit says so
 
 
+def test_temporaries_of_a_writer_still_running_are_kept(tmp_path, make_image):
+    # Regression: planning removed every temporary beside an output, also that of a writer still running (another
+    # batch writing into the same folder), whose rename then failed; only a killed writer's are stale.
+    from dip.batch.planning import remove_stale_temporaries
+
+    paths = write_images(tmp_path / "in", make_image, SIZES[:1])
+    (job,) = plan_jobs([Source(p, p.name) for p in paths], tmp_path / "out", 0)
+    (tmp_path / "out").mkdir()
+    live = tmp_path / "out" / f".img0.png.{os.getppid()}.abc123.tmp.png"
+    dead = tmp_path / "out" / ".img0.png.999999999.def456.tmp.png"
+    live.write_bytes(b"")
+    dead.write_bytes(b"")
+    remove_stale_temporaries([job])
+    assert live.exists() and not dead.exists()
+
+
 def test_failed_record_beside_an_older_output_is_redone(tmp_path, make_image):
     """Bug: a forced redo that failed (diverged) left the older output of other settings and a failed record
     with the new settings; the next run took that output as done and recorded it skipped."""
