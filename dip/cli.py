@@ -291,7 +291,8 @@ _FLAGS = {
     "max_iterations": "--max-iterations", "checkpoint_every": "--checkpoint-every", "checkpoint": "--checkpoint",
     "resume": "--resume", "max_pixels": "--max-pixels", "reg_noise_std": "--reg-noise-std", "network": "--network",
     "reference": "--reference", "seed": "--seed", "lr": "--lr", "ensemble": "--ensemble",
-    "objective": "--objective", "precision": "--precision",
+    "objective": "--objective", "precision": "--precision", "threads": "--threads", "workers": "--workers",
+    "retries": "--retries", "ray_timeout": "--ray-timeout", "reference_dir": "--reference-dir",
 }
 _KEYWORD = "|".join(sorted(_FLAGS, key=len, reverse=True))
 _SNAKE = "|".join(k for k in _FLAGS if "_" in k)
@@ -303,6 +304,11 @@ def cli_message(message: str) -> str:
     message = re.sub(rf"\b({_KEYWORD})=(?=[\w.+-])", lambda m: f"{_FLAGS[m[1]]} ", message)  # factor=3
     message = re.sub(rf"\b({_KEYWORD})=", lambda m: _FLAGS[m[1]], message)  # "needs mask="
     message = re.sub(r"\bnoise_sigma=(?![\w.'+-])", "--sigma", message)  # "give noise_sigma=", with no value
+    # a keyword as the subject of a sentence ("iterations must be …", "objective must be one of …") or named in
+    # parentheses ("learning rate (lr) must …")
+    message = re.sub(rf"(?:^|(?<=[:;] ))({_KEYWORD})(?= (?:must|is|has|needs|cannot)\b)", lambda m: _FLAGS[m[1]],
+                     message)
+    message = re.sub(rf"\(({_KEYWORD})\)", lambda m: f"({_FLAGS[m[1]]})", message)
     return re.sub(rf"\b({_SNAKE})\b", lambda m: _FLAGS[m[1]], message)  # bare max_pixels, reg_noise_std …
 
 
@@ -544,8 +550,10 @@ def _read_input(source: str, max_pixels: int):
     else:
         from PIL import Image, UnidentifiedImageError
 
-        try:
-            with Image.open(io.BytesIO(data)) as img:  # the header only, for the format
+        from dip.io import pillow_limit
+
+        try:  # the header only, for the format; the size is checked by load_image, under --max-pixels
+            with pillow_limit(None), Image.open(io.BytesIO(data)) as img:
                 fmt = img.format
         except (UnidentifiedImageError, OSError):
             raise DipError("standard input is not an image file PIL can decode") from None
@@ -816,7 +824,7 @@ def _batch(args) -> int:
                    reg_noise_std=args.reg_noise_std, device=args.device)
     if args.max_pixels is not None:
         options["max_pixels"] = args.max_pixels
-    _check_number_rules(args, ["--sigma"])  # the fit settings are checked by restore_many, before any worker
+    _check_number_rules(args)  # the fit settings are checked again by restore_many, before any worker
     if args.sigma is not None:
         options["noise_sigma"] = _noise_sigma(args.sigma)
     options.update(_method_options(args))
@@ -831,7 +839,7 @@ def _batch(args) -> int:
     print(f"{summary}; manifest: {summary.manifest}")
     for record in summary.records:
         if record.status is RecordStatus.FAILED:
-            print(f"dip: failed: {record.input}: {record.error}", file=sys.stderr)
+            print(f"dip: failed: {record.input}: {cli_message(record.error or '')}", file=sys.stderr)
     if summary.interrupted:
         print("dip: interrupted; run the same command again to restore the rest", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -15,24 +15,28 @@ be called before a fit.
 Formats: everything Pillow reads; 16-bit PNG (grey, RGB, RGBA); TIFF through
 ``tifffile`` when it is installed (16-bit and float colour, stacks of any
 number of channels; without it Pillow's TIFF support: 8-bit, 16-bit and float
-grey); ``.npy`` arrays (H×W or H×W×C). Arrays follow one convention: 2 or 4
+grey); ``.npy`` arrays (H×W or H×W×C). A PIL image that Pillow decoded at 8 bits from a 16-bit
+colour file is read from its file when it still matches it, else the loss is noted in ``meta.notes``. Arrays follow one convention: 2 or 4
 channels mean the last one is alpha; any other count is all data.
 
 Files are untrusted: their pixel count is checked from the header before any
 decoding, so a decompression bomb is refused without being expanded (a TIFF
-stack's sample count too: at most four channels' worth of ``max_pixels``).
+stack's sample count too: at most four channels' worth of ``max_pixels``). ``max_pixels`` is the limit
+that applies: Pillow's own decompression-bomb check is set to it for each read (:func:`pillow_limit`).
 Writes are atomic: a temporary file in the same folder is renamed over the
 target, so a crash never leaves a truncated image; temporaries left by a
 writer that was killed are removed on the next write to the same target.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging
 import os
 import struct
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -57,6 +61,7 @@ STALE_AFTER_S = 3600.0
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 log = logging.getLogger("dip.io")
+_PILLOW_LIMIT_LOCK = threading.RLock()  # Image.MAX_IMAGE_PIXELS is one global: one read at a time changes it
 
 # What each output format can hold. Pillow formats not listed hold 8-bit grey or RGB without alpha.
 _DEPTHS = {"PNG": ("uint8", "uint16"), "JPEG": ("uint8",), "TIFF": None, "NPY": None}  # None: any dtype
@@ -65,6 +70,8 @@ _ANY_CHANNELS = {"TIFF", "NPY"}
 _DPI = {"PNG", "JPEG", "TIFF"}
 _ICC = {"PNG", "JPEG", "TIFF", "WEBP"}
 _TIFF_SUFFIXES = (".tif", ".tiff")
+#: Pillow's raw modes of the 16-bit PNGs it decodes at 8 bits: RGB and RGBA (which dip reads exactly), grey+alpha.
+_PNG16_COLOUR = ("RGB;16B", "RGBA;16B", "LA;16B")
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,7 @@ class _Decoded:
     dpi: Optional[tuple[float, float]] = None
     orientation: int = 1
     frames: int = 1
+    notes: tuple[str, ...] = ()  # what was lost or changed while decoding, in words
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -167,13 +175,7 @@ def decode(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXEL
     if isinstance(image, (str, os.PathLike)):
         decoded = _read_file(Path(image), name, max_pixels)
     elif isinstance(image, Image.Image):
-        _check_pixels(image.size, name, max_pixels)
-        try:  # an image from Image.open is decoded only now
-            array, alpha = _pil_to_array(image)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise DipError(f"cannot read {name} (PIL image): its data cannot be decoded ({exc})") from None
-        decoded = _Decoded(array, alpha, f"{name} (PIL image)", icc=image.info.get("icc_profile"),
-                           dpi=_dpi_of(image), orientation=int(image.getexif().get(0x0112, 1) or 1))
+        decoded = _decode_pil(image, name, max_pixels)
     elif isinstance(image, np.ndarray):
         array = _as_hwc(image, name)
         decoded = _Decoded(array, array.shape[2] in (2, 4), f"{name} (numpy array)")
@@ -187,6 +189,93 @@ def decode(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXEL
     if decoded.orientation not in (1, None):
         decoded.array = orient(decoded.array, decoded.orientation)
     return decoded
+
+
+def _decode_pil(image: Image.Image, name: str, max_pixels: int) -> _Decoded:
+    """A PIL image's samples; one that Pillow decodes at 8 bits from a wider file is read from that file.
+
+    Pillow has no mode for 16-bit colour, so ``Image.open`` of a 16-bit RGB(A) PNG or TIFF gives 8-bit
+    samples. When the image still matches its file (``image.filename``: its 8 bits are the file's high
+    bytes), the file's exact samples are used; otherwise the loss is logged and noted in the meta.
+    """
+    _check_pixels(image.size, name, max_pixels)
+    wide = _pil_wider_than_decoded(image)  # before decoding: Image.load() clears the tile that tells
+    with pillow_limit(max_pixels):
+        try:  # an image from Image.open is decoded only now
+            array, alpha = _pil_to_array(image)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise DipError(f"cannot read {name} (PIL image): its data cannot be decoded ({exc})") from None
+    path = getattr(image, "filename", None)
+    path = Path(path) if isinstance(path, (str, os.PathLike)) and str(path) and os.path.isfile(path) else None
+    if wide is None and path is not None:
+        wide = _file_wider_than_decoded(path, image.size)
+    if wide and path is not None:
+        try:
+            exact = _read_file(path, name, max_pixels)
+        except DipError:  # the file changed since it was opened
+            exact = None
+        high = None if exact is None else exact.array >> 8 if exact.array.dtype == np.uint16 else exact.array
+        if high is not None and high.shape == array.shape and np.array_equal(high, array):  # its file's, unchanged
+            exact.source = f"{name} (PIL image of {path})"
+            return exact
+    notes = ()
+    if wide:
+        where = f"its file {path} no longer matches it" if path is not None else "it was not opened from a path"
+        notes = (f"the PIL image was decoded by Pillow at 8 bits per channel from a 16-bit source ({where}); "
+                 "pass the file path instead of a PIL image to keep 16 bits",)
+        log.warning("%s (PIL image): %s", name, notes[0])
+    return _Decoded(array, alpha, f"{name} (PIL image)", icc=image.info.get("icc_profile"), dpi=_dpi_of(image),
+                    orientation=int(image.getexif().get(0x0112, 1) or 1), notes=notes)
+
+
+def _pil_wider_than_decoded(img: Image.Image) -> Optional[bool]:
+    """Whether Pillow decodes ``img`` at fewer bits than its file holds (16-bit colour PNG or TIFF);
+    None when it cannot tell (the image is decoded already, or was made in memory)."""
+    if img.format == "TIFF" and _tiff_wider_than_pillow(img):
+        return True
+    rawmode = _tile_rawmode(img)
+    if rawmode is None:
+        return None
+    return img.format == "PNG" and rawmode in _PNG16_COLOUR
+
+
+def _file_wider_than_decoded(path: Path, size: tuple[int, int]) -> bool:
+    """Whether the file at ``path``, of ``size``, is one that Pillow decodes at fewer bits than it holds."""
+    try:
+        with pillow_limit(None), Image.open(path) as header:  # the header only
+            return header.size == size and bool(_pil_wider_than_decoded(header))
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def pillow_limit(max_pixels: Optional[int]):
+    """Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) set to ``max_pixels`` for one read.
+
+    Pillow refuses an image above twice its limit, and warns above it, inside ``Image.open``: left at its
+    default (about 89 Mpx) it would override a larger ``max_pixels`` and speak instead of dip. Set to
+    ``max_pixels`` it never fires below dip's limit; ``None`` turns it off while a header is read for dip's
+    own check. The previous value is restored on exit; reads under it are serialised (one global).
+    """
+    with _PILLOW_LIMIT_LOCK:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
+def _open_checked(path: Path, name: str, max_pixels: int) -> Image.Image:
+    """``Image.open(path)`` (the header only) with dip's size check first, in place of Pillow's."""
+    with pillow_limit(None):
+        img = Image.open(path)
+    try:
+        _check_pixels(img.size, name, max_pixels, path)
+    except DipError:
+        img.close()
+        raise
+    return img
 
 
 def _read_file(path: Path, name: str, max_pixels: int) -> _Decoded:
@@ -210,9 +299,9 @@ def _read_file(path: Path, name: str, max_pixels: int) -> _Decoded:
 
 
 def _read_pil(path: Path, name: str, max_pixels: int) -> _Decoded:
-    with Image.open(path) as img:
-        # Image.open reads only the header: check the size before decoding.
-        _check_pixels(img.size, name, max_pixels, path)
+    # Image.open reads only the header: dip checks the size before decoding; Pillow's checks while decoding
+    # (frames, tiles) get the same limit.
+    with pillow_limit(max_pixels), _open_checked(path, name, max_pixels) as img:
         frames = getattr(img, "n_frames", 1)
         if frames > 1:
             log.warning("%s %s is an animated or multi-page %s with %d frames; only the first frame is used",
@@ -222,24 +311,28 @@ def _read_pil(path: Path, name: str, max_pixels: int) -> _Decoded:
             raise DipError(f"{name} {path} is a TIFF with {img.tag_v2.get(258)} bits per sample; "
                            "reading it needs tifffile: pip install tifffile")
         rawmode = _tile_rawmode(img)  # before getexif(), which decodes a PNG to reach chunks after the pixels
-        if fmt == "PNG" and rawmode in ("RGB;16B", "RGBA;16B"):
+        notes = ()
+        if fmt == "PNG" and rawmode in _PNG16_COLOUR[:2]:
             array = _read_png16(path, img, rawmode)
             alpha = rawmode.startswith("RGBA")
         else:
-            if fmt == "PNG" and rawmode == "LA;16B":
-                log.warning("%s %s is a 16-bit grey+alpha PNG, which Pillow decodes at 8 bits; save it as "
-                            "16-bit grey or RGBA to keep the precision", name, path)
+            if fmt == "PNG" and rawmode == _PNG16_COLOUR[2]:
+                notes = ("the 16-bit grey+alpha PNG was decoded at 8 bits (by Pillow); save it as 16-bit grey "
+                         "or RGBA to keep the precision",)
+                log.warning("%s %s: %s", name, path, notes[0])
             img.load()
             array, alpha = _pil_to_array(img)
         orientation = int(img.getexif().get(0x0112, 1) or 1)
         icc, dpi = img.info.get("icc_profile"), _dpi_of(img)
-    return _Decoded(array, alpha, str(path), format=fmt, icc=icc, dpi=dpi, orientation=orientation, frames=frames)
+    return _Decoded(array, alpha, str(path), format=fmt, icc=icc, dpi=dpi, orientation=orientation, frames=frames,
+                    notes=notes)
 
 
 def _tile_rawmode(img: Image.Image) -> Optional[str]:
-    if not img.tile:
+    tile = getattr(img, "tile", None)  # only images from Image.open have one
+    if not tile:
         return None
-    args = img.tile[0].args
+    args = tile[0].args
     return args if isinstance(args, str) else (args[0] if args else None)
 
 
@@ -467,7 +560,7 @@ def _to_loaded(decoded: _Decoded, name: str, max_pixels: int) -> LoadedImage:
         raise DipError(f"{name} is {h}×{w}; dip needs at least {MIN_SIDE}×{MIN_SIDE} pixels")
     data = arr[:, :, :-1] if decoded.alpha else arr
     values, value_range = to_unit_range(data, name)
-    notes = []
+    notes = list(decoded.notes)
     if value_range is not None:
         notes.append(f"values in [{value_range[0]:.6g}, {value_range[1]:.6g}] were mapped to [0, 1] for the fit "
                      "and are mapped back when saved")

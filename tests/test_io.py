@@ -88,6 +88,42 @@ def test_16bit_colour_png_round_trip_is_exact(tmp_path, channels):
     assert np.array_equal(np.rint(_hwc(again) * 65535).astype(np.uint16), src)
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16bit_colour_pil_image_from_a_file_keeps_16_bits(tmp_path, channels):
+    # Regression: Image.open of a 16-bit RGB(A) PNG gives Pillow's 8-bit samples, which were used silently;
+    # an unchanged image opened from a path is now read from its file (before or after Pillow decoded it).
+    src = _ramp(9, 11, channels)
+    path = _png16(tmp_path / "in.png", src)
+    with Image.open(path) as img:
+        loaded = load_image(img)
+    assert loaded.meta.dtype == "uint16" and loaded.meta.notes == ()
+    assert np.array_equal(np.rint(_hwc(loaded) * 65535).astype(np.uint16), src)
+    with Image.open(path) as img:
+        img.load()
+        assert load_image(img).meta.dtype == "uint16"
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "in.tif", src[:, :, :3], photometric="rgb")
+    with Image.open(tmp_path / "in.tif") as img:
+        assert load_image(img).meta.dtype == "uint16"
+
+
+def test_16bit_pil_image_that_cannot_be_read_exactly_says_so(tmp_path, caplog):
+    # A changed image, or one opened from a file object, is used as Pillow decoded it, with a warning and a note.
+    import io
+
+    path = _png16(tmp_path / "in.png", _ramp(9, 11, 3))
+    with Image.open(path) as img:
+        img.load()
+        img.putpixel((0, 0), (1, 2, 3))
+        with caplog.at_level(logging.WARNING, logger="dip"):
+            loaded = load_image(img)
+    assert loaded.meta.dtype == "uint8" and "no longer matches" in loaded.meta.notes[0]
+    assert "pass the file path" in caplog.text
+    with Image.open(io.BytesIO(path.read_bytes())) as img:
+        result = dip.restore(img, iterations=2, network="small", device="cpu", progress=False)
+    assert "at 8 bits" in result.meta.notes[0] and "pass the file path" in result.meta.notes[0]
+
+
 def test_16bit_grey_png_round_trip_is_exact(tmp_path):
     src = _ramp(17, 21, 1)[:, :, 0]
     Image.fromarray(src).save(tmp_path / "in.png")
@@ -390,6 +426,41 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     Image.new("L", (3000, 3000)).save(path)
     with pytest.raises(DipError, match="more than the limit"):
         dip.load_image(path, max_pixels=1_000_000)
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose IHDR claims ``width``×``height`` pixels but holds next to no data: cheap to refuse, never decoded."""
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_dips_pixel_limit_applies_not_pillows(tmp_path, monkeypatch):
+    # Regression: Pillow's own decompression-bomb check in Image.open (an error above 2 × Image.MAX_IMAGE_PIXELS,
+    # a warning above it) ran before dip's, so max_pixels above Pillow's limit could not be honoured, and a bomb
+    # was refused in Pillow's words. Pillow's limit is made small here rather than the image large.
+    import warnings
+
+    path = tmp_path / "in.png"
+    Image.fromarray(_ramp(30, 30, 3, np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # Pillow: warns above 400 px, refuses above 800
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor Pillow's DecompressionBombWarning
+        assert load_image(path, max_pixels=1000).size == (30, 30)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the user opened it under their own limit
+        with Image.open(_png16(tmp_path / "in16.png", _ramp(30, 30, 3))) as img:
+            monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)
+            assert load_image(img, max_pixels=1000).meta.dtype == "uint16"  # the exact re-read of its file too
+    assert Image.MAX_IMAGE_PIXELS == 400  # left as it was, for other code
+    with pytest.raises(DipError, match="more than the limit of 100; crop or downscale"):
+        load_image(path, max_pixels=100)
+    monkeypatch.undo()
+    bomb = _png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+    with pytest.raises(DipError, match=r"100000×100000 = 10,000,000,000 pixels, more than the limit of 64,000,000"):
+        load_image(bomb)
 
 
 def test_tiff_stack_is_refused_before_its_pages_are_decoded(tmp_path, monkeypatch):

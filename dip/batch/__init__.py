@@ -38,6 +38,7 @@ from dip.batch.records import Job, Record, RecordStatus, image_seed
 from dip.batch.worker import cpu_count
 from dip.errors import DipError
 from dip.fit.settings import is_auto
+from dip.io import MAX_PIXELS
 from dip.tasks import Task
 
 PathLike = Union[str, os.PathLike]
@@ -192,7 +193,7 @@ def restore_many(
     jobs = plan_jobs(found.sources, out, seed, masks, reference_dir, settings=fingerprint)
     manifest = out / MANIFEST
     previous = read_manifest(manifest)
-    plan = triage(jobs, previous, factor, force)
+    plan = triage(jobs, previous, factor, force, restore_options.get("max_pixels", MAX_PIXELS))
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(jobs)
     summary = BatchSummary(out_dir=out, records=list(plan.records))

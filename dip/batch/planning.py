@@ -20,6 +20,8 @@ from PIL import Image
 from dip.batch.records import Job, Record, RecordStatus, image_seed
 from dip.errors import DipError
 from dip.fit.settings import FitSettings, Objective, is_auto
+from dip.io import MAX_PIXELS, pillow_limit
+from dip.io import remove_stale_temporaries as io_remove_stale_temporaries
 from dip.tasks import Task, task_defaults
 
 PathLike = Union[str, os.PathLike]
@@ -85,14 +87,18 @@ def find_inputs(inputs: Union[PathLike, Iterable[PathLike]], recursive: bool = F
     """The image files of a folder (and its sub-folders with ``recursive``), a glob pattern, or a list of paths.
 
     A glob may use ``**`` for any depth. Files inside ``out_dir`` are never
-    inputs (they are outputs of a batch), and ``out_dir`` must not be a folder
-    searched for inputs: a :class:`DipError` says so.
+    inputs (they are outputs of a batch) unless the folder searched, or a file
+    of the list, lies inside ``out_dir`` (``find_inputs("data/in", out_dir="data")``);
+    ``out_dir`` must not be a folder searched for inputs, nor hold one where
+    an output would land: a :class:`DipError` says so.
     """
     skip = Path(out_dir).resolve() if out_dir is not None else None
     if isinstance(inputs, (str, os.PathLike)):
         path = Path(inputs)
         if path.is_dir():
-            root, files = path, _walk(path, recursive, skip)
+            # an input folder inside the output folder is walked whole: the outputs are not in it (checked below)
+            nested = skip is not None and _inside(path.resolve(), skip)
+            root, files = path, _walk(path, recursive, None if nested else skip)
         elif glob.has_magic(str(inputs)):
             root = _glob_root(str(inputs))
             files = [Path(p) for p in glob.glob(str(inputs), recursive=True) if Path(p).is_file()]
@@ -109,14 +115,33 @@ def find_inputs(inputs: Union[PathLike, Iterable[PathLike]], recursive: bool = F
         roots = sorted({f.parent for f in files})
         sources = [Source(f, f.name) for f in files]
     if skip is not None:
-        for root in roots:
-            if root.resolve() == skip:
-                raise DipError(f"the output folder {out_dir} is where the inputs are: outputs would replace inputs "
-                               "or be taken for them on a re-run; choose another folder (-o)")
-        sources = [s for s in sources if not _inside(s.path.resolve(), skip)]
+        sources = _without_outputs(sources, roots, skip, out_dir)
     if not sources:
         raise DipError(f"no image files found in {inputs}")
     return Inputs(sorted(sources, key=lambda s: s.name) if isinstance(inputs, (str, os.PathLike)) else sources, roots)
+
+
+def _without_outputs(sources: list[Source], roots: list[Path], skip: Path, out_dir: PathLike) -> list[Source]:
+    """``sources`` less the files inside the output folder ``skip`` (outputs of an earlier run), unless they were
+    searched for there: an input folder inside the output folder (``data/in`` into ``data``) or a file named
+    there is the user's; refuse an output folder that is an input folder, or outputs that would land in one."""
+    nested = []  # the input folders inside the output folder
+    for root in roots:
+        where = root.resolve()
+        if where == skip:
+            raise DipError(f"the output folder {out_dir} is where the inputs are: outputs would replace inputs "
+                           "or be taken for them on a re-run; choose another folder (-o)")
+        if _inside(where, skip):
+            nested.append(where)
+    for s in sources:
+        landing = (skip / s.folder).resolve()
+        inside = next((root for root in nested if _inside(landing, root)), None)
+        if inside is not None:
+            raise DipError(f"the output of {s.name} would be written to {landing}, inside the input folder {inside} "
+                           f"(the output folder {out_dir} holds it), where a re-run would take it for an input; "
+                           "choose an output folder outside the inputs (-o)")
+    return [s for s in sources if not _inside(s.path.resolve(), skip)
+            or any(_inside(s.path.resolve(), root) for root in nested)]
 
 
 def find_companion(source: Optional[PathLike], image: Source, what: str) -> Optional[str]:
@@ -244,12 +269,15 @@ def settings_fingerprint(task: Task, factor: Optional[int], network: Any, settin
 
 # --- existing outputs ------------------------------------------------------------------------------------------
 
-def expected_size(job: Job, factor: Optional[int]) -> Optional[tuple[int, int]]:
-    """(width, height) the output of ``job`` must have, read from the input's header; None if unreadable."""
+def expected_size(job: Job, factor: Optional[int], max_pixels: int = MAX_PIXELS) -> Optional[tuple[int, int]]:
+    """(width, height) the output of ``job`` must have, read from the input's header; None if unreadable, or
+    larger than ``max_pixels`` (its fit refuses it, in dip's words)."""
     try:
-        with Image.open(job.input) as img:
+        with pillow_limit(None), Image.open(job.input) as img:  # the header only, checked against dip's limit
             w, h = img.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if w * h > max_pixels:
         return None
     scale = factor or 1
     return w * scale, h * scale
@@ -259,8 +287,8 @@ def output_is_valid(path: PathLike, size: Optional[tuple[int, int]]) -> bool:
     """True when ``path`` is an image that decodes completely and has the given (width, height)."""
     if size is None or not os.path.isfile(path):
         return False
-    try:
-        with Image.open(path) as img:
+    try:  # Pillow's bomb check set to the expected size: it fires only for a file that is not the output
+        with pillow_limit(size[0] * size[1]), Image.open(path) as img:
             if img.size != tuple(size):
                 return False
             img.load()  # a truncated file fails here
@@ -278,21 +306,22 @@ class Triage:
     other_settings: list[Job]  # valid outputs made with other settings (redone only with ``force``)
 
 
-def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[int], force: bool) -> Triage:
+def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[int], force: bool,
+           max_pixels: int = MAX_PIXELS) -> Triage:
     """Decide, for each job, whether it fails at once (a planning problem), is skipped as done, or is fitted.
 
     An output is done when it decodes, has the right size, and its manifest
     record (if any) was made with the same settings and did not fail. An output whose record
     names other settings is listed in ``other_settings``, and redone only with
     ``force``; an output with no record (a manifest from an older dip, or none)
-    is taken as done.
+    is taken as done. ``max_pixels``: the fits' limit (an input above it is never done).
     """
     result = Triage([], [], [])
     for job in jobs:
         before = previous.get(job.input)
         if job.problem is not None:
             result.records.append(Record.for_job(job, RecordStatus.FAILED, error=job.problem))
-        elif not output_is_valid(job.output, expected_size(job, factor)) or (before is not None and before.failed):
+        elif not output_is_valid(job.output, expected_size(job, factor, max_pixels)) or (before is not None and before.failed):
             # A failed fit writes nothing: an output beside its record is an older one (e.g. of other settings).
             result.todo.append(job)
         elif before is not None and before.settings is not None and before.settings != job.settings:
@@ -312,13 +341,8 @@ def triage(jobs: Sequence[Job], previous: dict[str, Record], factor: Optional[in
 
 
 def remove_stale_temporaries(jobs: Iterable[Job]) -> None:
-    """Remove temporary files left by a killed writer (see :func:`dip.io.atomic_write`)."""
+    """Remove temporary files left by a killed writer (see :func:`dip.io.remove_stale_temporaries`): not those
+    of a writer still running, such as another batch writing into the same folder."""
     for job in jobs:
-        out = Path(job.output)
-        if not out.parent.is_dir():
-            continue
-        for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp{glob.escape(out.suffix)}"):
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+        if Path(job.output).parent.is_dir():
+            io_remove_stale_temporaries(job.output)

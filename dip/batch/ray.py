@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -26,6 +25,10 @@ from dip.errors import DipError
 from dip.tasks import Task
 
 INSTALL_HINT = "running a batch on Ray needs Ray: pip install 'dip[ray]'"
+#: "0": a Ray started in this process takes 127.0.0.1 as its node address, so it listens on loopback only
+#: (Ray's default on Windows and macOS); Ray reads it on import. Set it to "1" to ask for a reachable local Ray.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 CONNECT_TIMEOUT = 20.0  # seconds to wait for a cluster's address to answer
 GCS_PORT = 6379  # Ray's default head port
 CLIENT_PORT = 10001  # Ray Client's default port (ray://)
@@ -38,14 +41,39 @@ def import_ray(local: bool):
     that it listens on 127.0.0.1 only and sends no usage statistics.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if local and "ray" not in sys.modules:
-        # Off, Ray binds to the loopback address, as it does on laptops.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if local:  # Ray imported already has read it: start_local_ray() sees to that case
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     try:
         import ray
     except ImportError:
         raise DipError(INSTALL_HINT) from None
     return ray
+
+
+def start_local_ray(ray) -> None:
+    """``ray.init`` of a local Ray with no dashboard that listens on 127.0.0.1 only (unless ``LOOPBACK_ENV`` is
+    set to "1" by the user).
+
+    Ray reads :data:`LOOPBACK_ENV` once, on import: when the program imported Ray before dip set it, Ray's
+    copy is set to what the variable now says for the call, and the node address is checked after the start
+    (a Ray that would be reachable from other machines is shut down and refused).
+    """
+    loopback = os.environ.get(LOOPBACK_ENV) == "0"
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    before = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    if loopback and before is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=cpu_count(), include_dashboard=False)
+    finally:
+        if before is not None:
+            constants.ENABLE_RAY_CLUSTER = before
+    host = ray.util.get_node_ip_address()
+    if loopback and host not in LOOPBACK:
+        ray.shutdown()
+        raise DipError(f"the local Ray started for this batch would listen on {host}, beyond this machine; dip "
+                       "starts it on 127.0.0.1 only: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported, "
+                       "or start Ray yourself (ray start --head) and pass its address")
 
 
 def worker_runtime_env() -> dict:
@@ -99,7 +127,7 @@ def run_on_ray(jobs: Sequence[Job], task: Task, options: dict, run_seed: int, ra
     started = False
     if not ray.is_initialized():
         if address is None:
-            ray.init(num_cpus=cpu_count(), include_dashboard=False)
+            start_local_ray(ray)
         else:
             wait_for_address(address, CONNECT_TIMEOUT if timeout is None else timeout)
             ray.init(address=address)

@@ -112,6 +112,32 @@ def test_outputs_inside_a_recursive_input_folder_are_not_inputs(tmp_path, make_i
     assert [s.name for s in find_inputs(tmp_path / "in").sources] == ["img0.png"]  # not recursive by default
 
 
+def test_input_folder_inside_the_output_folder_is_not_taken_for_outputs(tmp_path, make_image):
+    # Regression: every file inside the output folder was dropped as an earlier output, so
+    # restore_many("data/in", "data") failed with "no image files found in data/in", and a file of a list
+    # that lies inside the output folder was dropped silently.
+    data = tmp_path / "data"
+    write_images(data / "in", make_image, SIZES[:2])
+    found = find_inputs(data / "in", out_dir=data)
+    assert [s.name for s in found.sources] == ["img0.png", "img1.png"]
+    assert [j.output for j in plan_jobs(found.sources, data, 0)] == [str(data / "img0.png"), str(data / "img1.png")]
+    assert [s.name for s in find_inputs(str(data / "in" / "*.png"), out_dir=data).sources] == ["img0.png", "img1.png"]
+    other = write_images(tmp_path / "elsewhere", make_image, SIZES[:1], prefix="x")
+    listed = [other[0], data / "in" / "img1.png"]
+    assert [s.path for s in find_inputs(listed, out_dir=data).sources] == listed
+
+
+def test_outputs_that_would_land_in_an_input_folder_are_refused(tmp_path, make_image):
+    # Recursive: data/in/in/a.png goes to data/in/a.png, inside the input folder, where a re-run would find it.
+    data = tmp_path / "data"
+    write_images(data / "in" / "in", make_image, SIZES[:1])
+    with pytest.raises(DipError, match=r"output of in/img0.png would be written to .* inside the input folder "
+                                       r".*choose an output folder outside the inputs"):
+        find_inputs(data / "in", recursive=True, out_dir=data)
+    assert [s.name for s in find_inputs(data / "in", recursive=True, out_dir=tmp_path / "out").sources] == \
+        ["in/img0.png"]
+
+
 def test_recursive_outputs_mirror_the_tree(tmp_path):
     sources = [Source(tmp_path / "in" / "a.tif", "a.tif"), Source(tmp_path / "in" / "x" / "y" / "a.tif", "x/y/a.tif")]
     jobs = plan_jobs(sources, tmp_path / "out", run_seed=2)
@@ -139,7 +165,7 @@ def test_cli_iterations_auto_is_accepted_and_zero_refused_before_workers(tmp_pat
     assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise",
                  "--iterations", "0", "-q"]) == 1
     err = capsys.readouterr().err
-    assert "iterations must be a positive integer" in err and "Traceback" not in err
+    assert "--iterations must be a positive" in err and "Traceback" not in err
 
 
 def test_settings_fingerprint_changes_with_what_decides_an_output():
@@ -186,6 +212,37 @@ def test_outputs_made_with_other_settings_are_refused_unless_forced(tmp_path, ma
     assert forced.todo == [jobs[0]] and [r.status for r in forced.records] == [RecordStatus.SKIPPED]
     unknown = triage(jobs, {}, None, force=False)  # no manifest: a valid output counts as done
     assert unknown.todo == [] and len(unknown.records) == 2
+
+
+def test_done_outputs_above_pillows_own_limit_are_skipped_under_max_pixels(tmp_path, make_image, monkeypatch):
+    # Regression: the planner read sizes with Pillow's own decompression-bomb check (above 2 × MAX_IMAGE_PIXELS),
+    # so an image that max_pixels allows but Pillow does not never counted as done and was fitted again and again.
+    # Pillow's limit is made small here rather than the images large.
+    paths = write_images(tmp_path / "in", make_image, SIZES[:1])
+    (job,) = plan_jobs([Source(p, p.name) for p in paths], tmp_path / "out", 0, settings="s")
+    (tmp_path / "out").mkdir()
+    Image.new("RGB", SIZES[0][::-1]).save(job.output)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    plan = triage([job], {}, None, force=False, max_pixels=1000)
+    assert plan.todo == [] and [r.status for r in plan.records] == [RecordStatus.SKIPPED]
+    assert Image.MAX_IMAGE_PIXELS == 100
+    assert triage([job], {}, None, force=False, max_pixels=100).todo == [job]  # above dip's limit: its fit says so
+
+
+def test_temporaries_of_a_writer_still_running_are_kept(tmp_path, make_image):
+    # Regression: planning removed every temporary beside an output, also that of a writer still running (another
+    # batch writing into the same folder), whose rename then failed; only a killed writer's are stale.
+    from dip.batch.planning import remove_stale_temporaries
+
+    paths = write_images(tmp_path / "in", make_image, SIZES[:1])
+    (job,) = plan_jobs([Source(p, p.name) for p in paths], tmp_path / "out", 0)
+    (tmp_path / "out").mkdir()
+    live = tmp_path / "out" / f".img0.png.{os.getppid()}.abc123.tmp.png"
+    dead = tmp_path / "out" / ".img0.png.999999999.def456.tmp.png"
+    live.write_bytes(b"")
+    dead.write_bytes(b"")
+    remove_stale_temporaries([job])
+    assert live.exists() and not dead.exists()
 
 
 def test_failed_record_beside_an_older_output_is_redone(tmp_path, make_image):

@@ -24,6 +24,51 @@ def test_ray_missing_says_how_to_install(tmp_path, make_image, monkeypatch):
         dip.restore_many(tmp_path / "in", tmp_path / "out", "denoise", ray=True, progress=False, **TINY)
 
 
+def _stand_in_ray(constants):
+    """A stand-in for the ray module that records ray.init's keywords and whether Ray would take 127.0.0.1 as the
+    node address then (what Ray does when its ENABLE_RAY_CLUSTER, read from the environment on import, is off)."""
+    from types import SimpleNamespace
+
+    calls = {}
+
+    def init(**kwargs):
+        calls.update(kwargs, loopback=constants is None or not constants.ENABLE_RAY_CLUSTER)
+
+    return calls, SimpleNamespace(
+        _private=SimpleNamespace(ray_constants=constants), init=init, is_initialized=lambda: False,
+        shutdown=lambda: calls.update(shutdown=True), cluster_resources=lambda: {},
+        remote=lambda fn: SimpleNamespace(options=lambda **kw: None),
+        util=SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1" if calls["loopback"] else "192.0.2.2"))
+
+
+def test_local_ray_listens_on_loopback_only_even_when_ray_was_imported_first(monkeypatch):
+    # Regression: dip made a local Ray listen on 127.0.0.1 by setting RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray
+    # reads once, on import; in a program that had imported ray already (on Linux) the local Ray took the machine's
+    # address and listened on every interface. No dashboard either way.
+    LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    from types import SimpleNamespace
+
+    from dip.batch.ray import run_on_ray
+
+    for name in (LOOPBACK_ENV, "RAY_USAGE_STATS_ENABLED"):
+        monkeypatch.delenv(name, raising=False)
+    constants = SimpleNamespace(ENABLE_RAY_CLUSTER=True)  # what Ray read on import, on Linux
+    calls, fake = _stand_in_ray(constants)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    run_on_ray([], dip.Task.DENOISE, {}, 0, True, 0, report=None, stop=None)
+    assert calls["include_dashboard"] is False and calls["loopback"] and "address" not in calls
+    assert constants.ENABLE_RAY_CLUSTER is True and os.environ[LOOPBACK_ENV] == "0"  # Ray's own copy put back
+    # A Ray whose setting dip cannot reach, and that would be reachable from other machines: refused.
+    calls, fake = _stand_in_ray(None)
+    fake.init = lambda **kwargs: calls.update(kwargs, loopback=False)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(DipError, match="would listen on 192.0.2.2, beyond this machine"):
+        run_on_ray([], dip.Task.DENOISE, {}, 0, True, 0, report=None, stop=None)
+    assert calls["shutdown"]
+    monkeypatch.setenv(LOOPBACK_ENV, "1")  # the user asks for a reachable local Ray
+    run_on_ray([], dip.Task.DENOISE, {}, 0, True, 0, report=None, stop=None)
+
+
 def _unused_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -72,6 +72,16 @@ CASES = [
     case("ensemble-zero", "denoise in.png -o out.png --ensemble 0", 1, "--ensemble 0: must be a positive integer"),
     case("ensemble-negative", "super-resolve in.png -o out.png --factor 2 --ensemble -2", 1, "--ensemble -2"),
     case("ensemble-not-a-number", "denoise in.png -o out.png --ensemble two", 2, "--ensemble"),
+    # the library's own words for a keyword ("objective must be …") name the flag typed (regression: they did not)
+    case("objective-unknown", "denoise in.png -o out.png --objective bogus", 1, "--objective must be one of mse, sure"),
+    case("precision-unknown", "denoise in.png -o out.png --precision bogus", 1, "--precision must be 'auto'"),
+    case("batch-workers-zero", "batch imgs -o batch --task denoise --workers 0", 1, "--workers must be a positive"),
+    case("batch-threads-zero", "batch imgs -o batch --task denoise --threads 0", 1, "--threads must be a positive"),
+    case("batch-retries-negative", "batch imgs -o batch --task denoise --retries -1", 1, "--retries must be"),
+    case("batch-objective-unknown", "batch imgs -o batch --task denoise --objective bogus", 1,
+         "--objective must be one of"),
+    case("batch-max-pixels-zero", "batch imgs -o batch --task denoise --max-pixels 0", 1, "--max-pixels must be"),
+    case("batch-seed-negative", "batch imgs -o batch --task denoise --seed -1", 1, "--seed must be"),
     # devices
     case("device-tpu", "denoise in.png -o out.png --device tpu", 1, "--device tpu"),
     case("device-banana", "denoise in.png -o out.png --device banana", 1, "--device banana"),
@@ -150,6 +160,8 @@ def files(tmp_path, make_image, monkeypatch):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.ckpt")
     torch.save(argparse.Namespace(code="not allowed by weights_only loading"), tmp_path / "unsafe.ckpt")
     (tmp_path / "folder").mkdir()
+    (tmp_path / "imgs").mkdir()
+    _png(tmp_path / "imgs" / "a.png", rgb)
     os.symlink(tmp_path / "in.png", tmp_path / "link.png")
     os.link(tmp_path / "in.png", tmp_path / "hard.png")
     monkeypatch.chdir(tmp_path)

@@ -222,6 +222,46 @@ def test_truncated_image_on_stdin_is_one_clear_line(tiny_png, tmp_path, monkeypa
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_max_pixels_above_pillows_own_limit_is_honoured(tiny_png, tmp_path, monkeypatch, capsys, source):
+    # Regression: Pillow's decompression-bomb check (above 2 × Image.MAX_IMAGE_PIXELS) ran inside Image.open
+    # before dip's, so --max-pixels above it was not honoured and the refusal was in Pillow's words.
+    # Pillow's limit is made small (24×20 = 480 px > 2 × 200) rather than the image large.
+    import io
+
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)
+    if source == "stdin":
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(tiny_png.read_bytes())))
+    given = "-" if source == "stdin" else str(tiny_png)
+    assert main(["denoise", given, "-o", str(tmp_path / "out.png"), *FIT, "--max-pixels", "1000"]) == 0
+    if source == "stdin":
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(tiny_png.read_bytes())))
+    assert main(["denoise", given, "-o", str(tmp_path / "out.png"), *FIT, "--max-pixels", "100"]) == 1
+    err = capsys.readouterr().err
+    assert "more than the limit of 100; crop or downscale it, or raise --max-pixels" in err
+    assert "decompression bomb" not in err
+
+
+def test_library_errors_name_the_flags_in_every_subcommand(tiny_png, tmp_path, capsys):
+    # Regression: restore()'s "iterations must be a positive integer" reached `dip demo --iterations 0` as it
+    # was, and the per-image errors of `dip batch` were printed in the API's words (max_pixels, device='…').
+    from dip.cli import cli_message
+
+    assert main(["demo", "-o", str(tmp_path / "d.png"), "--size", "8", "--iterations", "0", "-q"]) == 1
+    assert "dip: error: --iterations must be a positive integer, got 0" in capsys.readouterr().err
+    assert cli_message("learning rate (lr) must be in (0, inf)") == "learning rate (--lr) must be in (0, inf)"
+    assert cli_message("the mask must be grey; seed is …") == "the mask must be grey; --seed is …"  # subjects only
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    tiny_png.rename(folder / "a.png")
+    assert main(["batch", str(folder), "-o", str(tmp_path / "out"), "--task", "denoise", "--workers", "1",
+                 "--max-pixels", "10", "--retries", "0", *FIT]) == 1
+    err = capsys.readouterr().err
+    assert "more than the limit of 10; crop or downscale it, or raise --max-pixels" in err and "max_pixels" not in err
+
+
 def test_stdin_that_is_not_an_image():
     proc = subprocess.run([sys.executable, "-m", "dip.cli", "denoise", "-", "-o", "-", *FIT],
                           input=b"hello", capture_output=True, timeout=300)
