@@ -38,6 +38,7 @@ from dip.physics import Operator
 from dip.problem import OperatorLike, Problem
 from dip.result import Restoration
 from dip.tasks import Task
+from dip.threads import kept_thread_count
 from dip.warm_start import WARMUP_ITERATIONS, warm_start
 
 #: Device types a fit can run on.
@@ -206,40 +207,41 @@ def restore(
         checkpoint_every=checkpoint_every, precision=precision, seed=seed, objective=objective,
     ).for_task(problem.defaults)
     dev = resolve_device(device)
-    governor = _set_threads(threads, dev)
-    ref = _load_reference(reference, problem, max_pixels, dev)
-    net, cfg = make_network(network, problem, settings.seed, objective)
-    gen = torch.Generator(device=dev).manual_seed(settings.seed)
-    z, crop = make_input(net, cfg, problem, settings, dev, gen, max_memory)
-    if members > 1:
-        net, z = _stack_members(net, z, cfg, problem, settings, dev, max_memory, members)
-    warmup = 0
-    if init is not None:
-        z, warmup = _warm_start(net, init, z, objective), WARMUP_ITERATIONS
-    net = net.to(dev)
-    problem.check_operator(dev)
-    meta = _checkpoint_meta(problem, net, cfg, z, settings)
-    state = _resume_state(resume, checkpoint, overwrite_checkpoint, meta, dev)
-    if state is not None:
-        z = state["z"].to(dev)
-    monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup, problem.operator.observed_fraction()) \
-        + ([governor] if governor else [])
-    result = fit(
-        net, z, problem.operator.to(dev), problem.target(dev), settings, crop=crop, reference=ref,
-        monitors=monitors, resume_state=state, generator=gen, progress=progress,
-        description=description or f"dip {problem.task.cli_name}",
-    )
-    net.load_state_dict(result.weights)  # the network of the returned iterate, not of the end of the fit
-    record = {**settings.to_dict(), "task": problem.task.value, "factor": problem.factor, "device": str(dev),
-              "network": cfg.to_dict() if cfg is not None else type(net).__name__, "ensemble": members,
-              "blocks": network_path(net)}
-    stopper = next((m for m in monitors if isinstance(m, MemberVarianceStopper)), None)
-    result, quality = _combine_members(result, stopper, members)
-    if members > 1:
-        net, z = net.member(0), z[:, : z.shape[1] // members].contiguous()
-        quality["member_iterations"] = stopper.member_iterations() if stopper is not None else None
-    return Restoration.from_fit(result, problem, net, z, crop, record, ref, noise_sigma_estimate=sigma_estimate,
-                                **quality)
+    with kept_thread_count():  # threads= is this fit's: the caller's count comes back afterwards
+        governor = _set_threads(threads, dev)
+        ref = _load_reference(reference, problem, max_pixels, dev)
+        net, cfg = make_network(network, problem, settings.seed, objective)
+        gen = torch.Generator(device=dev).manual_seed(settings.seed)
+        z, crop = make_input(net, cfg, problem, settings, dev, gen, max_memory)
+        if members > 1:
+            net, z = _stack_members(net, z, cfg, problem, settings, dev, max_memory, members)
+        warmup = 0
+        if init is not None:
+            z, warmup = _warm_start(net, init, z, objective), WARMUP_ITERATIONS
+        net = net.to(dev)
+        problem.check_operator(dev)
+        meta = _checkpoint_meta(problem, net, cfg, z, settings)
+        state = _resume_state(resume, checkpoint, overwrite_checkpoint, meta, dev)
+        if state is not None:
+            z = state["z"].to(dev)
+        monitors = _monitors(settings, ref, callbacks, checkpoint, meta, warmup, problem.operator.observed_fraction())
+        monitors += [governor] if governor else []
+        result = fit(
+            net, z, problem.operator.to(dev), problem.target(dev), settings, crop=crop, reference=ref,
+            monitors=monitors, resume_state=state, generator=gen, progress=progress,
+            description=description or f"dip {problem.task.cli_name}",
+        )
+        net.load_state_dict(result.weights)  # the network of the returned iterate, not of the end of the fit
+        record = {**settings.to_dict(), "task": problem.task.value, "factor": problem.factor, "device": str(dev),
+                  "network": cfg.to_dict() if cfg is not None else type(net).__name__, "ensemble": members,
+                  "blocks": network_path(net)}
+        stopper = next((m for m in monitors if isinstance(m, MemberVarianceStopper)), None)
+        result, quality = _combine_members(result, stopper, members)
+        if members > 1:
+            net, z = net.member(0), z[:, : z.shape[1] // members].contiguous()
+            quality["member_iterations"] = stopper.member_iterations() if stopper is not None else None
+        return Restoration.from_fit(result, problem, net, z, crop, record, ref, noise_sigma_estimate=sigma_estimate,
+                                    **quality)
 
 
 def _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every, overwrite_checkpoint) -> None:

@@ -18,6 +18,8 @@ used by single fits, the demo and the command line:
 - ``ThreadGovernor``: a fit monitor that drops to one thread when the
   iteration time jumps (a competing process appeared) and probes back up.
   ``restore(threads="auto")`` (the command line's default) uses both.
+- ``kept_thread_count()``: a block after which torch's thread count is what
+  it was before (``restore(threads=...)`` sets it for its fit only).
 
 This module imports neither torch nor the rest of dip at import time.
 """
@@ -26,6 +28,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -101,6 +105,19 @@ def configure_threads(threads: Optional[int] = None) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+@contextmanager
+def kept_thread_count() -> Iterator[None]:
+    """Within the block, set threads as a fit needs; on leaving it, torch's intra-op count is what it was."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 class ThreadGovernor:

@@ -93,18 +93,24 @@ def test_auto_threads_drop_to_one_when_a_fit_slows_down(monkeypatch):
     monkeypatch.setattr(threads, "ThreadGovernor", functools.partial(threads.ThreadGovernor, clock=clock))
     slow_from = 30
 
+    seen = []
+
     def competing_process(step):  # steps become 10× slower, as when a peer thread is descheduled
         clock.t += 0.5 if step.iteration > slow_from else 0.05
+        seen.append(torch.get_num_threads())
 
     img = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
     try:
+        torch.set_num_threads(3)
         dip.restore(img, iterations=slow_from + 12, network="small", progress=False, threads="auto",
                     callbacks=[competing_process])
-        assert torch.get_num_threads() == 1
-        torch.set_num_threads(2)
+        assert seen[0] == 2 and seen[-1] == 1  # the recommended count, then one thread once steps slowed
+        assert torch.get_num_threads() == 3  # the caller's count comes back
+        seen.clear()
         dip.restore(img, iterations=slow_from + 12, network="small", progress=False, threads=2,
                     callbacks=[competing_process])
-        assert torch.get_num_threads() == 2  # an explicit count is left alone
+        assert set(seen) == {2}  # an explicit count is left alone during the fit
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(previous)
 

@@ -286,8 +286,12 @@ class FitLoop:
             return
         saved = next((m for m in self.monitors if isinstance(m, Checkpointer) and m.written_at == self.done), None)
         if saved is not None and self.done:
-            exc.add_note(f"dip: the fit's state at iteration {self.done} was saved to {saved.path}; continue it "
-                         f"with resume={os.fspath(saved.path)!r} (and the same settings)")
+            note = (f"dip: the fit's state at iteration {self.done} was saved to {saved.path}; continue it "
+                    f"with resume={os.fspath(saved.path)!r} (and the same settings)")
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(note)
+            else:
+                log.warning(note)
 
     def _record(self, loss: torch.Tensor, out: torch.Tensor) -> None:
         self.output = out
