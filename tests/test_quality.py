@@ -64,21 +64,14 @@ def test_sigma_estimate_takes_tensors_and_gray_images():
         estimate_sigma(noisy, method="guess")
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16], ids=["8-bit", "16-bit"])
 @pytest.mark.parametrize("method", ["auto", "pca", "haar"])
-def test_sigma_estimate_of_8_bit_pixels_is_in_unit_range(method):
-    # the uint8 check came after a cast to float32 and never held: 8-bit pixels gave σ in 0–255 units
-    noisy = _noisy_crop("coffee", 64, 25)
-    pixels = np.round(noisy * 255).astype(np.uint8)
-    assert estimate_sigma(pixels, method) == pytest.approx(estimate_sigma(pixels / 255.0, method))
-    assert estimate_sigma(pixels, method) == pytest.approx(25 / 255, rel=0.2)
-
-
-@pytest.mark.parametrize("method", ["auto", "pca", "haar"])
-def test_sigma_estimate_of_16_bit_pixels_is_in_unit_range(method):
-    # only uint8 was scaled: 16-bit pixels (which restore() and dip.io read as x / 65535) gave σ in 0–65535 units
-    noisy = _noisy_crop("coffee", 64, 25)
-    pixels = np.round(noisy * 65535).astype(np.uint16)
-    assert estimate_sigma(pixels, method) == pytest.approx(estimate_sigma(pixels / 65535.0, method))
+def test_sigma_estimate_of_integer_pixels_is_in_unit_range(method, dtype):
+    # Integer pixels are x / max, as restore() and dip.io read them. Bugs: the uint8 check came after a cast
+    # to float32 and never held (σ in 0–255 units); then only uint8 was scaled (16-bit: 0–65535 units).
+    top = float(np.iinfo(dtype).max)
+    pixels = np.round(_noisy_crop("coffee", 64, 25) * top).astype(dtype)
+    assert estimate_sigma(pixels, method) == pytest.approx(estimate_sigma(pixels / top, method))
     assert estimate_sigma(pixels, method) == pytest.approx(25 / 255, rel=0.2)
 
 

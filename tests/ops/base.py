@@ -25,6 +25,9 @@ float32 arithmetic, not cuDNN's reduced-precision mode.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -269,3 +272,11 @@ def check_compile(spec: OpSpec, device: str, dtype: torch.dtype = torch.float64,
     assert_rel_close(out, expected, 1e-12, "compiled output")
     for g, e in zip(grads, expected_grads):
         assert_rel_close(g, e, 1e-12, "compiled grad")
+
+
+def run_isolated(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter on this checkout (a crash there fails the test, not the run)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": path})

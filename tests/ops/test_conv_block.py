@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from base import OpSpec, Sample, check_autocast, check_compile, check_opcheck
+from base import OpSpec, Sample, check_autocast, check_compile, check_opcheck, run_isolated
 
 from dip._extension import has_op
 from dip.nn import ConvBlock, FusedConvBlock, active_path, build_network
@@ -382,10 +382,7 @@ def test_empty_batch_runs_the_reference_instead_of_crashing():
             assert int(fused.bn.num_batches_tracked) == int(pure.bn.num_batches_tracked) == 1
         print("ok")
     """
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": path})
+    res = run_isolated(code, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
 
 
@@ -596,14 +593,6 @@ def test_op_rejects_mixed_dtypes_it_does_not_cover():
         torch.ops.dip.conv_block(*bad)
 
 
-def _run_isolated(code: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter on this checkout (a crash there fails the test, not the run)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": path})
-
-
 def test_op_with_an_empty_batch_or_no_channels_raises_or_returns_empty_instead_of_crashing():
     """Bug: called directly, the op crashed the process on empty arguments.
 
@@ -649,7 +638,7 @@ def test_op_with_an_empty_batch_or_no_channels_raises_or_returns_empty_instead_o
                             *args[4:]), "weight has no output channels")
         print("ok")
     """
-    res = _run_isolated(code)
+    res = run_isolated(code)
     assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
 
 

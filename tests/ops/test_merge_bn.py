@@ -1,12 +1,9 @@
 """The fused merge (cat along channels + BatchNorm2d) against its reference (``torch.cat`` + ``F.batch_norm``)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from base import run_isolated
 from torch import nn
 
 from dip._extension import has_op
@@ -175,10 +172,7 @@ def test_backward_with_mismatched_or_channelless_inputs_does_not_crash():
             assert all((g - e).abs().max() < 1e-12 for g, e in zip(got, expected))
         print("ok")
     """
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": path})
+    res = run_isolated(code)
     assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
 
 
