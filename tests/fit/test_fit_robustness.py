@@ -154,7 +154,7 @@ def test_an_exception_without_a_checkpoint_propagates_unchanged(small):
 def test_resuming_a_finished_fit_returns_its_result_without_steps(small, tmp_path, stop):
     observed, _ = small
     ckpt = tmp_path / "fit.ckpt"
-    if stop == "auto":  # stops at iteration 70, a multiple of checkpoint_every
+    if stop == "auto":  # stops by itself well before the cap (70 fused, 150 on the pure path)
         opts = dict(max_iterations=300, early_stopping=EarlyStopping(window=10, patience=20))
         reason = StopReason.AUTO_STOP
     else:
@@ -162,7 +162,7 @@ def test_resuming_a_finished_fit_returns_its_result_without_steps(small, tmp_pat
         reason = StopReason.NOISE_LEVEL
     opts.update(network="small", progress=False)
     first = dip.restore(observed, checkpoint=ckpt, checkpoint_every=10, **opts)
-    assert first.stop_reason is reason and first.iterations < 100
+    assert first.stop_reason is reason  # ended by itself, before its cap
     steps = []
     again = dip.restore(observed, resume=ckpt, callbacks=[lambda s: steps.append(s.iteration)], **opts)
     assert steps == []
