@@ -29,7 +29,7 @@ from dip.fit.members import MemberVarianceStopper
 from dip.fit.settings import is_auto
 from dip.fit.stopping import VarianceStopper
 from dip.fit.sure import pad_to_input
-from dip.io import MAX_PIXELS, ImageLike, check_folder, load_image
+from dip.io import MAX_PIXELS, ImageLike, check_folder, check_max_pixels, load_image
 from dip.memory import check_fits_in_memory
 from dip.nn.blocks import network_path
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
@@ -194,6 +194,7 @@ def restore(
     Returns:
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
     """
+    max_pixels = check_max_pixels(max_pixels)
     _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every, overwrite_checkpoint)
     problem = Problem.create(task, image, factor=factor, mask=mask, operator=operator, max_pixels=max_pixels)
     members = ensemble_size(ensemble, network, init)

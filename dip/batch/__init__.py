@@ -38,7 +38,7 @@ from dip.batch.records import Job, Record, RecordStatus, image_seed
 from dip.batch.worker import cpu_count
 from dip.errors import DipError
 from dip.fit.settings import is_auto
-from dip.io import MAX_PIXELS
+from dip.io import MAX_PIXELS, check_max_pixels
 from dip.tasks import Task
 
 PathLike = Union[str, os.PathLike]
@@ -100,6 +100,7 @@ def _check_arguments(task: Task, masks, retries, options: dict) -> None:
         raise DipError(f"retries must be a non-negative integer, got {retries!r}")
     if task is Task.SUPER_RESOLUTION and options.get("factor") is None:
         raise DipError("super-resolution needs factor= (an integer from 2 to 32)")
+    check_max_pixels(options.get("max_pixels", MAX_PIXELS))
 
 
 def _ensemble(options: dict) -> int:

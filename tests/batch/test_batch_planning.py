@@ -198,6 +198,14 @@ def test_bad_ensemble_is_refused_before_any_worker_starts(tmp_path, make_image, 
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_max_pixels_is_refused_before_any_worker_starts(tmp_path, make_image, no_workers):
+    write_images(tmp_path / "in", make_image, SIZES[:1])
+    for bad in ("big", 0, -5, 2.5):
+        with pytest.raises(DipError, match="^max_pixels must be a positive integer"):
+            dip.restore_many(tmp_path / "in", tmp_path / "out", "denoise", progress=False, max_pixels=bad)
+    assert not (tmp_path / "out").exists()
+
+
 def test_outputs_made_with_other_settings_are_refused_unless_forced(tmp_path, make_image):
     paths = write_images(tmp_path / "in", make_image, SIZES[:2])
     jobs = plan_jobs([Source(p, p.name) for p in paths], tmp_path / "out", 0, settings="new")
