@@ -453,10 +453,19 @@ def _check_number_rules(args, flags: Optional[Sequence[str]] = None) -> None:
             raise DipError(f"{flag} must be {what}, got {value}")
 
 
+def _check_factor(args, task: Task) -> None:
+    """--factor of a super-resolution (a single restore's and a batch's)."""
+    if task is not Task.SUPER_RESOLUTION:
+        return
+    if args.factor is None:
+        raise DipError("super-resolve needs --factor (an integer from 2 to 32)")
+    if not 2 <= args.factor <= 32:
+        raise DipError(f"--factor must be a whole number from 2 to 32, got {args.factor}")
+
+
 def _check_numbers(args, task: Task) -> None:
     _check_number_rules(args)
-    if task is Task.SUPER_RESOLUTION and not 2 <= args.factor <= 32:
-        raise DipError(f"--factor must be a whole number from 2 to 32, got {args.factor}")
+    _check_factor(args, task)
     if args.checkpoint is None:
         for flag, given in (("--checkpoint-every", args.checkpoint_every is not None),
                             ("--overwrite-checkpoint", args.overwrite_checkpoint)):
@@ -828,9 +837,8 @@ def _batch(args) -> int:
     if args.sigma is not None:
         options["noise_sigma"] = _noise_sigma(args.sigma)
     options.update(_method_options(args))
+    _check_factor(args, task)
     if task is Task.SUPER_RESOLUTION:
-        if args.factor is None:
-            raise DipError("super-resolve needs --factor (an integer from 2 to 32)")
         options["factor"] = args.factor
     summary = dip.restore_many(args.inputs, args.output, task, workers=args.workers, threads=args.threads,
                                ray=args.ray, ray_timeout=args.ray_timeout, seed=args.seed, masks=args.masks,

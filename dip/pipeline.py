@@ -45,16 +45,26 @@ from dip.warm_start import WARMUP_ITERATIONS, warm_start
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
-def resolve_device(device) -> torch.device:
-    """``None`` → CUDA when available, else CPU; refuses devices that are unknown or not there."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def parse_device(device) -> torch.device:
+    """``device=`` read (not looked for on this machine): refuses what is not a device, or not one dip fits on.
+
+    :func:`dip.restore_many` checks a batch's device here before it starts: its Ray workers may have devices
+    that the calling process does not.
+    """
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise DipError(f"device='{device}' is not a device; use device='cpu' or device='cuda' (or 'cuda:N')") from None
     if dev.type not in _DEVICE_TYPES:
         raise DipError(f"device='{device}': dip fits on cpu or cuda, not on {dev.type}; use device='cpu'")
+    return dev
+
+
+def resolve_device(device) -> torch.device:
+    """``None`` → CUDA when available, else CPU; refuses devices that are unknown or not there."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DipError(f"device='{device}' was asked for but no CUDA GPU is available; use device='cpu'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
