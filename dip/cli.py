@@ -292,7 +292,7 @@ _FLAGS = {
     "resume": "--resume", "max_pixels": "--max-pixels", "reg_noise_std": "--reg-noise-std", "network": "--network",
     "reference": "--reference", "seed": "--seed", "lr": "--lr", "ensemble": "--ensemble",
     "objective": "--objective", "precision": "--precision", "threads": "--threads", "workers": "--workers",
-    "retries": "--retries", "ray_timeout": "--ray-timeout", "reference_dir": "--reference-dir",
+    "retries": "--retries", "ray": "--ray", "ray_timeout": "--ray-timeout", "reference_dir": "--reference-dir",
 }
 _KEYWORD = "|".join(sorted(_FLAGS, key=len, reverse=True))
 _SNAKE = "|".join(k for k in _FLAGS if "_" in k)

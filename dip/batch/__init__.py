@@ -194,6 +194,10 @@ def restore_many(
     masks = restore_options.pop("mask", masks)
     _check_arguments(task, masks, retries, restore_options)
     _check_device(restore_options, ray)
+    if isinstance(ray, str) and ray and ray != "auto":  # the address read now, not after the batch is planned
+        from dip.batch.ray import parse_address
+
+        parse_address(ray)
     factor = restore_options.get("factor") if task is Task.SUPER_RESOLUTION else None
     fingerprint = settings_fingerprint(task, factor, restore_options.get("network"),
                                        fit_settings(restore_options, seed), ensemble=_ensemble(restore_options),
