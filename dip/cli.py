@@ -182,8 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, compiled extension, devices")
 
-    p = sub.add_parser("render", help="run an exported network (.pt, .pt2 or .onnx) and write its image")
-    p.add_argument("model", help="a file written by --export-torchscript, --export-program or --export-onnx")
+    p = sub.add_parser("render", help="run an exported network (.pt, .pt2 or .onnx) and write its image (it runs "
+                                      "the code contained in the file: render only exports you trust)",
+                       description="Run an exported network (.pt, .ptl, .pt2 or .onnx) and write its image. An export "
+                                   "is a program, not data: dip render runs the code contained in the file, so "
+                                   "render only exports you trust.")
+    p.add_argument("model", help="a file written by --export-torchscript, --export-program or --export-onnx "
+                                 "(it is run: only one you trust)")
     p.add_argument("-o", "--output", required=True, help="where to write the image (.png, .jpg, .tif …)")
 
     p = sub.add_parser("demo", help="restore a built-in noisy example and write a before/after picture")
