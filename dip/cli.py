@@ -773,8 +773,12 @@ def _exit_status(result, written, args) -> int:
     if result.stop_reason is StopReason.INTERRUPTED:
         print(f"dip: interrupted after {result.iterations} iterations; {written} holds the best image so far "
               f"(iteration {result.stopped_at})", file=sys.stderr)
-        if args.checkpoint is not None:
-            print(f"dip: continue with --checkpoint {args.checkpoint} --resume {args.checkpoint}", file=sys.stderr)
+        if args.checkpoint is not None and result.checkpoint_at is not None and Path(args.checkpoint).is_file():
+            print(f"dip: continue from iteration {result.checkpoint_at} with --checkpoint {args.checkpoint} "
+                  f"--resume {args.checkpoint}", file=sys.stderr)
+        elif args.checkpoint is not None:
+            earlier = "; the file holds an earlier run's state" if Path(args.checkpoint).is_file() else ""
+            print(f"dip: this run wrote no checkpoint to {args.checkpoint}{earlier}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result.stop_reason is StopReason.DIVERGED:
         print(f"dip: error: the fit diverged after {result.iterations} iterations; {written} holds the last good "

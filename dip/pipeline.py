@@ -26,6 +26,7 @@ from dip.fit import (
 )
 from dip.fit.loop import FitResult
 from dip.fit.members import MemberVarianceStopper
+from dip.fit.monitors import Checkpointer
 from dip.fit.settings import is_auto
 from dip.fit.stopping import VarianceStopper
 from dip.fit.sure import pad_to_input
@@ -251,8 +252,9 @@ def restore(
         if members > 1:
             net, z = net.member(0), z[:, : z.shape[1] // members].contiguous()
             quality["member_iterations"] = stopper.member_iterations() if stopper is not None else None
+        written = next((m.written_at for m in monitors if isinstance(m, Checkpointer)), None)
         return Restoration.from_fit(result, problem, net, z, crop, record, ref, noise_sigma_estimate=sigma_estimate,
-                                    **quality)
+                                    checkpoint_at=written, **quality)
 
 
 def _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every, overwrite_checkpoint) -> None:
