@@ -182,8 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, compiled extension, devices")
 
-    p = sub.add_parser("render", help="run an exported network (.pt, .pt2 or .onnx) and write its image")
-    p.add_argument("model", help="a file written by --export-torchscript, --export-program or --export-onnx")
+    p = sub.add_parser("render", help="run an exported network (.pt, .pt2 or .onnx) and write its image (it runs "
+                                      "the code contained in the file: render only exports you trust)",
+                       description="Run an exported network (.pt, .ptl, .pt2 or .onnx) and write its image. An export "
+                                   "is a program, not data: dip render runs the code contained in the file, so "
+                                   "render only exports you trust.")
+    p.add_argument("model", help="a file written by --export-torchscript, --export-program or --export-onnx "
+                                 "(it is run: only one you trust)")
     p.add_argument("-o", "--output", required=True, help="where to write the image (.png, .jpg, .tif …)")
 
     p = sub.add_parser("demo", help="restore a built-in noisy example and write a before/after picture")
@@ -292,7 +297,7 @@ _FLAGS = {
     "resume": "--resume", "max_pixels": "--max-pixels", "reg_noise_std": "--reg-noise-std", "network": "--network",
     "reference": "--reference", "seed": "--seed", "lr": "--lr", "ensemble": "--ensemble",
     "objective": "--objective", "precision": "--precision", "threads": "--threads", "workers": "--workers",
-    "retries": "--retries", "ray_timeout": "--ray-timeout", "reference_dir": "--reference-dir",
+    "retries": "--retries", "ray": "--ray", "ray_timeout": "--ray-timeout", "reference_dir": "--reference-dir",
 }
 _KEYWORD = "|".join(sorted(_FLAGS, key=len, reverse=True))
 _SNAKE = "|".join(k for k in _FLAGS if "_" in k)
@@ -453,10 +458,19 @@ def _check_number_rules(args, flags: Optional[Sequence[str]] = None) -> None:
             raise DipError(f"{flag} must be {what}, got {value}")
 
 
+def _check_factor(args, task: Task) -> None:
+    """--factor of a super-resolution (a single restore's and a batch's)."""
+    if task is not Task.SUPER_RESOLUTION:
+        return
+    if args.factor is None:
+        raise DipError("super-resolve needs --factor (an integer from 2 to 32)")
+    if not 2 <= args.factor <= 32:
+        raise DipError(f"--factor must be a whole number from 2 to 32, got {args.factor}")
+
+
 def _check_numbers(args, task: Task) -> None:
     _check_number_rules(args)
-    if task is Task.SUPER_RESOLUTION and not 2 <= args.factor <= 32:
-        raise DipError(f"--factor must be a whole number from 2 to 32, got {args.factor}")
+    _check_factor(args, task)
     if args.checkpoint is None:
         for flag, given in (("--checkpoint-every", args.checkpoint_every is not None),
                             ("--overwrite-checkpoint", args.overwrite_checkpoint)):
@@ -759,8 +773,12 @@ def _exit_status(result, written, args) -> int:
     if result.stop_reason is StopReason.INTERRUPTED:
         print(f"dip: interrupted after {result.iterations} iterations; {written} holds the best image so far "
               f"(iteration {result.stopped_at})", file=sys.stderr)
-        if args.checkpoint is not None:
-            print(f"dip: continue with --checkpoint {args.checkpoint} --resume {args.checkpoint}", file=sys.stderr)
+        if args.checkpoint is not None and result.checkpoint_at is not None and Path(args.checkpoint).is_file():
+            print(f"dip: continue from iteration {result.checkpoint_at} with --checkpoint {args.checkpoint} "
+                  f"--resume {args.checkpoint}", file=sys.stderr)
+        elif args.checkpoint is not None:
+            earlier = "; the file holds an earlier run's state" if Path(args.checkpoint).is_file() else ""
+            print(f"dip: this run wrote no checkpoint to {args.checkpoint}{earlier}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result.stop_reason is StopReason.DIVERGED:
         print(f"dip: error: the fit diverged after {result.iterations} iterations; {written} holds the last good "
@@ -828,9 +846,8 @@ def _batch(args) -> int:
     if args.sigma is not None:
         options["noise_sigma"] = _noise_sigma(args.sigma)
     options.update(_method_options(args))
+    _check_factor(args, task)
     if task is Task.SUPER_RESOLUTION:
-        if args.factor is None:
-            raise DipError("super-resolve needs --factor (an integer from 2 to 32)")
         options["factor"] = args.factor
     summary = dip.restore_many(args.inputs, args.output, task, workers=args.workers, threads=args.threads,
                                ray=args.ray, ray_timeout=args.ray_timeout, seed=args.seed, masks=args.masks,

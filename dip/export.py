@@ -437,6 +437,9 @@ def run_exported(path: PathLike) -> torch.Tensor:
     The format follows the extension: ``.onnx`` runs in onnxruntime, ``.pt2``
     with ``torch.export.load``, ``.ptl`` in the lite interpreter, anything
     else (``.pt``, ``.ts``) with ``torch.jit.load``.
+
+    The file is a program and this runs the code it contains (unlike images and checkpoints, which dip reads as
+    untrusted data): call it only on exports you trust.
     """
     path = Path(path)
     if not path.is_file():

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import glob
 import logging
+import numbers
 import os
 import struct
 import tempfile
@@ -153,6 +154,13 @@ class _Decoded:
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def check_max_pixels(max_pixels) -> int:
+    """The one check of ``max_pixels=`` (restore(), restore_many(), load_image(), decode()): a positive integer."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
+        raise DipError(f"max_pixels must be a positive integer (a pixel count), got {max_pixels!r}")
+    return int(max_pixels)  # numpy integers are integers too
+
+
 def load_image(image: Union[ImageLike, LoadedImage], *, name: str = "image", max_pixels: int = MAX_PIXELS) -> LoadedImage:
     """Read ``image`` (path, PIL image, numpy array or tensor) into a :class:`LoadedImage`.
 
@@ -172,6 +180,7 @@ def load_image(image: Union[ImageLike, LoadedImage], *, name: str = "image", max
 
 def decode(image: ImageLike, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> _Decoded:
     """The image's samples as stored (H×W×C, the source's dtype, upright), before any scaling."""
+    max_pixels = check_max_pixels(max_pixels)
     if isinstance(image, (str, os.PathLike)):
         decoded = _read_file(Path(image), name, max_pixels)
     elif isinstance(image, Image.Image):

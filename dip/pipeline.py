@@ -26,10 +26,11 @@ from dip.fit import (
 )
 from dip.fit.loop import FitResult
 from dip.fit.members import MemberVarianceStopper
+from dip.fit.monitors import Checkpointer
 from dip.fit.settings import is_auto
 from dip.fit.stopping import VarianceStopper
 from dip.fit.sure import pad_to_input
-from dip.io import MAX_PIXELS, ImageLike, check_folder, load_image
+from dip.io import MAX_PIXELS, ImageLike, check_folder, check_max_pixels, load_image
 from dip.memory import check_fits_in_memory
 from dip.nn.blocks import network_path
 from dip.nn.hourglass import Hourglass, HourglassConfig, build_network, preset
@@ -45,16 +46,26 @@ from dip.warm_start import WARMUP_ITERATIONS, warm_start
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
-def resolve_device(device) -> torch.device:
-    """``None`` → CUDA when available, else CPU; refuses devices that are unknown or not there."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def parse_device(device) -> torch.device:
+    """``device=`` read (not looked for on this machine): refuses what is not a device, or not one dip fits on.
+
+    :func:`dip.restore_many` checks a batch's device here before it starts: its Ray workers may have devices
+    that the calling process does not.
+    """
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise DipError(f"device='{device}' is not a device; use device='cpu' or device='cuda' (or 'cuda:N')") from None
     if dev.type not in _DEVICE_TYPES:
         raise DipError(f"device='{device}': dip fits on cpu or cuda, not on {dev.type}; use device='cpu'")
+    return dev
+
+
+def resolve_device(device) -> torch.device:
+    """``None`` → CUDA when available, else CPU; refuses devices that are unknown or not there."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DipError(f"device='{device}' was asked for but no CUDA GPU is available; use device='cpu'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -194,6 +205,7 @@ def restore(
     Returns:
         A :class:`Restoration`; ``.image`` is the restored H×W×C float32 array.
     """
+    max_pixels = check_max_pixels(max_pixels)
     _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every, overwrite_checkpoint)
     problem = Problem.create(task, image, factor=factor, mask=mask, operator=operator, max_pixels=max_pixels)
     members = ensemble_size(ensemble, network, init)
@@ -240,8 +252,9 @@ def restore(
         if members > 1:
             net, z = net.member(0), z[:, : z.shape[1] // members].contiguous()
             quality["member_iterations"] = stopper.member_iterations() if stopper is not None else None
+        written = next((m.written_at for m in monitors if isinstance(m, Checkpointer)), None)
         return Restoration.from_fit(result, problem, net, z, crop, record, ref, noise_sigma_estimate=sigma_estimate,
-                                    **quality)
+                                    checkpoint_at=written, **quality)
 
 
 def _check_combinations(iterations, max_iterations, checkpoint, checkpoint_every, overwrite_checkpoint) -> None:

@@ -20,6 +20,7 @@ import torch
 from dip.errors import DipError
 from dip.io import MAX_PIXELS, ImageLike, LoadedImage, load_image
 from dip.masks import ALPHA, resolve_mask
+from dip.ops.lanczos import check_factor_support
 from dip.physics import Custom, Denoise, Downsample, Inpaint, Operator
 from dip.tasks import Task, TaskDefaults, task_defaults
 
@@ -44,8 +45,7 @@ class Problem:
         task = Task.parse(task)
         if mask is not None and task is not Task.INPAINT:
             raise DipError(f"mask= is only used for inpainting, not for task {task.value!r}; drop it or use task='inpaint'")
-        if factor is not None and task not in (Task.SUPER_RESOLUTION, Task.CUSTOM):
-            raise DipError(f"factor= is only used for super-resolution, not for task {task.value!r}")
+        check_factor(task, factor, operator)
         source = load_image(image, name="image", max_pixels=max_pixels)
         h, w = source.size
         op = _operator(task, source, factor, mask, operator, max_pixels)
@@ -116,8 +116,6 @@ def _operator(task: Task, source: LoadedImage, factor, mask, operator, max_pixel
     if task is Task.DENOISE:
         return Denoise()
     if task is Task.SUPER_RESOLUTION:
-        if factor is None:
-            raise DipError("super-resolution needs factor= (an integer from 2 to 32)")
         return Downsample(factor)
     if mask is None:
         raise DipError("inpainting needs mask= (same size as the image; white/non-zero marks the known pixels), "
@@ -125,10 +123,26 @@ def _operator(task: Task, source: LoadedImage, factor, mask, operator, max_pixel
     return Inpaint(resolve_mask(mask, source, max_pixels=max_pixels))
 
 
+def check_factor(task: Task, factor, operator: Optional[OperatorLike] = None) -> None:
+    """The ``factor=`` rule of ``task`` (with ``operator``), checked before any image is read.
+
+    :meth:`Problem.create` applies it, and :func:`dip.restore_many` before its batch starts (so a bad factor is
+    one error, not one per image). Super-resolution without an operator: the Lanczos factor, an integer from 2
+    to 32; with an operator (or for a custom task): any positive integer, the operator's scale.
+    """
+    if factor is not None and task not in (Task.SUPER_RESOLUTION, Task.CUSTOM):
+        raise DipError(f"factor= is only used for super-resolution, not for task {task.value!r}")
+    if operator is None and task is Task.SUPER_RESOLUTION:
+        if factor is None:
+            raise DipError("super-resolution needs factor= (an integer from 2 to 32)")
+        integral = isinstance(factor, numbers.Integral) and not isinstance(factor, bool)
+        check_factor_support(int(factor) if integral else factor, 2)  # the downsampler's own rule
+    elif factor is not None and (isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 1):
+        raise DipError(f"factor must be a positive integer (the restored image is factor times larger), got {factor!r}")
+
+
 def _operator_scale(op: Operator, factor) -> None:
     """``factor=`` given with an operator: its scale (set where the operator has none; a different one is refused)."""
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 1:
-        raise DipError(f"factor must be a positive integer (the restored image is factor times larger), got {factor!r}")
     if op.scale == 1:
         op.scale = int(factor)
     elif op.scale != factor:

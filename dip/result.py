@@ -70,13 +70,16 @@ class Restoration:
     ensemble: int = 1
     members: Optional[np.ndarray] = None  # K×H×W×C, the members' returned images (ensemble > 1)
     member_iterations: Optional[list] = None
+    #: the iteration of the last checkpoint this fit wrote to ``checkpoint=`` (None: none was written, or no
+    #: ``checkpoint=``); what a resume of that file continues from
+    checkpoint_at: Optional[int] = None
 
     @classmethod
     def from_fit(cls, result: FitResult, problem, network: nn.Module, z: torch.Tensor, crop: tuple,
                  settings: dict, reference: Optional[torch.Tensor] = None, *,
                  noise_sigma_estimate: Optional[float] = None, uncertainty: Optional[torch.Tensor] = None,
                  ensemble: int = 1, members: Optional[torch.Tensor] = None,
-                 member_iterations: Optional[list] = None) -> Restoration:
+                 member_iterations: Optional[list] = None, checkpoint_at: Optional[int] = None) -> Restoration:
         """Assemble the restoration of ``problem`` from a finished fit (``network`` holds the returned iterate)."""
         image = tensor_to_image(result.image)
         quality = None if reference is None else psnr(image, tensor_to_image(reference))
@@ -90,7 +93,7 @@ class Restoration:
                    candidates={name: tensor_to_image(t) for name, t in result.candidates.items()},
                    source=problem.source, ssim=similarity, noise_sigma_estimate=noise_sigma_estimate,
                    uncertainty=None if uncertainty is None else uncertainty.detach().float().cpu().numpy(),
-                   ensemble=ensemble, member_iterations=member_iterations,
+                   ensemble=ensemble, member_iterations=member_iterations, checkpoint_at=checkpoint_at,
                    members=None if members is None else np.stack([tensor_to_image(m[None]) for m in members]))
 
     @property

@@ -226,6 +226,17 @@ def test_options_without_effect_are_refused(clean64, kwargs, fragment):
         dip.restore(clean64[:16, :16], network="small", progress=False, **kwargs)
 
 
+@pytest.mark.parametrize("bad", ["big", 0, -5, 2.5, True, None])
+def test_bad_max_pixels_is_one_clear_error(clean64, bad):
+    # restore(max_pixels="big") raised a raw TypeError from the size comparison, and 0, -5 or 2.5 refused every
+    # image as too large (or let 2.5 through); the CLI checked --max-pixels, the library did not.
+    with pytest.raises(DipError, match=r"^max_pixels must be a positive integer \(a pixel count\), got "):
+        dip.restore(clean64, max_pixels=bad, progress=False)
+    for read in (dip.load_image, dip.io.decode):
+        with pytest.raises(DipError, match="^max_pixels must be a positive integer"):
+            read(clean64, max_pixels=bad)
+
+
 def test_unknown_task(clean64):
     with pytest.raises(DipError, match="unknown task"):
         dip.restore(clean64, "deblur", progress=False)

@@ -38,7 +38,8 @@ from dip.batch.records import Job, Record, RecordStatus, image_seed
 from dip.batch.worker import cpu_count
 from dip.errors import DipError
 from dip.fit.settings import is_auto
-from dip.io import MAX_PIXELS
+from dip.io import MAX_PIXELS, check_max_pixels
+from dip.problem import check_factor
 from dip.tasks import Task
 
 PathLike = Union[str, os.PathLike]
@@ -98,8 +99,17 @@ def _check_arguments(task: Task, masks, retries, options: dict) -> None:
             raise DipError(f"restore_many sets {key} per image; use {instead}")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise DipError(f"retries must be a non-negative integer, got {retries!r}")
-    if task is Task.SUPER_RESOLUTION and options.get("factor") is None:
-        raise DipError("super-resolution needs factor= (an integer from 2 to 32)")
+    check_factor(task, options.get("factor"), options.get("operator"))
+    check_max_pixels(options.get("max_pixels", MAX_PIXELS))
+
+
+def _check_device(options: dict, ray) -> None:
+    """The device of every image's fit, checked by restore()'s rule before any worker starts: on Ray only what
+    the string says (the cluster's nodes may have GPUs this process has not), locally that it is here too."""
+    from dip.pipeline import parse_device, resolve_device
+
+    if options.get("device") is not None:
+        (parse_device if ray else resolve_device)(options["device"])
 
 
 def _ensemble(options: dict) -> int:
@@ -183,6 +193,11 @@ def restore_many(
     task = Task.parse(task)
     masks = restore_options.pop("mask", masks)
     _check_arguments(task, masks, retries, restore_options)
+    _check_device(restore_options, ray)
+    if isinstance(ray, str) and ray and ray != "auto":  # the address read now, not after the batch is planned
+        from dip.batch.ray import parse_address
+
+        parse_address(ray)
     factor = restore_options.get("factor") if task is Task.SUPER_RESOLUTION else None
     fingerprint = settings_fingerprint(task, factor, restore_options.get("network"),
                                        fit_settings(restore_options, seed), ensemble=_ensemble(restore_options),

@@ -73,7 +73,7 @@ def start_local_ray(ray) -> None:
         ray.shutdown()
         raise DipError(f"the local Ray started for this batch would listen on {host}, beyond this machine; dip "
                        "starts it on 127.0.0.1 only: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported, "
-                       "or start Ray yourself (ray start --head) and pass its address")
+                       "or start Ray yourself (ray start --head) and give its address as ray='HOST:PORT'")
 
 
 def worker_runtime_env() -> dict:
@@ -81,6 +81,21 @@ def worker_runtime_env() -> dict:
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return {"env_vars": {"PYTHONPATH": path}}
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of a Ray ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``; Ray's default port when none is
+    given); a :class:`DipError` in the library's words (``ray=``) when it is not one. Needs no Ray."""
+    client = address.startswith("ray://")
+    parts = urlsplit(address if client else "//" + address)
+    try:
+        host, port = parts.hostname, parts.port or (CLIENT_PORT if client else GCS_PORT)
+    except ValueError:
+        host = None
+    if not host:
+        raise DipError(f"ray={address!r} is not an address dip can read; give ray='HOST:PORT' or "
+                       "ray='ray://HOST:PORT'")
+    return host, port
 
 
 def wait_for_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
@@ -92,14 +107,7 @@ def wait_for_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
     """
     if address == "auto":
         return
-    client = address.startswith("ray://")
-    parts = urlsplit(address if client else "//" + address)
-    try:
-        host, port = parts.hostname, parts.port or (CLIENT_PORT if client else GCS_PORT)
-    except ValueError:
-        raise DipError(f"--ray: cannot read the address {address!r}; expected HOST:PORT or ray://HOST:PORT") from None
-    if not host:
-        raise DipError(f"--ray: cannot read the address {address!r}; expected HOST:PORT or ray://HOST:PORT")
+    host, port = parse_address(address)
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -191,17 +191,51 @@ class Checkpointer(Monitor):
             self.write(loop)
 
     def write(self, loop: FitLoop, finished: Optional[StopReason] = None) -> None:
+        """Write the fit's state, unless a weight or the optimizer's state is not finite (then the previous
+        checkpoint is kept, and a warning says so): the guard vets a state by the next loss, which a write does
+        not wait for."""
         from dip.checkpoint import save_checkpoint
 
+        state = loop.state_dict()
+        bad = _non_finite({"weight": state["net"], "optimizer state": state["optimizer"].get("state", {})})
+        if bad is not None:
+            log.warning("did not write the checkpoint %s at iteration %d: %s is not finite (NaN or inf); %s is kept",
+                        self.path, loop.done, bad, self._kept())
+            return
         try:
-            save_checkpoint(self.path, {**loop.state_dict(), "meta": self.meta,
+            save_checkpoint(self.path, {**state, "meta": self.meta,
                                         "stop_reason": None if finished is None else finished.value})
         except (OSError, DipError) as exc:  # a full disk, a folder gone: the fit and its result matter more
-            kept = "no checkpoint yet" if self.written_at is None else f"the checkpoint of iteration {self.written_at}"
             log.warning("could not write the checkpoint %s at iteration %d (%s); the fit goes on, %s is kept",
-                        self.path, loop.done, exc, kept)
+                        self.path, loop.done, exc, self._kept())
             return
         self.written_at = self._due_after = loop.done
+
+    def _kept(self) -> str:
+        return "no checkpoint yet" if self.written_at is None else f"the checkpoint of iteration {self.written_at}"
+
+
+def _non_finite(groups: dict) -> Optional[str]:
+    """The name of the first floating-point tensor in ``groups`` (nested dicts of tensors) that holds a NaN or an
+    infinity, or None; one device synchronisation for all of them."""
+    names, flags = [], []
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{prefix}{'.' if prefix else ''}{key}", item)
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            names.append(prefix)
+            flags.append(torch.isfinite(value).all())
+
+    for what, group in groups.items():
+        visit("", {what: group})
+    if not flags:
+        return None
+    finite = torch.stack([f.to(flags[0].device) for f in flags])  # Adam's step counts stay on the CPU
+    if bool(finite.all()):
+        return None
+    return names[int((~finite).nonzero()[0])]
 
 
 class Callbacks(Monitor):

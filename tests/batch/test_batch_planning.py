@@ -198,6 +198,63 @@ def test_bad_ensemble_is_refused_before_any_worker_starts(tmp_path, make_image, 
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_max_pixels_is_refused_before_any_worker_starts(tmp_path, make_image, no_workers):
+    write_images(tmp_path / "in", make_image, SIZES[:1])
+    for bad in ("big", 0, -5, 2.5):
+        with pytest.raises(DipError, match="^max_pixels must be a positive integer"):
+            dip.restore_many(tmp_path / "in", tmp_path / "out", "denoise", progress=False, max_pixels=bad)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task, bad, match", [
+    ("super_resolution", dict(factor=1), r"factor must be an integer from 2 to 32, got 1"),
+    ("super_resolution", dict(factor=2.0), r"factor must be an integer, got 2.0"),
+    ("denoise", dict(factor=2), r"factor= is only used for super-resolution"),
+    ("denoise", dict(device="bogus"), r"device='bogus' is not a device"),
+    ("denoise", dict(device="meta"), r"dip fits on cpu or cuda, not on meta"),
+])
+def test_bad_factor_or_device_is_refused_once_before_any_worker_starts(tmp_path, make_image, no_workers, task, bad,
+                                                                          match):
+    # Each image's fit refused them, one failed record per image, instead of one error before the batch;
+    # the message is restore()'s own.
+    write_images(tmp_path / "in", make_image, SIZES[:2])
+    with pytest.raises(DipError, match=match):
+        dip.restore(make_image((8, 8)), task, progress=False, **bad)
+    with pytest.raises(DipError, match=match):
+        dip.restore_many(tmp_path / "in", tmp_path / "out", task, progress=False, **bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_device_on_ray_is_read_here_but_looked_for_on_the_workers(tmp_path, make_image, monkeypatch):
+    # Ray's workers may have GPUs the calling process has not: only the device string is checked here.
+    import dip.batch.ray
+
+    def started(*args, **kwargs):
+        raise RuntimeError("ray started")
+
+    monkeypatch.setattr(dip.batch.ray, "run_on_ray", started)
+    monkeypatch.setattr(dip.pipeline.torch.cuda, "is_available", lambda: False)
+    write_images(tmp_path / "in", make_image, SIZES[:1])
+    with pytest.raises(RuntimeError, match="ray started"):
+        dip.restore_many(tmp_path / "in", tmp_path / "out", "denoise", progress=False, ray=True, device="cuda:1")
+    with pytest.raises(DipError, match="no CUDA GPU"):  # a local batch runs here: the device must be here too
+        dip.restore_many(tmp_path / "in", tmp_path / "out2", "denoise", progress=False, device="cuda")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--task", "super-resolve", "--factor", "1"], "--factor must be a whole number from 2 to 32, got 1"),
+    (["--task", "denoise", "--device", "bogus"], "--device bogus is not a device; use --device cpu"),
+])
+def test_cli_batch_bad_factor_or_device_is_one_error(tmp_path, make_image, no_workers, capsys, args, fragment):
+    from dip.cli import main
+
+    write_images(tmp_path / "in", make_image, SIZES[:2])
+    assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-q", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.count("dip:") == 1 and fragment in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_outputs_made_with_other_settings_are_refused_unless_forced(tmp_path, make_image):
     paths = write_images(tmp_path / "in", make_image, SIZES[:2])
     jobs = plan_jobs([Source(p, p.name) for p in paths], tmp_path / "out", 0, settings="new")

@@ -24,6 +24,25 @@ def test_ray_missing_says_how_to_install(tmp_path, make_image, monkeypatch):
         dip.restore_many(tmp_path / "in", tmp_path / "out", "denoise", ray=True, progress=False, **TINY)
 
 
+@pytest.mark.parametrize("address", ["host:notaport", ":6379", "ray://:10001"])
+def test_unreadable_ray_address_is_worded_for_the_caller_and_refused_up_front(tmp_path, make_image, monkeypatch,
+                                                                                capsys, address):
+    # restore_many(ray=...) raised the command line's words ("--ray: cannot read the address …") to library
+    # callers, and only after the batch was planned and its output folder made; Ray need not be installed.
+    from dip.cli import main
+
+    write_images(tmp_path / "in", make_image, SIZES[:1])
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(DipError, match=rf"^ray='{address}' is not an address dip can read; give ray='HOST:PORT'") \
+            as caught:
+        dip.restore_many(tmp_path / "in", tmp_path / "out", "denoise", ray=address, progress=False, **TINY)
+    assert "--ray" not in str(caught.value) and not (tmp_path / "out").exists()
+    assert main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--task", "denoise", "--ray", address,
+                 "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"--ray {address} is not an address dip can read; give --ray HOST:PORT or --ray ray://HOST:PORT" in err
+
+
 def _stand_in_ray(constants):
     """A stand-in for the ray module that records ray.init's keywords and whether Ray would take 127.0.0.1 as the
     node address then (what Ray does when its ENABLE_RAY_CLUSTER, read from the environment on import, is off)."""

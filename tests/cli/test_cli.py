@@ -160,6 +160,19 @@ def test_demo_size_out_of_range_is_one_clear_line(tmp_path, capsys, monkeypatch,
 FIT = ["--iterations", "2", "--network", "small", "-q"]
 
 
+def test_render_and_the_readme_say_an_export_runs_its_code(capsys):
+    # dip render runs the program in an exported file (TorchScript, .pt2): neither its help nor the README
+    # said so, beside the README's account of how dip reads untrusted files.
+    for args in (["--help"], ["render", "--help"]):
+        with pytest.raises(SystemExit):
+            main(args)
+        out = " ".join(capsys.readouterr().out.split())
+        assert "render only exports you trust" in out, out
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8").split())
+    assert "treats the files it reads as untrusted" in readme
+    assert "`dip render`, `dip.export.run_exported`" in readme and "run the code contained in that file" in readme
+
+
 def test_version(capsys):
     import dip
 

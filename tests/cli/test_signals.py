@@ -45,3 +45,41 @@ def test_signal_stops_the_fit_and_keeps_the_best_image(tmp_path, make_image, sig
     assert f"--resume {checkpoint}" in err
     assert Image.open(out).size == (20, 24)
     assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("disk", ["full", "fine"])
+def test_interrupt_points_at_a_checkpoint_only_when_this_run_wrote_one(tmp_path, make_image, monkeypatch, capsys,
+                                                                       disk):
+    # After Ctrl-C the CLI said "continue with --resume CKPT" even when every checkpoint write had failed (a
+    # failed write is a warning and the fit goes on): the file named did not exist, or held an older state.
+    import torch
+
+    import dip
+    from dip.cli import main
+
+    src, checkpoint = tmp_path / "in.png", tmp_path / "fit.ckpt"
+    Image.fromarray((make_image((16, 16)) * 255).astype(np.uint8)).save(src)
+    restore = dip.restore
+
+    def interrupted_at_3(image, task, **options):
+        def interrupt(step):
+            if step.iteration == 3:
+                raise KeyboardInterrupt
+        return restore(image, task, **{**options, "callbacks": [*(options.get("callbacks") or []), interrupt]})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dip, "restore", interrupted_at_3)
+    if disk == "full":
+        monkeypatch.setattr(torch, "save", full_disk)
+    code = main(["denoise", str(src), "-o", str(tmp_path / "out.png"), "--iterations", "50", "--network", "small",
+                 "--device", "cpu", "-q", "--checkpoint", str(checkpoint), "--checkpoint-every", "100"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted after 3 iterations" in err, err
+    if disk == "full":
+        assert not checkpoint.exists() and "--resume" not in err, err
+        assert f"this run wrote no checkpoint to {checkpoint}" in err
+    else:
+        assert f"continue from iteration 3 with --checkpoint {checkpoint} --resume {checkpoint}" in err, err
+        assert torch.load(checkpoint, weights_only=True)["iteration"] == 3

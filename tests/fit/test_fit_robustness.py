@@ -211,6 +211,44 @@ def test_a_checkpoint_in_a_missing_folder_is_refused_before_the_fit(small, tmp_p
     assert steps == []
 
 
+def _stand_in_loop():
+    """What Checkpointer.write reads of a fit: its iteration and state (a real network and Adam, one step taken)."""
+    from types import SimpleNamespace
+
+    net = torch.nn.Conv2d(3, 3, 3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    net(torch.ones(1, 3, 8, 8)).square().mean().backward()
+    optimizer.step()
+    loop = SimpleNamespace(done=10, net=net, optimizer=optimizer)
+    loop.state_dict = lambda: {"iteration": loop.done, "net": net.state_dict(), "optimizer": optimizer.state_dict()}
+    return loop
+
+
+@pytest.mark.parametrize("corrupt, what", [
+    (lambda loop: loop.net.weight.data.view(-1)[3].fill_(float("nan")), "weight.weight"),
+    (lambda loop: loop.net.bias.data.fill_(float("inf")), "weight.bias"),
+    (lambda loop: next(iter(loop.optimizer.state.values()))["exp_avg_sq"].fill_(float("nan")), "optimizer state"),
+])
+def test_a_checkpoint_of_non_finite_weights_is_not_written(tmp_path, caplog, corrupt, what):
+    # The guard vets a state by the next loss, which a checkpoint write does not wait for: NaN weights (or a NaN
+    # in Adam's moments) were written over the last good checkpoint, and a resume started from them.
+    from dip.fit.monitors import Checkpointer
+
+    ckpt, loop = tmp_path / "fit.ckpt", _stand_in_loop()
+    writer = Checkpointer(ckpt, every=10)
+    writer.write(loop)
+    assert writer.written_at == 10 and torch.load(ckpt, weights_only=True)["iteration"] == 10
+    loop.done = 20
+    corrupt(loop)
+    with caplog.at_level("WARNING", logger="dip"):
+        writer.write(loop)
+    assert writer.written_at == 10 and torch.load(ckpt, weights_only=True)["iteration"] == 10  # the previous kept
+    message = " ".join(r.getMessage() for r in caplog.records if r.name == "dip")
+    assert f"at iteration 20: {what}" in message and "not finite" in message, message
+    assert "the checkpoint of iteration 10 is kept" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["fit.ckpt"]
+
+
 def test_a_full_disk_keeps_the_previous_checkpoint_and_the_fit(small, tmp_path, monkeypatch, caplog):
     # A checkpoint write that failed (no space left) raised out of the fit: the result of a long run was lost.
     import errno
