@@ -704,3 +704,43 @@ def test_gradient_of_an_expanded_weight(k):
     (e,) = torch.autograd.grad(expected, ref_base, grad)
     _close(out, expected, TOL[torch.float64], "output")
     _close(g, e, TOL[torch.float64], "weight gradient")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k, stride, size, pad", [(1, 1, 1, "reflection"), (3, 2, 2, "reflection"),
+                                                  (3, 1, 1, "zero")], ids=["1x1", "3x3-stride2", "3x3-zero-pad"])
+def test_one_value_per_channel_in_training_raises_the_value_error_of_batch_norm(k, stride, size, pad, device):
+    """Bug: with one value per channel (N=1, a 1x1 output) in training mode the fused block normalised by a
+    variance of 0 and returned the BatchNorm bias, where the pure block (F.batch_norm) raises ValueError "Expected
+    more than 1 value per channel when training". Now the op raises that ValueError, so the block does with or
+    without the extension; eval mode, which is defined, still matches."""
+    torch.manual_seed(0)
+    fused = FusedConvBlock(3, 4, k, stride, pad=pad).to(device).train()
+    pure = ConvBlock(3, 4, k, stride, pad=pad).to(device)
+    pure.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 3, size, size, device=device)
+    for block in (pure, fused):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            block(x)
+    bn = fused.bn
+    with pytest.raises(ValueError, match="conv_block: Expected more than 1 value per channel when training"):
+        torch.ops.dip.conv_block(x, fused.conv.weight, fused.conv.bias, bn.weight, bn.bias, None, None, True,
+                                 stride, k // 2, pad == "reflection", 1e-5, 0.2)
+    fused.eval(), pure.eval()
+    torch.testing.assert_close(fused(x), pure(x))
+
+
+@pytest.mark.parametrize("n, error, pattern", [(0, RuntimeError, r"training mode \(batch statistics\) needs at "
+                                                "least one pixel"), (1, ValueError, "Expected more than 1 value")],
+                         ids=["N=0", "one-pixel"])
+def test_backward_in_training_mode_refuses_the_batches_the_forward_refuses(n, error, pattern):
+    """Bug: conv_block_backward in training mode took an empty batch (and zero gradients came back) or one value
+    per channel, batch statistics the forward refuses to compute. Now it refuses them in the forward's words."""
+    d = torch.float64
+    x, w = torch.randn(n, 3, 1, 1, dtype=d), torch.randn(5, 3, 3, 3, dtype=d)
+    g, b, rm, rv = torch.ones(5, dtype=d), torch.zeros(5, dtype=d), torch.randn(5, dtype=d), torch.ones(5, dtype=d)
+    out, y, mean, var = torch.ops.dip.conv_block(x, w, None, g, b, rm, rv, False, 1, 1, False, 1e-5, 0.2)
+    rest = (1, 1, False, 1e-5, 0.2, True)
+    torch.ops.dip.conv_block_backward(out, x, w, y, mean, var, g, b, False, *rest)  # eval mode: defined
+    with pytest.raises(error, match="conv_block_backward: .*" + pattern):
+        torch.ops.dip.conv_block_backward(out, x, w, y, mean, var, g, b, True, *rest)

@@ -218,3 +218,25 @@ def test_backward_rejects_statistics_and_inputs_that_do_not_match():
         bad[index] = value
         with pytest.raises(RuntimeError, match=match):
             torch.ops.dip.merge_bn_backward(*bad)
+
+
+def test_one_value_per_channel_in_training_raises_the_value_error_of_batch_norm():
+    """Bug: with one pixel (N=1, 1x1) in training mode the op normalised by a variance of 0 and returned the
+    BatchNorm bias, where F.batch_norm (the reference) raises ValueError "Expected more than 1 value per channel
+    when training". Now the op raises the same ValueError, so merge_bn does with or without the extension; and its
+    backward in training mode refuses the one-pixel and the empty batch the forward refuses (it returned gradients)."""
+    d = torch.float64
+    gamma, beta = torch.rand(7, dtype=d) + 0.5, torch.randn(7, dtype=d)
+    rm, rv = torch.randn(7, dtype=d), torch.rand(7, dtype=d) + 0.5
+    a, b = torch.randn(1, 3, 1, 1, dtype=d), torch.randn(1, 4, 1, 1, dtype=d)
+    for fn in (merge_bn, merge_bn_reference):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            fn(a, b, gamma, beta, rm.clone(), rv.clone(), None, True, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="merge_bn: Expected more than 1 value per channel when training"):
+        torch.ops.dip.merge_bn(a, b, gamma, beta, None, None, True, 1e-5, 1)
+    for n, error, pattern in [(1, ValueError, "Expected more than 1 value"), (0, RuntimeError, "at least one pixel")]:
+        a, b = torch.randn(n, 3, 1, 1, dtype=d), torch.randn(n, 4, 1, 1, dtype=d)
+        out, mean, var = torch.ops.dip.merge_bn(a, b, gamma, beta, rm, rv, False, 1e-5, 1)  # eval: defined
+        torch.ops.dip.merge_bn_backward(out, a, b, mean, var, gamma, False, 1e-5, 1)
+        with pytest.raises(error, match="merge_bn_backward: .*" + pattern):
+            torch.ops.dip.merge_bn_backward(out, a, b, mean, var, gamma, True, 1e-5, 1)
