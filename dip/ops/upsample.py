@@ -23,11 +23,15 @@ def upsample_bilinear2x_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_available(x: torch.Tensor) -> bool:
+    # Inputs with no channels or no pixels go to the reference, which refuses them ("Non-empty 4D data tensor
+    # expected"): the compiled operator returns the (well-defined) empty result of no channels, but a caller must
+    # see the same behaviour whether the extension is loaded or not.
     return (
         has_op("upsample_bilinear2x")
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and x.dim() == 4
+        and x.shape[1] > 0
         and x.shape[2] > 0
         and x.shape[3] > 0
     )

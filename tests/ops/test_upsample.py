@@ -87,3 +87,14 @@ def test_bad_arguments():
 def test_other_dtypes_fall_back_to_the_reference():
     x = torch.randn(1, 2, 3, 3, dtype=torch.bfloat16)
     torch.testing.assert_close(upsample_bilinear2x(x), upsample_bilinear2x_reference(x))
+
+
+def test_channelless_input_raises_whether_the_extension_is_loaded_or_not():
+    """Bug: with no channels the wrapper returned an empty result from the compiled op, while the reference path
+    (extension off, or another dtype) raised F.interpolate's error. The op keeps the empty result (well defined);
+    the wrapper now routes such inputs to the reference, so both paths raise the same error."""
+    x = torch.randn(2, 0, 3, 3)
+    assert torch.ops.dip.upsample_bilinear2x(x).shape == (2, 0, 6, 6)
+    for fn in (upsample_bilinear2x_reference, upsample_bilinear2x, UpsampleBilinear2x()):
+        with pytest.raises(RuntimeError, match="Non-empty 4D data tensor expected"):
+            fn(x)
