@@ -396,7 +396,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y,
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     bool training, int64_t stride, int64_t padding, bool reflect, double eps, double slope, bool need_grad_input) {
-  check_backward_args(grad_out, x, weight, y, mean, var, bn_weight, bn_bias, ConvBlockArgs{stride, padding, reflect});
+  check_backward_args(grad_out, x, weight, y, mean, var, bn_weight, bn_bias, training,
+                      ConvBlockArgs{stride, padding, reflect});
   const auto go = canonical_cl(grad_out, x.scalar_type());
   const auto yc = canonical_cl(y);
   const int64_t c = y.size(1), m = y.numel() / c;

@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_bn_cpu(const at::Tensor& a,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_bn_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& mean,
     const at::Tensor& var, const at::Tensor& gamma, bool training, double eps, int64_t groups) {
-  merge::check_backward(grad_out, a, b, mean, var, gamma, groups);
+  merge::check_backward(grad_out, a, b, mean, var, gamma, training, groups);
   const int64_t ca = a.size(1), cb = b.size(1), c = ca + cb;
   const auto go = canonical_cl(grad_out), ac = canonical_cl(a), bc = canonical_cl(b);
   const int64_t m = a.size(0) * a.size(2) * a.size(3);  // pixels (a part may have no channels)

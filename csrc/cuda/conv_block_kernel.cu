@@ -296,7 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y,
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
     bool training, int64_t stride, int64_t padding, bool reflect, double eps, double slope, bool need_grad_input) {
-  check_backward_args(grad_out, x, weight, y, mean, var, bn_weight, bn_bias, ConvBlockArgs{stride, padding, reflect});
+  check_backward_args(grad_out, x, weight, y, mean, var, bn_weight, bn_bias, training,
+                      ConvBlockArgs{stride, padding, reflect});
   check_same_dtype("conv_block_backward", x, weight);
   TORCH_CHECK(y.scalar_type() == x.scalar_type() && grad_out.scalar_type() == x.scalar_type(),
               "conv_block_backward (CUDA): grad_out and y must have the input's dtype ", x.scalar_type());

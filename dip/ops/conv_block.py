@@ -166,17 +166,134 @@ def conv_block(
     return out
 
 
+# Argument checks of the fake (meta) kernels: the Python owner of the rules of
+# csrc/include/dip/conv_block.h (and batch_stats.h), in the same words, so that
+# torch.compile and torch.export reject bad arguments while tracing, as the
+# compiled kernels do when they run. The wrapper ``conv_block`` checks nothing
+# itself (it hands what the operator does not take to the reference).
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_batch_stats(op: str, values: int, shape) -> None:
+    """Training-mode BatchNorm needs pixels, and more than one value per channel (``F.batch_norm``'s ValueError)."""
+    torch._check(values > 0, lambda: f"{op}: training mode (batch statistics) needs at least one pixel, got "
+                 f"{list(shape)}; an empty batch is only defined in eval mode (training=False with running stats)")
+    torch._check_value(values != 1, lambda: f"{op}: Expected more than 1 value per channel when training, got "
+                       f"input size {list(shape)}")
+
+
+def _check_vector(op: str, what: str, t: torch.Tensor, c: int, x: torch.Tensor, dtype=None) -> None:
+    """A per-channel vector: 1-D, ``c`` elements, on ``x``'s device (and of ``dtype`` when given)."""
+    torch._check(t.dim() == 1 and t.shape[0] == c, lambda: f"{op}: {what} must be a 1-D tensor of {c} elements "
+                 f"(one per output channel), got shape {list(t.shape)}")
+    torch._check(t.device == x.device, lambda: f"{op}: {what} is on {t.device} but the input is on {x.device}")
+    torch._check(dtype is None or t.dtype == dtype, lambda: f"{op}: {what} must have the input's dtype {dtype}, "
+                 f"got {t.dtype}")
+
+
+def _check_conv_args(op: str, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                     reflect: bool) -> None:
+    """``check_conv_args``: x, the weight and the options, as the forward and the backward share them."""
+    torch._check(x.dim() == 4, lambda: f"{op}: input must be N x C x H x W, got {list(x.shape)}")
+    torch._check(weight.dim() == 4, lambda: f"{op}: weight must be Cout x (Cin / groups) x k x k, got "
+                 f"{list(weight.shape)}")
+    torch._check(weight.device == x.device, lambda: f"{op}: the weight is on {weight.device} but the input is on "
+                 f"{x.device}")
+    cin, (cout, cin_g, k, k2) = x.shape[1], weight.shape
+    torch._check(cin > 0, lambda: f"{op}: the input has no channels (shape {list(x.shape)})")
+    torch._check(cout > 0, lambda: f"{op}: the weight has no output channels (shape {list(weight.shape)})")
+    torch._check(cin_g > 0 and cin % cin_g == 0 and cout % (cin // cin_g) == 0 and k == k2,
+                 lambda: f"{op}: weight must be Cout x (Cin / groups) x k x k with groups dividing Cin = {cin} "
+                 f"and Cout, got {list(weight.shape)}")
+    torch._check(k % 2 == 1, lambda: f"{op}: kernel size must be odd, got {k}")
+    torch._check(stride in (1, 2), lambda: f"{op}: stride must be 1 or 2, got {stride}")
+    torch._check(padding >= 0 and 2 * padding == k - 1, lambda: f"{op}: padding must be (k - 1) / 2 = "
+                 f"{(k - 1) // 2}, got {padding}")
+    torch._check(x.dtype in _FLOAT_DTYPES, lambda: f"{op}: only float32 and float64 inputs are supported, got "
+                 f"{x.dtype}")
+    torch._check(weight.dtype == x.dtype or (weight.dtype == torch.bfloat16 and x.dtype == torch.float32),
+                 lambda: f"{op}: the weight must have the input's dtype {x.dtype} (or be bfloat16 with a float32 "
+                 f"input, for a bf16 convolution), got {weight.dtype}")
+    torch._check(x.device.type != "cuda" or weight.dtype == x.dtype, lambda: f"{op} (CUDA): the weight must have "
+                 f"the input's dtype {x.dtype}, got {weight.dtype} (a bfloat16 weight with a float32 input, the "
+                 "bf16 convolution, is CPU-only)")
+    h, w = x.shape[2], x.shape[3]
+    torch._check(h > 0 and w > 0, lambda: f"{op}: the input's spatial size must be positive, got {list(x.shape)}")
+    torch._check(not reflect or (padding < h and padding < w), lambda: f"{op}: reflection padding {padding} must "
+                 f"be smaller than the input's spatial size {h} x {w}")
+    torch._check(h + 2 * padding >= k and w + 2 * padding >= k, lambda: f"{op}: input {list(x.shape)} is smaller "
+                 "than the kernel")
+
+
+def _output_size(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> tuple:
+    k = weight.shape[2]
+    return (x.shape[0], weight.shape[0], (x.shape[2] + 2 * padding - k) // stride + 1,
+            (x.shape[3] + 2 * padding - k) // stride + 1)
+
+
+def _check_forward_args(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, stride, padding,
+                        reflect) -> None:
+    """``check_forward_args`` of the compiled forward."""
+    op = "conv_block"
+    _check_conv_args(op, x, weight, stride, padding, reflect)
+    c = weight.shape[0]
+    if bias is not None:
+        _check_vector(op, "the conv bias", bias, c, x)
+        torch._check(bias.dtype == weight.dtype, lambda: f"{op}: the conv bias must have the weight's dtype "
+                     f"{weight.dtype}, got {bias.dtype}")
+    _check_vector(op, "the BatchNorm weight", bn_weight, c, x)
+    _check_vector(op, "the BatchNorm bias", bn_bias, c, x)
+    torch._check(bn_weight.dtype == x.dtype and bn_bias.dtype == x.dtype, lambda: f"{op}: the BatchNorm weight and "
+                 f"bias must have the input's dtype {x.dtype}, got {bn_weight.dtype} and {bn_bias.dtype}")
+    if training:
+        torch._check(x.shape[0] > 0, lambda: f"{op}: training mode (batch statistics) needs a non-empty batch, got "
+                     f"input {list(x.shape)}; an empty batch is only defined in eval mode (training=False with "
+                     "running stats)")
+        n, _, ho, wo = size = _output_size(x, weight, stride, padding)
+        check_batch_stats(op, n * ho * wo, size)
+        return
+    torch._check(running_mean is not None and running_var is not None,
+                 lambda: f"{op}: eval mode needs running_mean and running_var")
+    _check_vector(op, "running_mean", running_mean, c, x)
+    _check_vector(op, "running_var", running_var, c, x)
+    torch._check(running_mean.dtype.is_floating_point and running_var.dtype.is_floating_point,
+                 lambda: f"{op}: the running stats must be floating point, got {running_mean.dtype} and "
+                 f"{running_var.dtype}")
+
+
+def _check_backward_args(grad_out, x, weight, y, mean, var, bn_weight, bn_bias, training, stride, padding,
+                         reflect) -> None:
+    """``check_backward_args`` of the compiled backward."""
+    op = "conv_block_backward"
+    _check_conv_args(op, x, weight, stride, padding, reflect)
+    n, _, ho, wo = size = _output_size(x, weight, stride, padding)
+    torch._check(tuple(y.shape) == size, lambda: f"{op}: y must have the block's output shape {list(size)} for "
+                 f"input {list(x.shape)} and weight {list(weight.shape)}, got {list(y.shape)}")
+    if training:
+        check_batch_stats(op, n * ho * wo, size)
+    torch._check(grad_out.shape == y.shape, lambda: f"{op}: grad_out must have the output's shape {list(y.shape)}, "
+                 f"got {list(grad_out.shape)}")
+    torch._check(y.dtype == weight.dtype, lambda: f"{op}: y must have the weight's dtype {weight.dtype}, got "
+                 f"{y.dtype}")
+    torch._check(grad_out.dtype.is_floating_point, lambda: f"{op}: grad_out must be floating point, got "
+                 f"{grad_out.dtype}")
+    torch._check(y.device == x.device and grad_out.device == x.device, lambda: f"{op}: y and grad_out must be on "
+                 f"the input's device {x.device}")
+    for name, t in (("mean", mean), ("var", var), ("the BatchNorm weight", bn_weight),
+                    ("the BatchNorm bias", bn_bias)):
+        _check_vector(op, name, t, weight.shape[0], x, x.dtype)
+
+
 def _register() -> None:
     """Fake (meta) kernels and autograd of the compiled operators."""
 
     @torch.library.register_fake("dip::conv_block")
     def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, stride, padding, reflect,
           eps, slope):
-        n, _, h, w = x.shape
-        k = weight.shape[2]
-        ho = (h + 2 * padding - k) // stride + 1
-        wo = (w + 2 * padding - k) // stride + 1
-        shape = (n, weight.shape[0], ho, wo)
+        _check_forward_args(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, stride,
+                            padding, reflect)
+        shape = _output_size(x, weight, stride, padding)
         out = x.new_empty(shape).contiguous(memory_format=torch.channels_last)
         y = weight.new_empty(shape).contiguous(memory_format=torch.channels_last)  # the convolution's dtype
         c = weight.shape[0]
@@ -185,6 +302,8 @@ def _register() -> None:
     @torch.library.register_fake("dip::conv_block_backward")
     def _(grad_out, x, weight, y, mean, var, bn_weight, bn_bias, training, stride, padding, reflect, eps, slope,
           need_grad_input):
+        _check_backward_args(grad_out, x, weight, y, mean, var, bn_weight, bn_bias, training, stride, padding,
+                             reflect)
         c = weight.shape[0]
         if need_grad_input:
             grad_x = x.new_empty(x.shape).contiguous(memory_format=torch.channels_last)

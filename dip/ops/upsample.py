@@ -23,11 +23,15 @@ def upsample_bilinear2x_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_available(x: torch.Tensor) -> bool:
+    # Inputs with no channels or no pixels go to the reference, which refuses them ("Non-empty 4D data tensor
+    # expected"): the compiled operator returns the (well-defined) empty result of no channels, but a caller must
+    # see the same behaviour whether the extension is loaded or not.
     return (
         has_op("upsample_bilinear2x")
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and x.dim() == 4
+        and x.shape[1] > 0
         and x.shape[2] > 0
         and x.shape[3] > 0
     )
@@ -52,16 +56,29 @@ class UpsampleBilinear2x(nn.Module):
         return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
 
 
+def _check_input(t: torch.Tensor, op: str) -> None:
+    """The fake kernels' twin of the compiled kernels' ``check_input`` (csrc/cpu/upsample_kernel.cpp)."""
+    torch._check(t.dim() == 4, lambda: f"{op}: input must be N x C x H x W, got {list(t.shape)}")
+    torch._check(t.dtype in (torch.float32, torch.float64), lambda: f"{op}: only float32 and float64 are "
+                 f"supported, got {t.dtype}")
+
+
 def _register() -> None:
     """Fake (meta) kernels and autograd of the compiled operators."""
 
     @torch.library.register_fake("dip::upsample_bilinear2x")
     def _(x):
+        _check_input(x, "upsample_bilinear2x")
         n, c, h, w = x.shape
+        torch._check(h > 0 and w > 0, lambda: f"upsample_bilinear2x: empty spatial size {list(x.shape)}")
         return x.new_empty((n, c, 2 * h, 2 * w)).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake("dip::_upsample_bilinear2x_backward")
     def _(grad_output, height, width):
+        _check_input(grad_output, "_upsample_bilinear2x_backward")
+        torch._check(height > 0 and width > 0 and grad_output.shape[2] == 2 * height
+                     and grad_output.shape[3] == 2 * width, lambda: f"_upsample_bilinear2x_backward: gradient "
+                     f"{list(grad_output.shape)} does not match an input of {height} x {width}")
         n, c = grad_output.shape[:2]
         return grad_output.new_empty((n, c, height, width)).contiguous(memory_format=torch.channels_last)
 

@@ -280,3 +280,17 @@ def run_isolated(code: str, timeout: float = 300) -> subprocess.CompletedProcess
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": path})
+
+
+def check_fake_rejects(op, cases) -> None:
+    """Each ``(args, error, pattern)`` of ``cases``: the compiled ``op`` and its fake kernel (the tensors made fake
+    under ``FakeTensorMode``, as torch.compile and torch.export trace) both raise ``error`` matching ``pattern``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for args, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            op(*args)
+        mode = FakeTensorMode()
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with mode, pytest.raises(error, match=pattern):
+            op(*fake)

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from base import OpSpec, Sample, check_autocast, check_compile, check_opcheck, run_isolated
+from base import OpSpec, Sample, check_autocast, check_compile, check_fake_rejects, check_opcheck, run_isolated
 
 from dip._extension import has_op
 from dip.nn import ConvBlock, FusedConvBlock, active_path, build_network
@@ -704,3 +704,99 @@ def test_gradient_of_an_expanded_weight(k):
     (e,) = torch.autograd.grad(expected, ref_base, grad)
     _close(out, expected, TOL[torch.float64], "output")
     _close(g, e, TOL[torch.float64], "weight gradient")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k, stride, size, pad", [(1, 1, 1, "reflection"), (3, 2, 2, "reflection"),
+                                                  (3, 1, 1, "zero")], ids=["1x1", "3x3-stride2", "3x3-zero-pad"])
+def test_one_value_per_channel_in_training_raises_the_value_error_of_batch_norm(k, stride, size, pad, device):
+    """Bug: with one value per channel (N=1, a 1x1 output) in training mode the fused block normalised by a
+    variance of 0 and returned the BatchNorm bias, where the pure block (F.batch_norm) raises ValueError "Expected
+    more than 1 value per channel when training". Now the op raises that ValueError, so the block does with or
+    without the extension; eval mode, which is defined, still matches."""
+    torch.manual_seed(0)
+    fused = FusedConvBlock(3, 4, k, stride, pad=pad).to(device).train()
+    pure = ConvBlock(3, 4, k, stride, pad=pad).to(device)
+    pure.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 3, size, size, device=device)
+    for block in (pure, fused):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            block(x)
+    bn = fused.bn
+    with pytest.raises(ValueError, match="conv_block: Expected more than 1 value per channel when training"):
+        torch.ops.dip.conv_block(x, fused.conv.weight, fused.conv.bias, bn.weight, bn.bias, None, None, True,
+                                 stride, k // 2, pad == "reflection", 1e-5, 0.2)
+    fused.eval(), pure.eval()
+    torch.testing.assert_close(fused(x), pure(x))
+
+
+@pytest.mark.parametrize("n, error, pattern", [(0, RuntimeError, r"training mode \(batch statistics\) needs at "
+                                                "least one pixel"), (1, ValueError, "Expected more than 1 value")],
+                         ids=["N=0", "one-pixel"])
+def test_backward_in_training_mode_refuses_the_batches_the_forward_refuses(n, error, pattern):
+    """Bug: conv_block_backward in training mode took an empty batch (and zero gradients came back) or one value
+    per channel, batch statistics the forward refuses to compute. Now it refuses them in the forward's words."""
+    d = torch.float64
+    x, w = torch.randn(n, 3, 1, 1, dtype=d), torch.randn(5, 3, 3, 3, dtype=d)
+    g, b, rm, rv = torch.ones(5, dtype=d), torch.zeros(5, dtype=d), torch.randn(5, dtype=d), torch.ones(5, dtype=d)
+    out, y, mean, var = torch.ops.dip.conv_block(x, w, None, g, b, rm, rv, False, 1, 1, False, 1e-5, 0.2)
+    rest = (1, 1, False, 1e-5, 0.2, True)
+    torch.ops.dip.conv_block_backward(out, x, w, y, mean, var, g, b, False, *rest)  # eval mode: defined
+    with pytest.raises(error, match="conv_block_backward: .*" + pattern):
+        torch.ops.dip.conv_block_backward(out, x, w, y, mean, var, g, b, True, *rest)
+
+
+def _fake_cases(good: list, bad: list) -> list:
+    """``good`` with one argument replaced, for each ``(index, value, error, pattern)`` of ``bad``."""
+    cases = []
+    for index, value, error, pattern in bad:
+        args = list(good)
+        args[index] = value
+        cases.append((args, error, pattern))
+    return cases
+
+
+def test_fake_kernels_reject_what_the_kernels_reject():
+    """Bug: the fake kernels checked nothing, so torch.compile and torch.export traced bad arguments (an even
+    kernel, a wrong padding, mismatched statistics, one value per channel in training...) and only the real kernel
+    refused them. Now they make the kernels' checks, in the same words."""
+    d = torch.float64
+    x, w = torch.randn(2, 3, 6, 5, dtype=d), torch.randn(4, 3, 3, 3, dtype=d)
+    g, b, rm, rv = torch.ones(4, dtype=d), torch.zeros(4, dtype=d), torch.zeros(4, dtype=d), torch.ones(4, dtype=d)
+    fwd = [x, w, torch.zeros(4, dtype=d), g, b, rm, rv, False, 1, 1, True, 1e-5, 0.2]
+    one_value = x[:1, :, :1, :1]
+    check_fake_rejects(torch.ops.dip.conv_block.default, _fake_cases(fwd, [
+        (0, x[0], RuntimeError, "input must be N x C x H x W"),
+        (0, x[:, :0], RuntimeError, "the input has no channels"),
+        (1, torch.randn(4, 2, 3, 3, dtype=d), RuntimeError, "with groups dividing Cin = 3"),
+        (1, torch.randn(4, 3, 2, 2, dtype=d), RuntimeError, "kernel size must be odd"),
+        (8, 3, RuntimeError, "stride must be 1 or 2, got 3"),
+        (9, 0, RuntimeError, r"padding must be \(k - 1\) / 2 = 1, got 0"),
+        (0, x.long(), RuntimeError, "only float32 and float64 inputs are supported"),
+        (1, w.float(), RuntimeError, "the weight must have the input's dtype"),
+        (0, x[:, :, :1], RuntimeError, "reflection padding 1 must be smaller than the input's spatial size 1 x 5"),
+        (2, torch.zeros(4), RuntimeError, "the conv bias must have the weight's dtype"),
+        (3, g[:3], RuntimeError, "the BatchNorm weight must be a 1-D tensor of 4 elements"),
+        (4, b.float(), RuntimeError, "the BatchNorm weight and bias must have the input's dtype"),
+        (5, None, RuntimeError, "eval mode needs running_mean and running_var"),
+        (6, rv[:2], RuntimeError, "running_var must be a 1-D tensor of 4 elements"),
+    ]) + [
+        ([x[:0], *fwd[1:7], True, *fwd[8:]], RuntimeError,
+         r"training mode \(batch statistics\) needs a non-empty batch"),
+        ([one_value, w, None, g, b, None, None, True, 1, 1, False, 1e-5, 0.2], ValueError,
+         "conv_block: Expected more than 1 value per channel when training"),
+    ])
+    out, y, mean, var = torch.ops.dip.conv_block(*fwd)
+    back = [out, x, w, y, mean, var, g, b, False, 1, 1, True, 1e-5, 0.2, True]
+    check_fake_rejects(torch.ops.dip.conv_block_backward.default, _fake_cases(back, [
+        (3, y[:, :, 1:], RuntimeError, "y must have the block's output shape"),
+        (0, out[:1], RuntimeError, "grad_out must have the output's shape"),
+        (3, y.float(), RuntimeError, "y must have the weight's dtype"),
+        (4, mean[:3], RuntimeError, "mean must be a 1-D tensor of 4 elements"),
+        (5, var.float(), RuntimeError, "var must have the input's dtype"),
+        (1, x[:, :, :1], RuntimeError, "reflection padding 1 must be smaller"),
+    ]))
+    o1, y1, m1, v1 = torch.ops.dip.conv_block(one_value, w, None, g, b, rm, rv, False, 1, 1, False, 1e-5, 0.2)
+    check_fake_rejects(torch.ops.dip.conv_block_backward.default, [
+        ([o1, one_value, w, y1, m1, v1, g, b, True, 1, 1, False, 1e-5, 0.2, True], ValueError,
+         "conv_block_backward: Expected more than 1 value per channel when training")])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from base import run_isolated
+from base import check_fake_rejects, run_isolated
 from torch import nn
 
 from dip._extension import has_op
@@ -218,3 +218,64 @@ def test_backward_rejects_statistics_and_inputs_that_do_not_match():
         bad[index] = value
         with pytest.raises(RuntimeError, match=match):
             torch.ops.dip.merge_bn_backward(*bad)
+
+
+def test_one_value_per_channel_in_training_raises_the_value_error_of_batch_norm():
+    """Bug: with one pixel (N=1, 1x1) in training mode the op normalised by a variance of 0 and returned the
+    BatchNorm bias, where F.batch_norm (the reference) raises ValueError "Expected more than 1 value per channel
+    when training". Now the op raises the same ValueError, so merge_bn does with or without the extension; and its
+    backward in training mode refuses the one-pixel and the empty batch the forward refuses (it returned gradients)."""
+    d = torch.float64
+    gamma, beta = torch.rand(7, dtype=d) + 0.5, torch.randn(7, dtype=d)
+    rm, rv = torch.randn(7, dtype=d), torch.rand(7, dtype=d) + 0.5
+    a, b = torch.randn(1, 3, 1, 1, dtype=d), torch.randn(1, 4, 1, 1, dtype=d)
+    for fn in (merge_bn, merge_bn_reference):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            fn(a, b, gamma, beta, rm.clone(), rv.clone(), None, True, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="merge_bn: Expected more than 1 value per channel when training"):
+        torch.ops.dip.merge_bn(a, b, gamma, beta, None, None, True, 1e-5, 1)
+    for n, error, pattern in [(1, ValueError, "Expected more than 1 value"), (0, RuntimeError, "at least one pixel")]:
+        a, b = torch.randn(n, 3, 1, 1, dtype=d), torch.randn(n, 4, 1, 1, dtype=d)
+        out, mean, var = torch.ops.dip.merge_bn(a, b, gamma, beta, rm, rv, False, 1e-5, 1)  # eval: defined
+        torch.ops.dip.merge_bn_backward(out, a, b, mean, var, gamma, False, 1e-5, 1)
+        with pytest.raises(error, match="merge_bn_backward: .*" + pattern):
+            torch.ops.dip.merge_bn_backward(out, a, b, mean, var, gamma, True, 1e-5, 1)
+
+
+def test_fake_kernels_reject_what_the_kernels_reject():
+    """Bug: the fake kernels checked nothing, so torch.compile and torch.export traced bad arguments and only the
+    real kernel refused them (or a wrong shape propagated). Now they make the kernels' checks, in the same words."""
+    d = torch.float64
+    a, b = torch.randn(2, 3, 4, 5, dtype=d), torch.randn(2, 4, 4, 5, dtype=d)
+    g, bt, rm, rv = torch.ones(7, dtype=d), torch.zeros(7, dtype=d), torch.zeros(7), torch.ones(7)
+    fwd = [a, b, g, bt, rm, rv, False, 1e-5, 1]
+    cases = []
+    for index, value, error, pattern in [
+        (0, a[0], RuntimeError, "inputs must be N x C x H x W"),
+        (1, b[:, :, :3], RuntimeError, "inputs must agree in batch and spatial size"),
+        (0, a.long(), RuntimeError, "only float32 and float64"),
+        (1, b.float(), RuntimeError, "both inputs must have one dtype"),
+        (8, 2, RuntimeError, r"groups \(2\) must be positive and divide"),
+        (2, g[:6], RuntimeError, "the BatchNorm weight must be a 1-D tensor of 7 elements"),
+        (3, bt.float(), RuntimeError, "the BatchNorm bias must have the inputs' dtype"),
+        (4, None, RuntimeError, "eval mode needs running_mean and running_var"),
+        (5, rv.long(), RuntimeError, "running_var must be floating point"),
+    ]:
+        args = list(fwd)
+        args[index] = value
+        cases.append((args, error, pattern))
+    one = [a[:1, :, :1, :1], b[:1, :, :1, :1], g, bt, None, None, True, 1e-5, 1]
+    cases.append((one, ValueError, "merge_bn: Expected more than 1 value per channel when training"))
+    empty = [a[:0], b[:0], g, bt, None, None, True, 1e-5, 1]
+    cases.append((empty, RuntimeError, r"merge_bn: training mode \(batch statistics\) needs at least one pixel"))
+    check_fake_rejects(torch.ops.dip.merge_bn.default, cases)
+    back = [torch.randn(2, 7, 4, 5, dtype=d), a, b, torch.zeros(7, dtype=d), torch.ones(7, dtype=d), g, True, 1e-5, 1]
+    cases = []
+    for index, value, pattern in [(0, torch.randn(2, 6, 4, 5, dtype=d), "grad_out must be N x 7 x H x W"),
+                                  (0, back[0].float(), "grad_out must have the inputs' dtype"),
+                                  (3, torch.zeros(6, dtype=d), "mean must be a 1-D tensor of 7 elements"),
+                                  (4, torch.ones(7), "var must have the inputs' dtype")]:
+        args = list(back)
+        args[index] = value
+        cases.append((args, RuntimeError, pattern))
+    check_fake_rejects(torch.ops.dip.merge_bn_backward.default, cases)

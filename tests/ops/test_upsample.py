@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from base import check_fake_rejects
 
 from dip._extension import has_op
 from dip.ops.upsample import UpsampleBilinear2x, upsample_bilinear2x, upsample_bilinear2x_reference
@@ -87,3 +88,31 @@ def test_bad_arguments():
 def test_other_dtypes_fall_back_to_the_reference():
     x = torch.randn(1, 2, 3, 3, dtype=torch.bfloat16)
     torch.testing.assert_close(upsample_bilinear2x(x), upsample_bilinear2x_reference(x))
+
+
+def test_channelless_input_raises_whether_the_extension_is_loaded_or_not():
+    """Bug: with no channels the wrapper returned an empty result from the compiled op, while the reference path
+    (extension off, or another dtype) raised F.interpolate's error. The op keeps the empty result (well defined);
+    the wrapper now routes such inputs to the reference, so both paths raise the same error."""
+    x = torch.randn(2, 0, 3, 3)
+    assert torch.ops.dip.upsample_bilinear2x(x).shape == (2, 0, 6, 6)
+    for fn in (upsample_bilinear2x_reference, upsample_bilinear2x, UpsampleBilinear2x()):
+        with pytest.raises(RuntimeError, match="Non-empty 4D data tensor expected"):
+            fn(x)
+
+
+def test_fake_kernels_reject_what_the_kernels_reject():
+    """Bug: the fake kernels checked nothing, so torch.compile and torch.export traced bad arguments (a 3-D input,
+    an integer one, a gradient of the wrong size) and only the real kernel refused them."""
+    x = torch.randn(2, 3, 4, 5)
+    check_fake_rejects(torch.ops.dip.upsample_bilinear2x.default, [
+        ((x[0],), RuntimeError, "upsample_bilinear2x: input must be N x C x H x W"),
+        ((x.long(),), RuntimeError, "upsample_bilinear2x: only float32 and float64"),
+        ((x[:, :, :0],), RuntimeError, "upsample_bilinear2x: empty spatial size"),
+    ])
+    g = torch.randn(2, 3, 8, 10)
+    check_fake_rejects(torch.ops.dip._upsample_bilinear2x_backward.default, [
+        ((g, 4, 4), RuntimeError, "does not match an input of 4 x 4"),
+        ((g.half(), 4, 5), RuntimeError, "only float32 and float64"),
+        ((g[0], 4, 5), RuntimeError, "input must be N x C x H x W"),
+    ])

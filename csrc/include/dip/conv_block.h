@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include "dip/batch_stats.h"
+
 #include <algorithm>
 #include <utility>
 #include <vector>
@@ -189,6 +191,8 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, co
     // As in at::native_batch_norm: the batch statistics of no pixels are undefined.
     TORCH_CHECK(x.size(0) > 0, "conv_block: training mode (batch statistics) needs a non-empty batch, got input ",
                 x.sizes(), "; an empty batch is only defined in eval mode (training=False with running stats)");
+    const auto size = block_output_size(x, weight, a);
+    check_batch_stats(op, size[0] * size[2] * size[3], size);
   } else {
     TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
                 "conv_block: eval mode needs running_mean and running_var");
@@ -201,17 +205,20 @@ inline void check_forward_args(const at::Tensor& x, const at::Tensor& weight, co
 }
 
 // User-facing checks shared by the CPU and CUDA backward kernels: x and the
-// options as in the forward, y of the forward's output shape in the weight's
+// options as in the forward (and in training mode its batch-statistics rule), y of the forward's output shape in the weight's
 // dtype, grad_out of that shape, and the statistics and BatchNorm parameters
 // of one element per output channel in the input's dtype.
 inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& y, const at::Tensor& mean, const at::Tensor& var,
-                                const at::Tensor& bn_weight, const at::Tensor& bn_bias, const ConvBlockArgs& a) {
+                                const at::Tensor& bn_weight, const at::Tensor& bn_bias, bool training,
+                                const ConvBlockArgs& a) {
   constexpr const char* op = "conv_block_backward";
   check_conv_args(op, x, weight, a);
   const auto size = block_output_size(x, weight, a);
   TORCH_CHECK(y.sizes() == at::IntArrayRef(size), "conv_block_backward: y must have the block's output shape ",
               at::IntArrayRef(size), " for input ", x.sizes(), " and weight ", weight.sizes(), ", got ", y.sizes());
+  // The gradient of batch statistics the forward refuses to compute (no pixels, or one per channel).
+  if (training) check_batch_stats(op, size[0] * size[2] * size[3], size);
   TORCH_CHECK(grad_out.sizes() == y.sizes(), "conv_block_backward: grad_out must have the output's shape ",
               y.sizes(), ", got ", grad_out.sizes());
   TORCH_CHECK(y.scalar_type() == weight.scalar_type(), "conv_block_backward: y must have the weight's dtype ",

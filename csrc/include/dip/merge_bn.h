@@ -5,11 +5,14 @@
 // Empty tensors: a batch or spatial size of 0, or a part (a or b) with no
 // channels, is a well-defined merge and gives empty results, except in
 // training mode, where the batch statistics of no pixels are undefined (as in
-// at::native_batch_norm) and the forward refuses it.
+// at::native_batch_norm) and the forward and backward refuse it, as they
+// refuse one value per channel (see dip/batch_stats.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include "dip/batch_stats.h"
 
 namespace dip {
 namespace merge {
@@ -57,9 +60,7 @@ inline void check_forward(const at::Tensor& a, const at::Tensor& b, const at::Te
   check_vector(op, "the BatchNorm weight", gamma, c, a);
   check_vector(op, "the BatchNorm bias", beta, c, a);
   if (training) {
-    TORCH_CHECK(a.size(0) * a.size(2) * a.size(3) > 0,
-                "merge_bn: training mode (batch statistics) needs at least one pixel, got inputs ", a.sizes(),
-                " and ", b.sizes(), "; empty inputs are only defined in eval mode (training=False with running stats)");
+    check_batch_stats(op, a.size(0) * a.size(2) * a.size(3), {a.size(0), c, a.size(2), a.size(3)});
   } else {
     TORCH_CHECK(running_mean.has_value() && running_var.has_value(), "merge_bn: eval mode needs running_mean and "
                 "running_var of ", c, " elements");
@@ -69,10 +70,13 @@ inline void check_forward(const at::Tensor& a, const at::Tensor& b, const at::Te
 }
 
 inline void check_backward(const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& b,
-                           const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma, int64_t groups) {
+                           const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma, bool training,
+                           int64_t groups) {
   constexpr const char* op = "merge_bn_backward";
   check_parts(op, a, b, groups);
   const int64_t c = a.size(1) + b.size(1);
+  // The gradient of batch statistics the forward refuses to compute (no pixels, or one per channel).
+  if (training) check_batch_stats(op, a.size(0) * a.size(2) * a.size(3), {a.size(0), c, a.size(2), a.size(3)});
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(1) == c && grad_out.size(0) == a.size(0) &&
                   grad_out.size(2) == a.size(2) && grad_out.size(3) == a.size(3),
               "merge_bn_backward: grad_out must be N x ", c, " x H x W like the output, got ", grad_out.sizes());
