@@ -884,16 +884,12 @@ def _render(args) -> int:
 
 
 def _demo(args) -> int:
-    from dip.demo import run_demo
+    from dip.demo import check_size, run_demo
 
     if args.sigma is not None and not (math.isfinite(args.sigma) and 0 < args.sigma < 255):
         raise DipError(f"--sigma must be a noise std in 0–255 units, above 0, got {args.sigma}")
     if args.size is not None:
-        from dip.io import MAX_PIXELS, MIN_SIDE
-
-        if not MIN_SIDE <= args.size or args.size * args.size > MAX_PIXELS:
-            raise DipError(f"--size must be a whole number of pixels from {MIN_SIDE} to {math.isqrt(MAX_PIXELS)}, "
-                           f"got {args.size}")
+        check_size(args.size, "--size")
     _check_writable(args.output, "-o")
     return run_demo(output=args.output, size=args.size, iterations=args.iterations,
                     device=_device(args.device), progress=not args.quiet,

@@ -35,6 +35,13 @@ def noisy_example(size: int = DEFAULT_SIZE, seed: int = 0, sigma: float = SIGMA)
     return clean, np.clip(clean + noise, 0.0, 1.0).astype(np.float32)
 
 
+def check_size(size, name: str = "size (the demo image's side)") -> None:
+    """The demo image's side: a whole number of pixels from ``MIN_SIDE`` to what ``MAX_PIXELS`` allows."""
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIDE <= size or size * size > MAX_PIXELS:
+        raise DipError(f"{name} must be a whole number of pixels from {MIN_SIDE} to {math.isqrt(MAX_PIXELS)}, "
+                       f"got {size!r}")
+
+
 def run_demo(output: str = "dip-demo.png", size: Optional[int] = None, iterations: Optional[int] = None,
              device=None, progress: bool = True, sigma: float = 25.0, threads="auto") -> int:
     """Restore the noisy example, print PSNRs and write noisy | restored | clean side by side.
@@ -46,9 +53,7 @@ def run_demo(output: str = "dip-demo.png", size: Optional[int] = None, iteration
 
     size = DEFAULT_SIZE if size is None else size
     iterations = DEFAULT_ITERATIONS if iterations is None else iterations
-    if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIDE <= size or size * size > MAX_PIXELS:
-        raise DipError(f"size (the demo image's side) must be a whole number of pixels from {MIN_SIDE} to "
-                       f"{math.isqrt(MAX_PIXELS)}, got {size!r}")
+    check_size(size)
     dip.io.check_output_path(output)
     clean, noisy = noisy_example(size, sigma=sigma / 255.0)
     print(f"dip demo: denoising a {size}×{size} photograph with noise σ={sigma:g} ({iterations} iterations)", flush=True)
