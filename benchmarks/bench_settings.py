@@ -2,6 +2,8 @@
 
     DIP_BENCH_THREADS=N    torch threads for every benchmark (default 2, the reference machine's cores)
     DIP_BENCH_DEVICE=cuda  run the benchmarks that take a device on the GPU (default cpu; also --device)
+    DIP_BENCH_HEAP=kept    freed memory stays in the process heap, as during a fit (``dip.memory.kept_heap``);
+                           ``default``: glibc's own policy, which returns large blocks to the system at once
 
 Every benchmark script and ``scripts/gpu_check.py`` describe the machine with
 :func:`machine` / :func:`machine_line` (or :func:`cpu_line` for the CPU alone).
@@ -18,6 +20,21 @@ from typing import Optional
 
 #: Threads for every benchmark (this project's reference machine has 2 cores).
 THREADS = int(os.environ.get("DIP_BENCH_THREADS", "2"))
+
+
+#: ``kept`` (the default): benchmarks hold memory as a fit does; ``default``: as plain PyTorch does.
+HEAP = os.environ.get("DIP_BENCH_HEAP", "kept")
+
+
+def heap_policy():
+    """A context in which the benchmark's memory is held under :data:`HEAP` (what it applied: ``machine()['heap']``)."""
+    from contextlib import nullcontext
+
+    from dip.memory import kept_heap
+
+    if HEAP not in ("kept", "default"):
+        raise SystemExit(f"DIP_BENCH_HEAP={HEAP!r}: use 'kept' or 'default'")
+    return kept_heap(need=0) if HEAP == "kept" else nullcontext(False)  # a benchmark has the machine to itself
 
 
 def device() -> str:
@@ -86,7 +103,7 @@ def machine(dev: Optional[str] = None, threads: Optional[int] = None) -> dict:
 
     info = {"cpu": cpu_model(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "python": platform.python_version(), "threads": THREADS if threads is None else threads,
-            "device": dev or device(), "commit": commit(), "host": platform.node(),
+            "device": dev or device(), "heap": HEAP, "commit": commit(), "host": platform.node(),
             "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -101,5 +118,6 @@ def machine_line(info: Optional[dict] = None) -> str:
         parts.append(f"GPU {info['gpu']}")
     parts.append(f"torch {info['torch']}" + (f" (CUDA {info['torch_cuda']})" if info.get("torch_cuda") else ""))
     parts += [f"python {info['python']}", f"{info['threads']} threads", f"device {info['device']}",
+              f"heap {info.get('heap', '?')}",
               f"load average {info['load_average']}", f"commit {str(info['commit'])[:10]}"]
     return "; ".join(parts)

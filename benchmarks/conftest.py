@@ -1,11 +1,19 @@
-"""Benchmark settings: threads (DIP_BENCH_THREADS), device (--device / DIP_BENCH_DEVICE), large sizes
+"""Benchmark settings: threads (DIP_BENCH_THREADS), heap (DIP_BENCH_HEAP), device (--device / DIP_BENCH_DEVICE), large sizes
 (--large / DIP_BENCH_LARGE=1), and the machine description written into the JSON (--benchmark-json)."""
 import os
 
+import pytest
 import torch
-from bench_settings import THREADS, machine
+from bench_settings import THREADS, heap_policy, machine
 
 torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _heap():
+    """Every benchmark holds memory under one policy (``DIP_BENCH_HEAP``), as a fit does by default."""
+    with heap_policy():
+        yield
 
 
 def pytest_addoption(parser):

@@ -4,7 +4,9 @@ Alternating the two paths (fused, eager, fused, eager, …) exposes both to the
 same machine load, so their ratio stays meaningful on a shared machine where
 absolute times do not. Prints the machine, the load average and one line per
 size: medians, eager ÷ fused, and (``--memory``) the peak memory one
-iteration adds in a fresh process per path.
+iteration adds in a fresh process per path. Both paths hold memory as a fit
+does (``DIP_BENCH_HEAP=kept``, the default) or as plain PyTorch does
+(``DIP_BENCH_HEAP=default``).
 
     DIP_BENCH_THREADS=2 python benchmarks/iteration_interleaved.py --sizes 128 256 512 --rounds 5 --memory
     DIP_BENCH_THREADS=2 python benchmarks/iteration_interleaved.py --sizes 64 128 --members 4   # ensembles
@@ -21,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_settings import machine, machine_line  # noqa: E402
+from bench_settings import heap_policy, machine, machine_line  # noqa: E402
 from test_iteration_bench import THREADS, make_step, measure_peak_memory  # noqa: E402
 
 
@@ -79,7 +81,8 @@ def main() -> None:
     print("#", machine_line(info), flush=True)
     rows = []
     for size in args.sizes:
-        row = interleaved(size, args.rounds, args.precisions, args.members)
+        with heap_policy():
+            row = interleaved(size, args.rounds, args.precisions, args.members)
         line = (f"{size}²{f' K={args.members}' if args.members > 1 else ''}: fused {row['fused_ms']:.1f} ms, eager {row['eager_ms']:.1f} ms, "
                 f"eager/fused {row['ratio']:.2f}× (load {row['load']:.2f})")
         for key in row:

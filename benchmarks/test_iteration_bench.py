@@ -28,7 +28,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_settings import THREADS, device, timed
+from bench_settings import THREADS, device, heap_policy, timed
 
 from dip._extension import has_op
 from dip.nn import build_network
@@ -83,8 +83,9 @@ def peak_memory_child(path: str, size: int, members: int = 1) -> dict:
     torch.set_num_threads(THREADS)
     step = make_step(path, size, members=members)
     base = _status_mib("VmRSS")
-    step()
-    step()
+    with heap_policy():
+        step()
+        step()
     # VmHWM, not ru_maxrss: Linux carries the parent's peak RSS across fork + exec into ru_maxrss, so a child
     # started by a big benchmark process would report the parent's peak for every path.
     peak = _status_mib("VmHWM")

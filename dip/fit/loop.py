@@ -31,6 +31,8 @@ from dip.fit.monitors import Callbacks, Checkpointer, DiscrepancyStop, LearningR
 from dip.fit.settings import FitSettings, GuardSettings, Objective, Precision, StopReason
 from dip.fit.stopping import VarianceStopper
 from dip.fit.sure import PROBE_STEP, pad_to_input, sure_objective
+from dip.memory import estimate_fit_bytes, kept_heap
+from dip.nn.hourglass import Hourglass
 
 log = logging.getLogger("dip")
 
@@ -236,6 +238,17 @@ class FitLoop:
         Any other exception (a callback's, out of memory) ends the fit as Ctrl-C does — the guard's rollback,
         the checkpoint when one was asked for — and then propagates unchanged.
         """
+        with kept_heap(self._cpu_need()):  # the tensors each iteration frees are the next one's: no page faults
+            return self._run(progress, description)
+
+    def _cpu_need(self) -> Optional[int]:
+        """The bytes this fit needs on the CPU (estimated for hourglass networks); None if unknown or on a GPU."""
+        if self.z.device.type != "cpu" or not isinstance(self.net, Hourglass):
+            return None
+        passes = 2 if self.settings.objective is Objective.SURE else 1
+        return self.net.members * estimate_fit_bytes(self.net.config, *self.z.shape[-2:], passes)
+
+    def _run(self, progress: Optional[bool], description: str) -> FitResult:
         for m in self.monitors:
             m.on_start(self)
         reason = None
