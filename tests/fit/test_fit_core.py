@@ -146,3 +146,12 @@ def test_rollbacks_are_logged_on_the_dip_logger(clean64, caplog):
 def test_library_calls_draw_no_bar_when_stderr_is_not_a_terminal(clean64, capsys):
     dip.restore(clean64[:16, :16], iterations=12, network="small")
     assert "it/s" not in capsys.readouterr().err
+
+
+def test_the_fit_steps_with_torchs_fused_adam_where_the_device_has_it():
+    from dip.fit.loop import adam
+
+    cpu = adam([torch.nn.Parameter(torch.zeros(3))], 0.01)
+    assert cpu.defaults["fused"] is True  # one kernel per parameter, not a dozen small operations
+    meta = adam([torch.nn.Parameter(torch.zeros(3, device="meta"))], 0.01)
+    assert not meta.defaults["fused"]
