@@ -121,3 +121,11 @@ def machine_line(info: Optional[dict] = None) -> str:
               f"heap {info.get('heap', '?')}",
               f"load average {info['load_average']}", f"commit {str(info['commit'])[:10]}"]
     return "; ".join(parts)
+
+
+def write_rows(path: Optional[str], info: dict, rows: list) -> None:
+    """Write a script's figures as JSON, ``{"machine": info, "rows": rows}``, when ``path`` is given."""
+    if path:
+        import json
+
+        Path(path).write_text(json.dumps({"machine": info, "rows": rows}, indent=1))

@@ -14,7 +14,6 @@ does (``DIP_BENCH_HEAP=kept``, the default) or as plain PyTorch does
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_settings import heap_policy, machine, machine_line  # noqa: E402
+from bench_settings import heap_policy, machine, machine_line, write_rows  # noqa: E402
 from test_iteration_bench import THREADS, make_step, measure_peak_memory  # noqa: E402
 
 
@@ -98,9 +97,7 @@ def main() -> None:
             line += f"; memory fused {mem['fused']:.0f} MiB, eager {mem['eager']:.0f} MiB, ratio {row['memory_ratio']:.2f}"
         print(line, flush=True)
         rows.append(row)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=1)
+    write_rows(args.json, info, rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ roofline, and the largest eager/fused ratio any fused path could reach
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_settings import THREADS, heap_policy, machine, machine_line  # noqa: E402
+from bench_settings import THREADS, heap_policy, machine, machine_line, write_rows  # noqa: E402
 from iteration_interleaved import interleaved  # noqa: E402
 
 from dip.nn import build_network  # noqa: E402
@@ -88,9 +87,7 @@ def main() -> None:
               f"{row['ratio']:.2f}×, at most {row['largest_possible_ratio']:.2f}× for any fused path "
               f"(load {row['load']:.2f})", flush=True)
         rows.append(row)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "rows": rows}, f, indent=1)
+    write_rows(args.json, info, rows)
 
 
 if __name__ == "__main__":
