@@ -144,6 +144,14 @@ HEAP_ROOM = 3
 
 _heap_lock = threading.Lock()
 _heap_fits = 0  # fits running inside kept_heap() now, in this process
+_processes_sharing = 1  # processes (this one included) that run fits side by side on this machine's memory
+
+
+def share_memory_with(processes: int) -> None:
+    """Say that ``processes`` processes, this one included, run fits side by side (a batch pool's workers): a
+    fit then keeps its heap only with room for every one of them to do the same."""
+    global _processes_sharing
+    _processes_sharing = max(1, int(processes))
 
 
 def _tunable_malloc() -> Optional[ctypes.CDLL]:
@@ -170,14 +178,15 @@ def kept_heap(need: Optional[int]) -> Iterator[bool]:
     across threads) gives the free memory back (``malloc_trim``) and restores
     glibc's default thresholds. ``need``: the bytes the fit needs on the CPU
     (None: unknown, or not a CPU fit); the heap is kept only when
-    :data:`HEAP_ROOM` times that is free. Yields whether the policy applies: not
+    :data:`HEAP_ROOM` times that is free, for each process that
+    :func:`share_memory_with` counts. Yields whether the policy applies: not
     on other C libraries, nor when the user tuned malloc (``MALLOC_*_``
     variables, ``GLIBC_TUNABLES``), nor without the room.
     """
     global _heap_fits
     libc = _tunable_malloc()
     free = available_bytes(torch.device("cpu")) if libc is not None and need is not None else None
-    if free is None or free < HEAP_ROOM * need:
+    if free is None or free < HEAP_ROOM * need * _processes_sharing:
         yield False
         return
     with _heap_lock:

@@ -165,3 +165,29 @@ def test_a_containers_memory_limit_caps_the_free_memory(tmp_path, monkeypatch):
     assert memory.available_bytes(torch.device("cpu")) <= 2**30
     monkeypatch.setattr(memory, "cgroup_memory_left", lambda: None)
     assert memory.available_bytes(torch.device("cpu")) == memory._system_available_bytes()
+
+
+@needs_glibc
+def test_processes_running_fits_side_by_side_each_need_room_for_all(untuned, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10 * 2**30)
+    monkeypatch.setattr(memory, "_processes_sharing", 1)
+    memory.share_memory_with(2)
+    with memory.kept_heap(1 * 2**30) as applied:  # 3 × 1 GiB for each of 2 processes: 6 of the 10 GiB free
+        assert applied
+    with memory.kept_heap(2 * 2**30) as applied:  # 12 GiB: not alone any more
+        assert not applied
+
+
+def test_a_batch_worker_counts_its_pool(monkeypatch):
+    from dip.batch import local
+
+    shared = []
+    monkeypatch.setattr(local, "_die_with_parent", lambda pid: None)
+    monkeypatch.setattr(local.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(memory, "share_memory_with", shared.append)
+    previous = torch.get_num_threads()
+    try:
+        local._init_worker(1, None, os.getpid(), 3)
+    finally:
+        torch.set_num_threads(previous)
+    assert shared == [3]

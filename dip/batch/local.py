@@ -136,13 +136,16 @@ def _die_with_parent(parent_pid: int) -> None:
 _WORKER_DEVICE: Optional[str] = None
 
 
-def _init_worker(threads: int, devices, parent_pid: int) -> None:
-    """Set up a pool process: die with the parent, its thread count, its GPU, its signals."""
+def _init_worker(threads: int, devices, parent_pid: int, processes: int) -> None:
+    """Set up a pool process: die with the parent, its thread count, its share of memory, its GPU, its signals."""
     global _WORKER_DEVICE
     _die_with_parent(parent_pid)
     import torch
 
+    from dip.memory import share_memory_with
+
     torch.set_num_threads(threads)
+    share_memory_with(processes)
     quiet_progress_lock()
     if devices is not None:
         try:
@@ -179,7 +182,7 @@ class _Pool:
         self.before = set(multiprocessing.active_children())
         self.marker = marker
         self.executor = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(threads, self.device_queue, os.getpid()))
+                                            initargs=(threads, self.device_queue, os.getpid(), n))
 
     def check_reimport(self) -> None:
         """Raise the worker's message if a worker stopped because it re-ran the caller's script."""
