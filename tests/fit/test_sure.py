@@ -81,12 +81,13 @@ def test_padding_is_linear_so_a_padded_probe_perturbs_only_the_image():
 
 def test_sure_fit_sees_the_noisy_image_and_uses_the_estimated_sigma(clean64, noisy):
     observed = noisy(clean64[:40, :36])
-    r = dip.restore(observed, objective="sure", iterations=40, reference=clean64[:40, :36], **TINY)
+    # 80 steps: at 40 the gain (+3.0 to +3.1 dB) sat on this test's margin and moved with the optimiser's rounding
+    r = dip.restore(observed, objective="sure", iterations=80, reference=clean64[:40, :36], **TINY)
     assert r.settings["objective"] == "sure" and r.settings["noise_sigma"] == pytest.approx(r.noise_sigma_estimate)
     assert r.net_input.shape[1] == 3  # the image, not 8 channels of noise
     top, left, h, w = r.crop
     np.testing.assert_allclose(r.net_input[0, :, top:top + h, left:left + w].permute(1, 2, 0).numpy(), observed)
-    assert r.psnr > dip.psnr(observed, clean64[:40, :36]) + 3
+    assert r.psnr > dip.psnr(observed, clean64[:40, :36]) + 4  # +5.4 dB on both paths
 
 
 def test_sure_fit_does_not_copy_the_noise_where_the_original_objective_does(make_image, noisy):
