@@ -123,6 +123,16 @@ def machine_line(info: Optional[dict] = None) -> str:
     return "; ".join(parts)
 
 
+def announce() -> dict:
+    """Start a benchmark script: torch's threads to :data:`THREADS`, the machine printed as the first line."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    info = machine(threads=THREADS)
+    print("#", machine_line(info), flush=True)
+    return info
+
+
 def write_rows(path: Optional[str], info: dict, rows: list) -> None:
     """Write a script's figures as JSON, ``{"machine": info, "rows": rows}``, when ``path`` is given."""
     if path:

@@ -19,11 +19,9 @@ import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_settings import heap_policy, machine, machine_line, write_rows  # noqa: E402
-from test_iteration_bench import THREADS, make_step, measure_peak_memory  # noqa: E402
+from bench_settings import announce, heap_policy, write_rows  # noqa: E402
+from test_iteration_bench import make_step, measure_peak_memory  # noqa: E402
 
 
 def interleaved(size: int, rounds: int, precisions=("float32",), members: int = 1) -> dict:
@@ -75,9 +73,7 @@ def main() -> None:
                     help="time a seed ensemble of this many members (one grouped network, as ensemble=K fits)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
-    torch.set_num_threads(THREADS)
-    info = machine(threads=THREADS)
-    print("#", machine_line(info), flush=True)
+    info = announce()
     rows = []
     for size in args.sizes:
         with heap_policy():

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_settings import THREADS, heap_policy, machine, machine_line, write_rows  # noqa: E402
+from bench_settings import announce, heap_policy, write_rows  # noqa: E402
 from iteration_interleaved import interleaved  # noqa: E402
 
 from dip.nn import build_network  # noqa: E402
@@ -67,9 +67,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
-    torch.set_num_threads(THREADS)
-    info = machine(threads=THREADS)
-    print("#", machine_line(info), flush=True)
+    info = announce()
     rows = []
     for size in args.sizes:
         gflop = iteration_flops(size) / 1e9
