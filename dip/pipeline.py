@@ -401,7 +401,7 @@ def make_input(net: nn.Module, cfg: Optional[HourglassConfig], problem: Problem,
     pad_h, pad_w = _padded(out_h, multiple, minimum), _padded(out_w, multiple, minimum)
     if cfg is not None:
         check_fits_in_memory(cfg, pad_h, pad_w, device, max_memory, image_size=(out_h, out_w),
-                             passes=2 if settings.objective is Objective.SURE else 1)
+                             passes=settings.objective.forward_passes)
     crop = ((pad_h - out_h) // 2, (pad_w - out_w) // 2, out_h, out_w)
     channels = cfg.in_channels if cfg is not None else _module_in_channels(net)
     if settings.objective is Objective.SURE:

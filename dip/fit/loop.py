@@ -256,8 +256,8 @@ class FitLoop:
         """The bytes this fit needs on the CPU (estimated for hourglass networks); None if unknown or on a GPU."""
         if self.z.device.type != "cpu" or not isinstance(self.net, Hourglass):
             return None
-        passes = 2 if self.settings.objective is Objective.SURE else 1
-        return self.net.members * estimate_fit_bytes(self.net.config, *self.z.shape[-2:], passes)
+        return self.net.members * estimate_fit_bytes(self.net.config, *self.z.shape[-2:],
+                                                     self.settings.objective.forward_passes)
 
     def _run(self, progress: Optional[bool], description: str) -> FitResult:
         for m in self.monitors:

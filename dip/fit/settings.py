@@ -86,6 +86,11 @@ class Objective(str, Enum):
     def parse(cls, value: Union[str, Objective]) -> Objective:
         return _enum(cls, value.strip().lower() if isinstance(value, str) else value, "objective")
 
+    @property
+    def forward_passes(self) -> int:
+        """Network passes one step keeps for its backward: SURE's divergence probe is a second one."""
+        return 2 if self is Objective.SURE else 1
+
     def __str__(self) -> str:
         return self.value
 
